@@ -1,0 +1,61 @@
+"""Exception hierarchy.
+
+Every error raised on purpose by wsi-convnext derives from :class:`WsiConvnextError`
+and also from the matching built-in exception, so callers can catch either
+``WsiConvnextError`` or e.g. ``FileNotFoundError``. Messages are one line, name the
+offending file or option, and say what to do.
+"""
+
+from __future__ import annotations
+
+
+class WsiConvnextError(Exception):
+    """Base class of all wsi-convnext errors."""
+
+
+class InputNotFoundError(WsiConvnextError, FileNotFoundError):
+    """A slide, store, folder, manifest or weights file does not exist or holds nothing usable."""
+
+
+class SlideOpenError(WsiConvnextError, OSError):
+    """No backend can open a file as a slide (unsupported format, truncated or corrupt header)."""
+
+
+class SlideReadError(WsiConvnextError, OSError):
+    """A slide opened but reading pixels failed (corrupt tile data, decode error)."""
+
+
+class MppError(WsiConvnextError, ValueError):
+    """The slide's resolution (µm/px) is missing, absurd, anisotropic or incompatible with the target."""
+
+
+class NoTissueError(WsiConvnextError, ValueError):
+    """Tissue detection found no tile with enough tissue."""
+
+
+class StoreError(WsiConvnextError, ValueError):
+    """A zarr store is foreign, incomplete, or of an unsupported schema version."""
+
+
+class StoreExistsError(WsiConvnextError, FileExistsError):
+    """A finished store or feature set exists with different parameters; pass ``overwrite``."""
+
+
+class ConfigError(WsiConvnextError, ValueError):
+    """A configuration value or option is invalid."""
+
+
+class EncoderError(WsiConvnextError, ValueError):
+    """An encoder cannot be built (unknown model, unsupported stem, impossible stem conversion)."""
+
+
+class WeightsError(WsiConvnextError, ValueError):
+    """A weights file cannot be loaded or does not fit the model."""
+
+
+class DeviceError(WsiConvnextError, RuntimeError):
+    """The requested compute device is not available."""
+
+
+class LabelsError(WsiConvnextError, ValueError):
+    """A labels file is malformed or inconsistent with the stores."""
