@@ -1,0 +1,175 @@
+"""The ``wsi-convnext`` command line: thin Typer wrappers around library functions.
+
+Heavy libraries (torch, dask, zarr, openslide) are imported inside the commands, so
+``wsi-convnext --help`` stays instant. Errors of the library are printed as one line
+(``--debug`` shows the traceback); exit code 1 means a slide or step failed, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+app = typer.Typer(
+    name="wsi-convnext",
+    help="Tile whole-slide images, embed tiles with ConvNeXt, and predict slide labels with MIL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+# Errors that mean "you called it wrong" (exit 2) rather than "a slide failed" (exit 1).
+_USAGE_ERRORS = ("ConfigError", "InputNotFoundError", "DeviceError", "EncoderError", "WeightsError", "LabelsError")
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn library errors into a one-line message and an exit code."""
+    from .errors import WsiConvnextError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except WsiConvnextError as exc:
+        if _state["debug"]:
+            raise
+        _err(" ".join(str(exc).split()))
+        raise typer.Exit(2 if type(exc).__name__ in _USAGE_ERRORS or isinstance(exc, FileNotFoundError) else 1)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        raise typer.Exit(130)
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logging.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress messages.")] = False,
+) -> None:
+    """wsi-convnext: slide → tiles → ConvNeXt embeddings → slide prediction."""
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@contextmanager
+def _progress_bar(description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr, handed out as an ``update(done, total, label=None)`` callback."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False, disable=not console.is_terminal,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(description, total=total)
+
+        def update(done: int, total: int | None = None, label: str | None = None) -> None:
+            bar.update(task, completed=done, total=total, description=label or description)
+
+        yield update
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*["" if v is None else str(v) for v in r])
+    Console().print(table)
+
+
+# --- tile / info --------------------------------------------------------------------------
+
+
+@app.command()
+def tile(
+    inputs: Annotated[list[Path], typer.Argument(help="Slide files, folders (searched recursively) or CSV manifests (path[,slide_id][,mpp]).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <slide_id>.zarr stores.")] = Path("tiles"),
+    mpp: Annotated[float, typer.Option(help="Target resolution, µm/px.")] = 0.5,
+    tile_size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 224,
+    overlap: Annotated[int, typer.Option(help="Overlap between tiles, in output pixels.")] = 0,
+    min_tissue: Annotated[Optional[float], typer.Option(help="Minimum tissue fraction to keep a tile [default: 0.25].")] = None,
+    quality: Annotated[int, typer.Option(help="JPEG quality.")] = 90,
+    lossless: Annotated[bool, typer.Option(help="Store tiles as lossless PNG instead of JPEG.")] = False,
+    slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without (or with wrong) metadata.")] = None,
+    allow_upsample: Annotated[bool, typer.Option(help="Allow a target finer than the scan.")] = False,
+    backend: Annotated[str, typer.Option(help="Slide reader: auto, openslide or tiffslide.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Threads per slide [default: all cores].")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Re-tile slides whose store was made with other parameters.")] = False,
+) -> None:
+    """Find tissue and cut tiles at an exact µm/px into one zarr store per slide."""
+    with _errors():
+        from .inputs import discover_slides
+        from .manifest import RunManifest
+        from .tiler import TileParams, tile_slides
+
+        params = TileParams.from_kwargs(
+            mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue, quality=quality,
+            encoding="png" if lossless else "jpeg", allow_upsample=allow_upsample, backend=backend, workers=workers,
+        )  # fmt: skip
+        params.validate()
+        slides = discover_slides(inputs, slide_mpp=slide_mpp)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = RunManifest(out / "manifest.csv")
+        with _progress_bar("tiling", total=len(slides)) as update:
+            done = {"n": 0}
+
+            def on_result(r: Any) -> None:
+                done["n"] += 1
+                manifest.record_tile_result(r)
+                update(done["n"], len(slides))
+                if r.status == "failed":
+                    _err(r.error)
+
+            results = tile_slides(slides, out, params, overwrite=overwrite, on_result=on_result)
+        _print_table(
+            f"tiles → {out}", ["slide", "status", "tiles", "seconds", "error"],
+            [[r.slide_id, r.status, r.n_tiles, f"{r.seconds:.1f}", r.error] for r in results],
+        )  # fmt: skip
+        failed = sum(r.status == "failed" for r in results)
+        typer.echo(f"{len(results) - failed} of {len(results)} slides tiled; manifest: {out / 'manifest.csv'}")
+        if failed:
+            raise typer.Exit(1)
+
+
+@app.command()
+def info(
+    slide: Annotated[Path, typer.Argument(help="A slide file.")],
+    backend: Annotated[str, typer.Option(help="Slide reader: auto, openslide or tiffslide.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show levels, mpp, vendor, objective and associated images of a slide."""
+    with _errors():
+        import json
+
+        from .slide import slide_info
+
+        data = slide_info(slide, backend=backend)
+        if as_json:
+            typer.echo(json.dumps(data, indent=2, default=str))
+            return
+        for key, value in data.items():
+            if key == "levels":
+                continue
+            typer.echo(f"{key:>18}: {value}")
+        _print_table(
+            "levels", ["level", "width", "height", "downsample", "tile"],
+            [[lv["level"], lv["width"], lv["height"], f"{lv['downsample']:.4g}", f"{lv.get('tile_width')}×{lv.get('tile_height')}"] for lv in data["levels"]],
+        )  # fmt: skip

@@ -1,0 +1,453 @@
+"""Cutting one slide into tissue tiles at an exact resolution and writing its store.
+
+The pipeline for one slide: open → resolve mpp → thumbnail → tissue mask → grid of
+tiles with their tissue fraction → large reads aligned to the source tiles → antialiased
+resampling of each tile to the exact target size → JPEG encoding → chunked writes into a
+partial store → QC picture → atomic rename. Reading, resampling and encoding run in a
+thread pool (OpenSlide, Pillow and imagecodecs release the GIL); memory is bounded by the
+number of regions in flight, not by the slide size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import NoTissueError, StoreError, StoreExistsError, WsiConvnextError
+from .inputs import SlideSpec, slide_stem
+from .store import (
+    STORE_SUFFIX,
+    TILES_PER_CHUNK,
+    TileStoreWriter,
+    encode_tile,
+    open_store,
+    remove_partials,
+)
+from .tiling import Region, TileGrid, group_regions, plan_grid, tile_box
+from .tissue import TissueParams
+
+logger = logging.getLogger(__name__)
+
+#: Longest side of the stored thumbnail / QC picture, in pixels.
+THUMBNAIL_MAX_SIZE = 2048
+
+ProgressFn = Callable[[int, int], None]
+
+
+def default_workers() -> int:
+    """Number of CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class TileParams:
+    """How to tile a slide.
+
+    Attributes:
+        mpp: Target resolution of the tiles, µm/px.
+        tile_size: Tile side in output pixels.
+        overlap: Overlap of neighbouring tiles, in output pixels.
+        min_tissue: Keep tiles whose tissue fraction is at least this (0–1).
+        encoding: Tile codec, ``"jpeg"`` (lossy, default) or ``"png"`` (lossless).
+        quality: JPEG quality (1–100).
+        allow_upsample: Allow a target finer than the scan (tiles are then upsampled).
+        backend: Slide reader backend (``"auto"``, ``"openslide"``, ``"tiffslide"``).
+        tissue: Tissue-detection parameters.
+        workers: Threads for reading/resampling/encoding; None means all available cores.
+        region_size: Side of one aligned read, in read-level pixels.
+    """
+
+    mpp: float = 0.5
+    tile_size: int = 224
+    overlap: int = 0
+    min_tissue: float = 0.25
+    encoding: str = "jpeg"
+    quality: int = 90
+    allow_upsample: bool = False
+    backend: str = "auto"
+    tissue: TissueParams = field(default_factory=TissueParams)
+    workers: int | None = None
+    region_size: int = 2048
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> TileParams:
+        """Build from keyword arguments, ignoring those that are None (library defaults win)."""
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+    def validate(self) -> None:
+        """Raise :class:`ValueError` subclasses for out-of-range values."""
+        from .errors import ConfigError
+
+        if not self.mpp > 0:
+            raise ConfigError(f"--mpp must be positive, got {self.mpp}")
+        if self.tile_size < 8:
+            raise ConfigError(f"--tile-size must be at least 8, got {self.tile_size}")
+        if not 0 <= self.overlap < self.tile_size:
+            raise ConfigError(f"--overlap must be in [0, tile size), got {self.overlap}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"--quality must be in [1, 100], got {self.quality}")
+        from .store import TILE_CODECS
+
+        if self.encoding not in TILE_CODECS:
+            raise ConfigError(f"unknown tile encoding {self.encoding!r}; choose one of {sorted(TILE_CODECS)}")
+
+    def signature(self, slide_mpp: float) -> dict[str, Any]:
+        """The parameters that determine a store's content (compared on re-runs)."""
+        return {
+            "target_mpp": float(self.mpp),
+            "tile_size": int(self.tile_size),
+            "overlap": int(self.overlap),
+            "min_tissue": float(self.min_tissue),
+            "encoding": self.encoding,
+            "quality": int(self.quality) if self.encoding == "jpeg" else None,
+            "allow_upsample": bool(self.allow_upsample),
+            "slide_mpp": round(float(slide_mpp), 6),
+            "tissue": self.tissue.to_dict(),
+        }
+
+
+@dataclass
+class TileResult:
+    """Outcome of tiling one slide.
+
+    Attributes:
+        slide_id: The slide identifier.
+        store_path: The store folder.
+        n_tiles: Number of tiles in the store.
+        seconds: Wall time.
+        skipped: True when an identical finished store already existed.
+        slide_mpp: Level-0 resolution used, µm/px.
+        qc_path: The QC picture, if written.
+        status: ``"done"``, ``"skipped"`` or ``"failed"`` (only from :func:`tile_slides`).
+        error_type: Exception class name when failed.
+        error: One-line error message when failed.
+        path: The slide file.
+    """
+
+    slide_id: str
+    store_path: Path
+    n_tiles: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+    slide_mpp: float | None = None
+    qc_path: Path | None = None
+    status: str = "done"
+    error_type: str | None = None
+    error: str | None = None
+    path: Path | None = None
+
+
+def _params_hash(signature: dict[str, Any], fingerprint: str) -> str:
+    blob = json.dumps({"params": signature, "fingerprint": fingerprint}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _existing_store(final: Path, signature: dict[str, Any], fingerprint: str, overwrite: bool) -> Any | None:
+    """The finished store to reuse, None to (re)build, or raise when a rerun conflicts."""
+    if not final.exists():
+        return None
+    try:
+        store = open_store(final)
+    except StoreError as exc:
+        if overwrite:
+            return None
+        raise StoreExistsError(f"{final}: exists but is not a usable store ({exc}); pass --overwrite to replace it") from exc
+    if overwrite:
+        return None
+    old_sig = store.attrs.get("tiling_params", {})
+    if old_sig == signature and store.attrs.get("source", {}).get("fingerprint") == fingerprint:
+        return store
+    diff = sorted(k for k in set(old_sig) | set(signature) if old_sig.get(k) != signature.get(k))
+    what = f"parameters differ ({', '.join(diff)})" if diff else "the slide file changed"
+    raise StoreExistsError(f"{final}: already tiled but {what}; pass --overwrite to re-tile")
+
+
+def _thumbnail_and_mask(reader: Any, slide_mpp: float, tissue: TissueParams) -> tuple[np.ndarray, float, np.ndarray, float]:
+    from PIL import Image
+
+    from .tissue import detect_tissue
+
+    width, height = reader.dimensions
+    # Never finer than level 0, at most THUMBNAIL_MAX_SIZE on the long side.
+    size = min(THUMBNAIL_MAX_SIZE, max(width, height))
+    thumb = reader.thumbnail(size)
+    thumb_ds = width / thumb.shape[1]
+    mask_ds = max(thumb_ds, tissue.mask_mpp / slide_mpp)
+    if mask_ds > thumb_ds * 1.01:
+        mw = max(1, round(width / mask_ds))
+        mh = max(1, round(height / mask_ds))
+        small = np.asarray(Image.fromarray(thumb).resize((mw, mh), Image.Resampling.BILINEAR))
+        mask_ds = width / mw
+    else:
+        small, mask_ds = thumb, thumb_ds
+    mask = detect_tissue(small, mask_ds * slide_mpp, tissue)
+    return thumb, thumb_ds, mask, mask_ds
+
+
+def _cut_region(reader: Any, grid: TileGrid, region: Region, params: TileParams) -> list[bytes]:
+    from PIL import Image
+
+    pixels = reader.read_region((region.x0, region.y0), grid.read_level, (region.width, region.height))
+    image = Image.fromarray(pixels)
+    size = (grid.tile_size, grid.tile_size)
+    out = []
+    for i in region.tiles:
+        # Pillow's resize is antialiased when downscaling (its kernel support grows with the
+        # scale factor) and takes a float box, so the tile covers exactly extent0 level-0 px.
+        tile = image.resize(size, Image.Resampling.BILINEAR, box=tile_box(grid, int(i), region), reducing_gap=None)
+        out.append(encode_tile(np.asarray(tile), params.encoding, params.quality))
+    return out
+
+
+def _ordered_map(executor: ThreadPoolExecutor, fn: Callable[[Region], list[bytes]], items: Sequence[Region], ahead: int) -> Iterator[list[bytes]]:
+    """Like ``executor.map`` but with at most ``ahead`` items in flight (bounded memory)."""
+    pending: deque[Future[list[bytes]]] = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(executor.submit(fn, item))
+        if len(pending) >= ahead:
+            break
+    try:
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(executor.submit(fn, nxt))
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def tile_slide(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    params: TileParams | None = None,
+    *,
+    slide_id: str | None = None,
+    slide_mpp: float | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+) -> TileResult:
+    """Tile one slide into ``out_dir/<slide_id>.zarr`` and write ``out_dir/qc/<slide_id>.png``.
+
+    Args:
+        path: The slide file.
+        out_dir: Output folder.
+        params: Tiling parameters (defaults: 224 px at 0.5 µm/px).
+        slide_id: Store name; defaults to the file stem.
+        slide_mpp: Level-0 resolution override, µm/px (wins over the metadata).
+        overwrite: Replace an existing store built with other parameters.
+        progress: Called as ``progress(tiles_done, tiles_total)``.
+
+    Returns:
+        The result; ``skipped`` is True when an identical store already existed.
+
+    Raises:
+        WsiConvnextError: Any failure (missing/corrupt slide, no mpp, no tissue, read errors).
+            Nothing is left at the final store path in that case.
+    """
+    from .slide import fingerprint, open_slide, resolve_mpp
+
+    t0 = time.perf_counter()
+    params = params or TileParams()
+    params.validate()
+    path = Path(path)
+    out_dir = Path(out_dir)
+    slide_id = slide_id or slide_stem(path)
+    final = out_dir / f"{slide_id}{STORE_SUFFIX}"
+    qc_path = out_dir / "qc" / f"{slide_id}.png"
+
+    with open_slide(path, backend=params.backend) as reader:
+        mpp, mpp_source = resolve_mpp(reader, slide_mpp)
+        fp = fingerprint(path)
+        signature = params.signature(mpp)
+        existing = _existing_store(final, signature, fp, overwrite)
+        if existing is not None:
+            logger.info("%s: already tiled with the same parameters, skipping", slide_id)
+            return TileResult(
+                slide_id=slide_id, store_path=final, n_tiles=len(existing), seconds=time.perf_counter() - t0,
+                skipped=True, slide_mpp=mpp, qc_path=qc_path if qc_path.exists() else None, status="skipped", path=path,
+            )  # fmt: skip
+        remove_partials(final)
+
+        grid = plan_grid(
+            reader.dimensions, reader.level_downsamples, mpp, params.mpp, params.tile_size,
+            overlap=params.overlap, allow_upsample=params.allow_upsample,
+        )  # fmt: skip
+        thumb, thumb_ds, mask, mask_ds = _thumbnail_and_mask(reader, mpp, params.tissue)
+        if len(grid) == 0:
+            w, h = reader.dimensions
+            raise NoTissueError(
+                f"{path}: slide ({w}×{h} px) is smaller than one {params.tile_size}-px tile at {params.mpp:g} µm/px"
+            )
+        from .tissue import tile_tissue_fraction
+
+        frac = tile_tissue_fraction(mask, mask_ds, grid.coords, grid.extent0)
+        keep = frac >= params.min_tissue
+        if not keep.any():
+            raise NoTissueError(
+                f"{path}: no tissue found (0 of {len(grid)} tiles reach {params.min_tissue:g} tissue); "
+                "check the QC thumbnail or lower --min-tissue"
+            )
+        grid = grid.select(keep)
+        frac = frac[keep]
+        level_size = reader.level_dimensions[grid.read_level]
+        tile_sizes = getattr(reader, "level_tile_sizes", None)
+        source_tile = tile_sizes[grid.read_level] if tile_sizes else None
+        regions = group_regions(grid, level_size, region_size=params.region_size, source_tile=source_tile)
+        # Store order = region order, so tiles stream into whole chunks as regions complete.
+        order = np.concatenate([r.tiles for r in regions])
+        remap = np.empty(len(grid), dtype=np.int64)
+        remap[order] = np.arange(len(grid))
+        grid = grid.select(order)
+        frac = frac[order]
+        regions = [
+            Region(x0=r.x0, y0=r.y0, width=r.width, height=r.height, tiles=remap[r.tiles]) for r in regions
+        ]
+
+        writer = TileStoreWriter(final, len(grid), params.tile_size, params.encoding)
+        try:
+            _write_tiles(reader, grid, regions, params, writer, progress)
+            qc_path = _write_qc(qc_path, thumb, thumb_ds, mask, grid, slide_id, frac)
+            attrs = {
+                "slide_id": slide_id,
+                "source": {
+                    "path": str(path.resolve()),
+                    "size_bytes": path.stat().st_size if path.is_file() else None,
+                    "fingerprint": fp,
+                    "backend": reader.backend,
+                    "vendor": reader.vendor,
+                    "dimensions": list(reader.dimensions),
+                    "level_downsamples": list(reader.level_downsamples),
+                    "objective_power": reader.objective_power,
+                },
+                "slide_mpp": mpp,
+                "slide_mpp_source": mpp_source,
+                "target_mpp": params.mpp,
+                "overlap": params.overlap,
+                "extent0": grid.extent0,
+                "stride0": grid.stride0,
+                "read_level": grid.read_level,
+                "read_downsample": grid.read_downsample,
+                "min_tissue": params.min_tissue,
+                "jpeg_quality": params.quality if params.encoding == "jpeg" else None,
+                "tissue": params.tissue.to_dict(),
+                "thumbnail_downsample": thumb_ds,
+                "mask_downsample": mask_ds,
+                "grid_tiles": int(keep.size),
+                "tiling_params": signature,
+                "params_hash": _params_hash(signature, fp),
+            }
+            writer.commit(
+                coords=grid.coords, tissue_fraction=frac, thumbnail=thumb, tissue_mask=mask,
+                attrs=attrs, overwrite=overwrite,
+            )  # fmt: skip
+        except BaseException:
+            writer.abort()
+            raise
+    seconds = time.perf_counter() - t0
+    logger.info("%s: %d tiles in %.1f s", slide_id, len(grid), seconds)
+    return TileResult(
+        slide_id=slide_id, store_path=final, n_tiles=len(grid), seconds=seconds, slide_mpp=mpp,
+        qc_path=qc_path, path=path,
+    )  # fmt: skip
+
+
+def _write_tiles(
+    reader: Any, grid: TileGrid, regions: list[Region], params: TileParams, writer: TileStoreWriter,
+    progress: ProgressFn | None,
+) -> None:  # fmt: skip
+    workers = params.workers or default_workers()
+    buffer: list[bytes] = []
+    done = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile") as pool:
+        for encoded in _ordered_map(pool, lambda r: _cut_region(reader, grid, r, params), regions, ahead=2 * workers):
+            buffer.extend(encoded)
+            done += len(encoded)
+            while len(buffer) >= TILES_PER_CHUNK:
+                writer.write_tiles(buffer[:TILES_PER_CHUNK])
+                del buffer[:TILES_PER_CHUNK]
+            if progress is not None:
+                progress(done, len(grid))
+        writer.write_tiles(buffer)
+
+
+def _write_qc(
+    qc_path: Path, thumb: np.ndarray, thumb_ds: float, mask: np.ndarray, grid: TileGrid, slide_id: str,
+    frac: np.ndarray,
+) -> Path:  # fmt: skip
+    from .qc import render_qc, save_png
+
+    title = f"{slide_id}: {len(grid)} tiles, {grid.tile_size}px @ {grid.target_mpp:g} µm/px"
+    image = render_qc(thumb, thumb_ds, mask, grid.coords, grid.extent0, tissue_fraction=frac, title=title)
+    qc_path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(qc_path, image)
+    return qc_path
+
+
+def tile_slides(
+    slides: Sequence[SlideSpec],
+    out_dir: str | os.PathLike[str],
+    params: TileParams | None = None,
+    *,
+    overwrite: bool = False,
+    on_result: Callable[[TileResult], None] | None = None,
+    progress: ProgressFn | None = None,
+) -> list[TileResult]:
+    """Tile several slides one after the other; a failing slide is recorded and the rest continue.
+
+    Each slide uses ``params.workers`` threads. ``on_result`` is called after each slide
+    (e.g. to update a manifest); ``progress`` receives per-slide tile progress.
+    """
+    params = params or TileParams()
+    params.validate()
+    results: list[TileResult] = []
+    for spec in slides:
+        t0 = time.perf_counter()
+        try:
+            result = tile_slide(
+                spec.path, out_dir, params, slide_id=spec.slide_id, slide_mpp=spec.mpp,
+                overwrite=overwrite, progress=progress,
+            )  # fmt: skip
+        except Exception as exc:  # one bad slide must never stop the others
+            if isinstance(exc, WsiConvnextError):
+                logger.debug("%s failed", spec.path, exc_info=True)
+            else:
+                logger.warning("%s failed unexpectedly", spec.path, exc_info=True)
+            result = TileResult(
+                slide_id=spec.slide_id, store_path=Path(out_dir) / f"{spec.slide_id}{STORE_SUFFIX}",
+                seconds=time.perf_counter() - t0, status="failed", error_type=type(exc).__name__,
+                error=one_line(exc), path=spec.path,
+            )  # fmt: skip
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message squeezed onto one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def result_dict(result: TileResult) -> dict[str, Any]:
+    """A JSON/CSV-friendly dict of a :class:`TileResult`."""
+    d = asdict(result)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
