@@ -27,3 +27,48 @@ def slides_dir() -> Path:
 def cmu_slide(slides_dir: Path) -> Path:
     """The real Aperio H&E slide CMU-1-Small-Region.svs (2220×2967 px, 0.499 µm/px)."""
     return slides_dir / "CMU-1-Small-Region.svs"
+
+
+def write_pyramid_tiff(
+    path: Path,
+    image,
+    *,
+    mpp: float | None = 0.25,
+    downsamples: tuple[int, ...] = (1, 4),
+    compression: str | None = "zlib",
+    tile: int = 256,
+    aperio: bool = True,
+) -> Path:
+    """Write a small in-memory RGB image as a tiled pyramidal TIFF (test helper).
+
+    Lower levels are block means of level 0. ``aperio`` writes an Aperio-style description
+    (so OpenSlide reads mpp from it); otherwise resolution tags in centimetres are written.
+    """
+    import numpy as np
+    import tifffile
+
+    image = np.asarray(image, dtype=np.uint8)
+    h, w = image.shape[:2]
+    desc = None
+    if aperio:
+        desc = f"Aperio Image Library v12.0.0\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) test|AppMag = 40"
+        if mpp is not None:
+            desc += f"|MPP = {mpp:.4f}"
+    with tifffile.TiffWriter(path, bigtiff=False) as tw:
+        for i, ds in enumerate(downsamples):
+            if ds == 1:
+                level = image
+            else:
+                hh, ww = h // ds, w // ds
+                level = image[: hh * ds, : ww * ds].reshape(hh, ds, ww, ds, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+            kwargs = {}
+            if mpp is not None and not aperio:
+                kwargs = {"resolution": (1e4 / (mpp * ds), 1e4 / (mpp * ds)), "resolutionunit": "CENTIMETER"}
+            tw.write(
+                level, tile=(tile, tile), photometric="rgb", compression=compression,
+                description=desc if i == 0 else None, metadata=None, subfiletype=0 if (i == 0 or aperio) else 1, **kwargs,
+            )  # fmt: skip
+            if aperio and i == 0:
+                # Aperio files keep a stripped thumbnail as their second page; readers expect it there.
+                tw.write(image[::32, ::32].copy(), photometric="rgb", compression=compression, metadata=None)
+    return path

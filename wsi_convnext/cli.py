@@ -37,7 +37,7 @@ def _err(msg: str) -> None:
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn library errors into a one-line message and an exit code."""
-    from .errors import WsiConvnextError
+    from .errors import WsiConvnextError, one_line
 
     try:
         yield
@@ -46,7 +46,7 @@ def _errors() -> Iterator[None]:
     except WsiConvnextError as exc:
         if _state["debug"]:
             raise
-        _err(" ".join(str(exc).split()))
+        _err(one_line(exc))
         raise typer.Exit(2 if type(exc).__name__ in _USAGE_ERRORS or isinstance(exc, FileNotFoundError) else 1)
     except KeyboardInterrupt:
         _err("interrupted")
@@ -118,7 +118,7 @@ def tile(
     with _errors():
         from .inputs import discover_slides
         from .manifest import RunManifest
-        from .tiler import TileParams, tile_slides
+        from .tiler import TileParams, tile_manifest_row, tile_slides
 
         params = TileParams.from_kwargs(
             mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue, quality=quality,
@@ -127,13 +127,12 @@ def tile(
         params.validate()
         slides = discover_slides(inputs, slide_mpp=slide_mpp)
         out.mkdir(parents=True, exist_ok=True)
-        manifest = RunManifest(out / "manifest.csv")
-        with _progress_bar("tiling", total=len(slides)) as update:
+        with RunManifest(out / "manifest.csv") as manifest, _progress_bar("tiling", total=len(slides)) as update:
             done = {"n": 0}
 
             def on_result(r: Any) -> None:
                 done["n"] += 1
-                manifest.record_tile_result(r)
+                manifest.record(tile_manifest_row(r))
                 update(done["n"], len(slides))
                 if r.status == "failed":
                     _err(r.error)

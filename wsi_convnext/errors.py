@@ -59,3 +59,11 @@ class DeviceError(WsiConvnextError, RuntimeError):
 
 class LabelsError(WsiConvnextError, ValueError):
     """A labels file is malformed or inconsistent with the stores."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """An exception's (or a text's) message squeezed onto one line."""
+    text = " ".join(str(error).split())
+    if not text and isinstance(error, BaseException):
+        return type(error).__name__
+    return text

@@ -10,14 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, InputNotFoundError
+from .slide import SLIDE_EXTENSIONS
 
-#: Extensions recognised as slides when searching folders (lower case, with the dot).
-SLIDE_EXTENSIONS: frozenset[str] = frozenset(
-    {
-        ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif",
-        ".svslide", ".dcm", ".qptiff", ".ome.tif", ".ome.tiff",
-    }
-)  # fmt: skip
 
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
@@ -47,7 +41,7 @@ def slide_stem(path: Path) -> str:
     """File name without its slide extension (``a.ome.tiff`` → ``a``), made safe for a folder name."""
     name = path.name
     lower = name.lower()
-    for ext in sorted(SLIDE_EXTENSIONS, key=len, reverse=True):
+    for ext in sorted(SLIDE_EXTENSIONS | {".ome.tif", ".ome.tiff"}, key=len, reverse=True):
         if lower.endswith(ext):
             name = name[: -len(ext)]
             break

@@ -18,13 +18,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import NoTissueError, StoreError, StoreExistsError, WsiConvnextError
+from .errors import NoTissueError, StoreError, StoreExistsError, WsiConvnextError, one_line
 from .inputs import SlideSpec, slide_stem
 from .store import (
     STORE_SUFFIX,
@@ -442,12 +442,16 @@ def tile_slides(
     return results
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def result_dict(result: TileResult) -> dict[str, Any]:
-    """A JSON/CSV-friendly dict of a :class:`TileResult`."""
-    d = asdict(result)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+def tile_manifest_row(result: TileResult) -> dict[str, Any]:
+    """The ``tile`` stage row of :class:`~wsi_convnext.manifest.RunManifest` for a result."""
+    return {
+        "slide_id": result.slide_id,
+        "path": str(result.path or ""),
+        "stage": "tile",
+        "status": result.status,
+        "error_type": result.error_type or "",
+        "error": result.error or "",
+        "tiles": result.n_tiles if result.status != "failed" else None,
+        "mpp": result.slide_mpp,
+        "seconds": result.seconds,
+    }

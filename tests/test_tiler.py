@@ -1,0 +1,147 @@
+"""Tiling slides into stores: exact geometry, pixels, re-runs, atomicity, both backends."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_pyramid_tiff
+from wsi_convnext.errors import MppError, NoTissueError, StoreExistsError
+from wsi_convnext.slide import open_slide
+from wsi_convnext.store import open_store
+from wsi_convnext.tiler import TileParams, tile_slide
+
+BACKENDS = ["openslide", "tiffslide"]
+
+
+def _lines_image(w: int, h: int, spacing: int, width: int) -> np.ndarray:
+    img = np.full((h, w, 3), 250, np.uint8)
+    for x in range(0, w, spacing):
+        img[:, x : x + width] = 20
+    for y in range(0, h, spacing):
+        img[y : y + width, :] = 20
+    return img
+
+
+@pytest.fixture(scope="module")
+def lines_slide(tmp_path_factory) -> Path:
+    """0.25 µm/px (a 40× scan), levels 1/4, dark 2-µm lines every 100 µm (400 px)."""
+    path = tmp_path_factory.mktemp("lines") / "lines.svs"
+    return write_pyramid_tiff(path, _lines_image(3200, 2400, 400, 8), mpp=0.25, downsamples=(1, 4))
+
+
+def _dark_columns(tile: np.ndarray) -> np.ndarray:
+    profile = tile.mean(axis=(0, 2))
+    return np.flatnonzero(profile < 128)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("target", "level"), [(0.5, 0), (1.0, 1)])
+def test_lines_100um_apart_land_at_exact_pixels(tmp_path, lines_slide, backend, target, level):
+    params = TileParams(mpp=target, tile_size=224, min_tissue=0.0, encoding="png", backend=backend)
+    res = tile_slide(lines_slide, tmp_path, params)
+    store = open_store(res.store_path)
+    assert store.attrs["read_level"] == level
+    assert store.extent0 == pytest.approx(224 * target / 0.25)
+    spacing = 100 / target  # output pixels between lines
+    for i in range(0, len(store), max(1, len(store) // 7)):
+        x0 = store.coords[i, 0]
+        cols = _dark_columns(store.tile(i))
+        assert cols.size, "every tile spans at least one line"
+        # expected line centres in tile pixels: level-0 line k*400 (+4 px half width)
+        k = np.arange(math.ceil((x0 - 8) / 400), (x0 + store.extent0) // 400 + 1)
+        expected = (k * 400 + 4 - x0) * 0.25 / target
+        expected = expected[(expected > 1) & (expected < 223)]
+        groups = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1)
+        centres = np.array([g.mean() for g in groups if g.size])
+        centres = centres[(centres > 1) & (centres < 223)]
+        np.testing.assert_allclose(np.sort(centres), np.sort(expected), atol=1.0)
+        if len(centres) >= 2:
+            assert np.diff(np.sort(centres)) == pytest.approx(spacing, abs=1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiles_equal_reference_resampling(tmp_path, backend):
+    rng = np.random.default_rng(3)
+    # Smooth random texture, 0.499 µm/px so the tile extent is fractional (224.45 level-0 px).
+    small = rng.integers(0, 255, (60, 80, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(small).resize((1600, 1200), Image.Resampling.BICUBIC))
+    slide = write_pyramid_tiff(tmp_path / "tex.svs", image, mpp=0.499, downsamples=(1, 4))
+    res = tile_slide(slide, tmp_path / "out", TileParams(min_tissue=0.0, encoding="png", backend=backend))
+    store = open_store(res.store_path)
+    extent = store.extent0
+    assert extent == pytest.approx(224 * 0.5 / 0.499)
+    with open_slide(slide, backend=backend) as reader:
+        for i in [0, len(store) // 2, len(store) - 1]:
+            x, y = (int(v) for v in store.coords[i])
+            m = 6
+            lx, ly = max(0, x - m), max(0, y - m)
+            rx, ry = min(1600, math.ceil(x + extent) + m), min(1200, math.ceil(y + extent) + m)
+            region = reader.read_region((lx, ly), 0, (rx - lx, ry - ly))
+            box = (x - lx, y - ly, x - lx + extent, y - ly + extent)
+            ref = np.asarray(Image.fromarray(region).resize((224, 224), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
+            diff = np.abs(store.tile(i).astype(int) - ref.astype(int))
+            assert diff.max() <= 1, f"tile {i} differs from the reference resampling by {diff.max()}"
+
+
+def test_rerun_skips_conflicts_and_overwrites(tmp_path, lines_slide):
+    params = TileParams(min_tissue=0.0)
+    first = tile_slide(lines_slide, tmp_path, params)
+    assert not first.skipped and first.n_tiles > 0
+    mtime = (first.store_path / "zarr.json").stat().st_mtime_ns
+    again = tile_slide(lines_slide, tmp_path, params)
+    assert again.skipped and again.n_tiles == first.n_tiles
+    assert (first.store_path / "zarr.json").stat().st_mtime_ns == mtime
+    with pytest.raises(StoreExistsError, match="tile_size"):
+        tile_slide(lines_slide, tmp_path, TileParams(min_tissue=0.0, tile_size=256))
+    redone = tile_slide(lines_slide, tmp_path, TileParams(min_tissue=0.0, tile_size=256), overwrite=True)
+    assert not redone.skipped and open_store(redone.store_path).tile_size == 256
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lines.zarr", "qc"]
+
+
+def test_interrupted_run_leaves_nothing_that_looks_finished(tmp_path, lines_slide):
+    def boom(done: int, total: int) -> None:
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-slide
+
+    with pytest.raises(KeyboardInterrupt):
+        tile_slide(lines_slide, tmp_path, TileParams(min_tissue=0.0, region_size=256), progress=boom)
+    assert not (tmp_path / "lines.zarr").exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # and the next run completes normally
+    assert tile_slide(lines_slide, tmp_path, TileParams(min_tissue=0.0)).n_tiles > 0
+
+
+def test_upsampling_is_refused_unless_allowed(tmp_path, lines_slide):
+    with pytest.raises(MppError, match="allow-upsample"):
+        tile_slide(lines_slide, tmp_path, TileParams(mpp=0.2, min_tissue=0.0))
+    res = tile_slide(lines_slide, tmp_path, TileParams(mpp=0.2, min_tissue=0.0, allow_upsample=True))
+    assert res.n_tiles > 0
+
+
+def test_blank_slide_has_no_tissue(tmp_path):
+    rng = np.random.default_rng(0)
+    blank = (245 + rng.integers(-3, 4, (1200, 1600, 3))).astype(np.uint8)
+    slide = write_pyramid_tiff(tmp_path / "blank.svs", blank, mpp=0.5, downsamples=(1, 4))
+    with pytest.raises(NoTissueError, match="no tissue found"):
+        tile_slide(slide, tmp_path / "out", TileParams())
+    assert not (tmp_path / "out" / "blank.zarr").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_slide_both_backends(tmp_path, cmu_slide, backend):
+    res = tile_slide(cmu_slide, tmp_path, TileParams(backend=backend))
+    store = open_store(res.store_path)
+    assert store.attrs["source"]["backend"] == backend
+    assert store.slide_mpp == pytest.approx(0.499)
+    # 2220×2967 px at 0.499 µm/px → 9 × 13 grid of 224-px tiles at 0.5 µm/px
+    assert store.attrs["grid_tiles"] == 9 * 13
+    assert 20 <= len(store) <= 90  # roughly a third of the area is tissue
+    assert res.qc_path is not None and res.qc_path.is_file()
+    tile = store.tile(0)
+    assert tile.shape == (224, 224, 3) and tile.std() > 5
+    tf = store.tissue_fraction
+    assert tf.min() >= 0.25
