@@ -172,3 +172,59 @@ def info(
             "levels", ["level", "width", "height", "downsample", "tile"],
             [[lv["level"], lv["width"], lv["height"], f"{lv['downsample']:.4g}", f"{lv.get('tile_width')}×{lv.get('tile_height')}"] for lv in data["levels"]],
         )  # fmt: skip
+
+
+# --- embed / export -----------------------------------------------------------------------
+
+
+@app.command()
+def embed(
+    stores: Annotated[list[Path], typer.Argument(help="Stores (<slide_id>.zarr) or folders of stores.")],
+    model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_tiny",
+    stem: Annotated[str, typer.Option(help="Stem: patch (stock 4×4/4), overlap, overlap_tiered, overlap_act.")] = "patch",
+    weights: Annotated[Optional[Path], typer.Option(help="Weights file (safetensors or state dict).")] = None,
+    pretrained: Annotated[bool, typer.Option(help="timm pretrained weights from the local Hugging Face cache.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
+    num_workers: Annotated[Optional[int], typer.Option(help="JPEG decoding threads.")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Recompute embeddings that already exist.")] = False,
+) -> None:
+    """Stream tiles through a ConvNeXt and store one embedding per tile."""
+    with _errors():
+        from .embed import embed_stores
+
+        with _progress_bar("embedding") as update:
+
+            def on_result(r: Any) -> None:
+                if r.status == "failed":
+                    _err(f"{r.store_path}: {r.error}")
+
+            results = embed_stores(
+                stores, model=model, stem=stem, weights=weights, pretrained=pretrained, batch_size=batch_size,
+                device=device, dtype=dtype, overwrite=overwrite, num_workers=num_workers, compile=compile,
+                progress=update, on_result=on_result,
+            )  # fmt: skip
+        _print_table(
+            "embeddings", ["slide", "status", "tiles", "seconds", "key / error"],
+            [[r.slide_id, r.status, r.n_tiles, f"{r.seconds:.1f}", r.error or r.key] for r in results],
+        )  # fmt: skip
+        if any(r.status == "failed" for r in results):
+            raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    stores: Annotated[list[Path], typer.Argument(help="Stores or folders of stores.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("features"),
+    fmt: Annotated[str, typer.Option("--format", help="Output format: h5 (CLAM/TRIDENT layout).")] = "h5",
+    features: Annotated[Optional[str], typer.Option(help="Feature key (needed when a store holds several).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+) -> None:
+    """Write each slide's embeddings and coords for other tools (HDF5 with features and coords)."""
+    with _errors():
+        from .export import export_features
+
+        paths = export_features(stores, out, fmt=fmt, feature_key=features, overwrite=overwrite)
+        typer.echo(f"wrote {len(paths)} file(s) to {out}")

@@ -102,7 +102,13 @@ class TileParams:
             raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"--quality must be in [1, 100], got {self.quality}")
+        from .slide import available_backends
         from .store import TILE_CODECS
+
+        if self.backend != "auto" and self.backend not in available_backends():
+            raise ConfigError(
+                f"unknown slide backend {self.backend!r} (--backend); choose one of: auto, {', '.join(available_backends())}"
+            )
 
         if self.encoding not in TILE_CODECS:
             raise ConfigError(f"unknown tile encoding {self.encoding!r}; choose one of {sorted(TILE_CODECS)}")

@@ -1,0 +1,134 @@
+"""`wsi-convnext tile` and `info` through the CLI: outputs, bad input, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_pyramid_tiff
+from wsi_convnext.cli import app
+from wsi_convnext.store import open_store
+
+runner = CliRunner()
+
+
+def _manifest(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "manifest.csv").open() as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def _visible(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.endswith(".zarr"))
+
+
+def test_help_is_instant_and_lists_commands():
+    # A fresh interpreter: --help must not import torch, dask or zarr.
+    code = "import sys, wsi_convnext.cli as c; print(any(m in sys.modules for m in ('torch', 'dask', 'zarr', 'openslide')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    res = runner.invoke(app, ["--help"])
+    assert res.exit_code == 0
+    for cmd in ("tile", "info", "embed", "export"):
+        assert cmd in res.output
+
+
+def test_info_json_on_real_slide(cmu_slide):
+    res = runner.invoke(app, ["info", str(cmu_slide), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["backend"] == "openslide" and data["vendor"] == "aperio"
+    assert data["mpp_x"] == pytest.approx(0.499)
+    assert data["levels"][0]["width"] == 2220 and data["objective_power"] == 20
+    assert set(data["associated_images"]) >= {"label", "macro", "thumbnail"}
+    res = runner.invoke(app, ["info", str(cmu_slide), "--backend", "tiffslide"])
+    assert res.exit_code == 0 and "tiffslide" in res.output
+
+
+def test_tile_cohort_with_bad_slides(tmp_path, slides_dir):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("CMU-1-Small-Region.svs", "openslide-unreadable.svs", "openslide-unopenable.tiff", "openslide-boxes.tiff"):
+        (inputs / name).symlink_to(slides_dir / name)
+    rng = np.random.default_rng(0)
+    write_pyramid_tiff(inputs / "nompp.svs", rng.integers(0, 255, (600, 600, 3)), mpp=None)
+    write_pyramid_tiff(inputs / "blank.svs", np.full((1200, 1200, 3), 245), mpp=0.5)
+    (inputs / "truncated.svs").write_bytes((slides_dir / "CMU-1-Small-Region.svs").read_bytes()[:300_000])
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["tile", str(inputs), "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    rows = _manifest(out)
+    assert rows["CMU-1-Small-Region"]["status"] == "done" and int(rows["CMU-1-Small-Region"]["tiles"]) > 20
+    expected = {
+        "openslide-unreadable": "SlideReadError",  # must fail, never "0 tissue tiles"
+        "openslide-unopenable": "SlideOpenError",
+        "openslide-boxes": "MppError",  # 352.8 µm/px from a 72-dpi tag is implausible
+        "nompp": "MppError",
+        "blank": "NoTissueError",
+        "truncated": None,
+    }
+    for sid, etype in expected.items():
+        assert rows[sid]["status"] == "failed", sid
+        if etype:
+            assert rows[sid]["error_type"] == etype, (sid, rows[sid])
+        assert "\n" not in rows[sid]["error"] and rows[sid]["error"]
+    assert "--slide-mpp" in rows["nompp"]["error"] and "nompp.svs" in rows["nompp"]["error"]
+    # Only the good slide has a store; nothing half-written is visible.
+    assert _visible(out) == ["CMU-1-Small-Region.zarr"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    open_store(out / "CMU-1-Small-Region.zarr")
+    assert (out / "qc" / "CMU-1-Small-Region.png").is_file()
+    # errors are one line each on stderr, no traceback
+    assert "Traceback" not in res.output
+
+    # A rerun skips the finished slide; a mpp override rescues the no-mpp slide.
+    res = runner.invoke(app, ["tile", str(inputs / "CMU-1-Small-Region.svs"), str(inputs / "nompp.svs"),
+                              "--out", str(out), "--slide-mpp", "0.25", "--min-tissue", "0"])  # fmt: skip
+    rows = _manifest(out)
+    assert rows["nompp"]["status"] == "done"
+    # CMU keeps its metadata mpp? No: --slide-mpp overrides every slide of the call, so the
+    # parameters differ and the rerun is refused without --overwrite.
+    assert rows["CMU-1-Small-Region"]["status"] == "failed"
+    assert "--overwrite" in rows["CMU-1-Small-Region"]["error"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tile", "/nonexistent/slides"], "no such file or folder"),
+        (["tile", "{empty}"], "no slides found"),
+        (["tile", "{cmu}", "--mpp", "-1"], "--mpp must be positive"),
+        (["tile", "{cmu}", "--overlap", "300"], "--overlap"),
+        (["tile", "{cmu}", "--backend", "bioformats"], "bioformats"),
+        (["info", "/nonexistent.svs"], "nonexistent.svs"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path, cmu_slide, args, message):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty", cmu=cmu_slide) for a in args]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "o")] if args[0] == "tile" else args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_debug_shows_traceback(tmp_path):
+    res = runner.invoke(app, ["--debug", "info", str(tmp_path / "x.svs")])
+    assert res.exit_code != 0 and res.exception is not None
+
+
+def test_console_script_end_to_end(tmp_path, cmu_slide):
+    exe = shutil.which("wsi-convnext", path=str(Path(sys.executable).parent))
+    assert exe, "console script not installed"
+    proc = subprocess.run([exe, "tile", str(cmu_slide), "--out", str(tmp_path), "--workers", "2"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "1 of 1 slides tiled" in proc.stdout
+    assert len(open_store(tmp_path / "CMU-1-Small-Region.zarr")) > 20
