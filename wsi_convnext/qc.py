@@ -426,7 +426,8 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
-            pil.save(fh, format="PNG")
+            # Level 3 is ~5× faster than Pillow's default for a few % more bytes.
+            pil.save(fh, format="PNG", compress_level=3)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)

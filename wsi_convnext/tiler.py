@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,8 +40,10 @@ from .tissue import TissueParams
 
 logger = logging.getLogger(__name__)
 
-#: Longest side of the stored thumbnail / QC picture, in pixels.
+#: Longest side of the stored thumbnail / QC picture, in pixels: at most MAX, and at least
+#: MIN where the slide is that large (see :func:`_thumbnail_size`).
 THUMBNAIL_MAX_SIZE = 2048
+THUMBNAIL_MIN_SIZE = 1024
 
 ProgressFn = Callable[[int, int], None]
 
@@ -184,15 +187,59 @@ def _existing_store(final: Path, signature: dict[str, Any], fingerprint: str, ov
     raise StoreExistsError(f"{final}: already tiled but {what}; pass --overwrite to re-tile")
 
 
+#: Extensions of TIFF-based formats whose pixels tiffslide decodes like OpenSlide does.
+_TIFF_FAMILY = (".svs", ".tif", ".tiff")
+
+
+@contextmanager
+def _pixel_reader(reader: Any, params: TileParams) -> Iterator[Any]:
+    """The reader to decode pixels with: ``reader`` itself, or tiffslide for TIFF-family files.
+
+    With ``backend="auto"`` OpenSlide opens the slide and supplies the metadata, but for
+    SVS/TIFF files whose pyramid tiffslide sees identically, region reads go through
+    tiffslide (tifffile + libjpeg-turbo via imagecodecs), which decoded large regions about
+    4× faster than OpenSlide here (see BENCHMARKS.md). An explicit backend is always honoured.
+    """
+    from .errors import SlideOpenError
+    from .slide import open_slide
+
+    fast = None
+    if params.backend == "auto" and reader.backend != "tiffslide" and reader.path.suffix.lower() in _TIFF_FAMILY:
+        try:
+            fast = open_slide(reader.path, backend="tiffslide")
+        except SlideOpenError:
+            fast = None
+        if fast is not None and (
+            tuple(fast.level_dimensions) != tuple(reader.level_dimensions)
+            or not np.allclose(fast.level_downsamples, reader.level_downsamples, rtol=1e-3)
+        ):
+            fast.close()
+            fast = None
+    try:
+        yield fast or reader
+    finally:
+        if fast is not None:
+            fast.close()
+
+
+def _thumbnail_size(level_dimensions: Sequence[tuple[int, int]]) -> int:
+    """Long side of the thumbnail: from the coarsest level of at least THUMBNAIL_MIN_SIZE px.
+
+    Readers never upsample, so asking for more pixels than that level has would decode a
+    much finer level (on a gigapixel slide, level 0) for little gain.
+    """
+    sides = sorted(max(w, h) for w, h in level_dimensions)
+    usable = [s for s in sides if s >= THUMBNAIL_MIN_SIZE]
+    return min(THUMBNAIL_MAX_SIZE, usable[0] if usable else sides[-1])
+
+
 def _thumbnail_and_mask(reader: Any, slide_mpp: float, tissue: TissueParams) -> tuple[np.ndarray, float, np.ndarray, float]:
     from PIL import Image
 
     from .tissue import detect_tissue
 
     width, height = reader.dimensions
-    # Never finer than level 0, at most THUMBNAIL_MAX_SIZE on the long side.
-    size = min(THUMBNAIL_MAX_SIZE, max(width, height))
-    thumb = reader.thumbnail(size)
+    thumb = reader.thumbnail(_thumbnail_size(reader.level_dimensions))
     thumb_ds = width / thumb.shape[1]
     mask_ds = max(thumb_ds, tissue.mask_mpp / slide_mpp)
     if mask_ds > thumb_ds * 1.01:
@@ -211,14 +258,31 @@ def _cut_region(reader: Any, grid: TileGrid, region: Region, params: TileParams)
 
     pixels = reader.read_region((region.x0, region.y0), grid.read_level, (region.width, region.height))
     image = Image.fromarray(pixels)
-    size = (grid.tile_size, grid.tile_size)
     out = []
     for i in region.tiles:
-        # Pillow's resize is antialiased when downscaling (its kernel support grows with the
-        # scale factor) and takes a float box, so the tile covers exactly extent0 level-0 px.
-        tile = image.resize(size, Image.Resampling.BILINEAR, box=tile_box(grid, int(i), region), reducing_gap=None)
-        out.append(encode_tile(np.asarray(tile), params.encoding, params.quality))
+        tile = resample_tile(image, tile_box(grid, int(i), region), grid.tile_size)
+        out.append(encode_tile(tile, params.encoding, params.quality))
     return out
+
+
+def resample_tile(image: Any, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """Resample the float ``box`` (read-level pixels) of a PIL image to a ``size``-px RGB tile.
+
+    When the box lies on whole pixels and shrinks by a whole factor k (e.g. a 0.25 µm/px
+    scan tiled at 0.5), the tile is the exact k×k area average. Otherwise Pillow's bilinear
+    resize is used, which is antialiased when downscaling (its kernel support grows with the
+    scale factor) and honours the fractional box, so the tile covers exactly the requested area.
+    """
+    from PIL import Image
+
+    left, top, right, bottom = box
+    k = (right - left) / size
+    ik = round(k)
+    whole = all(abs(v - round(v)) < 1e-6 for v in box)
+    if whole and ik >= 1 and abs(k - ik) < 1e-9 and abs((bottom - top) / size - ik) < 1e-9:
+        crop = image.crop((round(left), round(top), round(right), round(bottom)))
+        return np.asarray(crop.reduce(ik) if ik > 1 else crop)
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
 
 
 def _ordered_map(executor: ThreadPoolExecutor, fn: Callable[[Region], list[bytes]], items: Sequence[Region], ahead: int) -> Iterator[list[bytes]]:
@@ -280,7 +344,7 @@ def tile_slide(
     final = out_dir / f"{slide_id}{STORE_SUFFIX}"
     qc_path = out_dir / "qc" / f"{slide_id}.png"
 
-    with open_slide(path, backend=params.backend) as reader:
+    with open_slide(path, backend=params.backend) as reader, _pixel_reader(reader, params) as pixels:
         mpp, mpp_source = resolve_mpp(reader, slide_mpp)
         fp = fingerprint(path)
         signature = params.signature(mpp)
@@ -297,7 +361,7 @@ def tile_slide(
             reader.dimensions, reader.level_downsamples, mpp, params.mpp, params.tile_size,
             overlap=params.overlap, allow_upsample=params.allow_upsample,
         )  # fmt: skip
-        thumb, thumb_ds, mask, mask_ds = _thumbnail_and_mask(reader, mpp, params.tissue)
+        thumb, thumb_ds, mask, mask_ds = _thumbnail_and_mask(pixels, mpp, params.tissue)
         if len(grid) == 0:
             w, h = reader.dimensions
             raise NoTissueError(
@@ -330,7 +394,7 @@ def tile_slide(
 
         writer = TileStoreWriter(final, len(grid), params.tile_size, params.encoding)
         try:
-            _write_tiles(reader, grid, regions, params, writer, progress)
+            _write_tiles(pixels, grid, regions, params, writer, progress)
             qc_path = _write_qc(qc_path, thumb, thumb_ds, mask, grid, slide_id, frac)
             attrs = {
                 "slide_id": slide_id,
@@ -339,6 +403,7 @@ def tile_slide(
                     "size_bytes": path.stat().st_size if path.is_file() else None,
                     "fingerprint": fp,
                     "backend": reader.backend,
+                    "pixel_backend": pixels.backend,
                     "vendor": reader.vendor,
                     "dimensions": list(reader.dimensions),
                     "level_downsamples": list(reader.level_downsamples),

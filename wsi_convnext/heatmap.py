@@ -1,0 +1,64 @@
+"""Heatmaps: per-tile scores drawn at their true position on the slide thumbnail, and top-k montages."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StoreError
+from .store import TileStore
+
+
+@dataclass(frozen=True)
+class HeatmapPaths:
+    """Pictures written for one slide.
+
+    Attributes:
+        heatmap: Thumbnail with the score of each tile overlaid and a colour bar (PNG).
+        montage: The top-k tiles by score, best first (PNG).
+    """
+
+    heatmap: Path
+    montage: Path
+
+
+def render_heatmap(
+    store: TileStore,
+    scores: np.ndarray,
+    out_dir: str | os.PathLike[str],
+    *,
+    label: str = "attention",
+    top_k: int = 16,
+    name: str | None = None,
+) -> HeatmapPaths:
+    """Draw ``scores`` of a slide's tiles as a heatmap and a montage of the ``top_k`` tiles.
+
+    Args:
+        store: The slide's store (thumbnail, coords in level-0 pixels, tiles).
+        scores: (N,) one score per tile, in store order. NaN tiles are not painted.
+        out_dir: Folder for ``<name>.heatmap.png`` and ``<name>.topk.png``.
+        label: Colour-bar label.
+        top_k: Number of tiles in the montage.
+        name: File stem; defaults to the slide id.
+    """
+    from .qc import montage, overlay_scores, save_png
+
+    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    if scores.shape[0] != len(store):
+        raise StoreError(f"{store.path}: {scores.shape[0]} scores for {len(store)} tiles")
+    out = Path(out_dir)
+    stem = name or store.slide_id
+    thumb_ds = float(store.attrs["thumbnail_downsample"])
+    picture = overlay_scores(store.thumbnail, thumb_ds, store.coords, store.extent0, scores, label=label)
+    heat = save_png(out / f"{stem}.heatmap.png", picture)
+    finite = np.where(np.isfinite(scores), scores, -np.inf)
+    order = np.argsort(-finite, kind="stable")[: max(1, min(top_k, len(store)))]
+    tiles = store.read_tiles(np.sort(order))
+    rank = {int(i): k for k, i in enumerate(np.sort(order))}
+    tiles = tiles[[rank[int(i)] for i in order]]
+    labels = [f"#{k + 1} {scores[i]:.3g}" for k, i in enumerate(order)]
+    mont = save_png(out / f"{stem}.topk.png", montage(tiles, labels=labels))
+    return HeatmapPaths(heatmap=heat, montage=mont)
