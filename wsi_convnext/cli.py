@@ -228,3 +228,121 @@ def export(
 
         paths = export_features(stores, out, fmt=fmt, feature_key=features, overwrite=overwrite)
         typer.echo(f"wrote {len(paths)} file(s) to {out}")
+
+
+# --- MIL: train / evaluate / predict / heatmap ----------------------------------------------
+
+
+def _mil_progress(update: Callable[..., None]) -> Callable[[str, int, int], None]:
+    return lambda what, done, total: update(done, total, what)
+
+
+@app.command()
+def train(
+    stores: Annotated[list[Path], typer.Argument(help="Stores with embeddings, or folders of stores.")],
+    labels: Annotated[Path, typer.Option(help="CSV: slide_id,label[,patient_id][,split|fold].")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")] = Path("model"),
+    aggregator: Annotated[str, typer.Option(help="MIL aggregator: mean, maxpool, abmil, dsmil, clam_sb.")] = "abmil",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds (ignored with a split/fold column).")] = 5,
+    features: Annotated[Optional[str], typer.Option(help="Feature key (needed when stores hold several).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs per fold.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model folder.")] = False,
+) -> None:
+    """Cross-validate a MIL aggregator on labelled slides and save the final model."""
+    with _errors():
+        from .mil.api import train as train_mil
+        from .store import find_stores
+
+        with _progress_bar("training") as update:
+            report = train_mil(
+                find_stores(stores), labels, out, aggregator=aggregator, folds=folds, feature_key=features,
+                epochs=epochs, lr=lr, seed=seed, overwrite=overwrite, progress=_mil_progress(update),
+            )  # fmt: skip
+        typer.echo(report.table)
+        for role, path in report.files.items():
+            typer.echo(f"{role:>16}: {path}")
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder written by `train`.")],
+    stores: Annotated[list[Path], typer.Argument(help="Stores or folders of stores.")],
+    labels: Annotated[Path, typer.Option(help="CSV: slide_id,label.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for metrics, ROC and predictions.")] = None,
+) -> None:
+    """Score a trained model on a labelled set."""
+    with _errors():
+        from .mil.api import evaluate as evaluate_mil
+        from .mil.metrics import format_metrics_table
+        from .store import find_stores
+
+        metrics = evaluate_mil(model_dir, find_stores(stores), labels, out)
+        typer.echo(format_metrics_table(metrics, title=f"evaluation of {model_dir}"))
+
+
+@app.command()
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder written by `train`.")],
+    stores: Annotated[list[Path], typer.Argument(help="Stores or folders of stores.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV.")] = Path("predictions.csv"),
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Also draw heatmaps and top-k montages into this folder.")] = None,
+) -> None:
+    """Predict slide labels; per-tile attention scores are written into each store."""
+    with _errors():
+        from .mil.api import predict as predict_mil
+        from .store import find_stores
+
+        paths = find_stores(stores)
+        with _progress_bar("predicting", total=len(paths)) as update:
+            preds = predict_mil(model_dir, paths, out_csv=out, write_scores=True, progress=_mil_progress(update))
+        _print_table(
+            "predictions", ["slide", "predicted", "probabilities", "tiles"],
+            [[p.slide_id, p.predicted, " ".join(f"{c}={v:.3f}" for c, v in p.probabilities.items()), p.n_tiles] for p in preds],
+        )  # fmt: skip
+        typer.echo(f"predictions: {out}")
+        if heatmaps is not None:
+            from .heatmap import heatmaps as draw
+
+            drawn = draw(model_dir, paths, heatmaps)
+            typer.echo(f"heatmaps: {len(drawn)} slide(s) in {heatmaps}")
+
+
+@app.command()
+def heatmap(
+    model_dir: Annotated[Path, typer.Argument(help="Model folder written by `train`.")],
+    stores: Annotated[list[Path], typer.Argument(help="Stores or folders of stores.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pictures.")] = Path("heatmaps"),
+    top_k: Annotated[int, typer.Option(help="Tiles in the top-k montage.")] = 16,
+) -> None:
+    """Draw attention heatmaps (thumbnail + colour bar) and top-k tile montages."""
+    with _errors():
+        from .heatmap import heatmaps as draw
+
+        drawn = draw(model_dir, stores, out, top_k=top_k)
+        for sid, paths in drawn.items():
+            typer.echo(f"{sid}: {paths.heatmap}  {paths.montage}")
+
+
+# --- demo / run -----------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("wsi-convnext-demo"),
+    slides: Annotated[int, typer.Option(help="Slides in the generated cohort.")] = 20,
+) -> None:
+    """Run the whole pipeline on a generated cohort: tile → embed → train (CV) → metrics, ROC, heatmaps."""
+    with _errors():
+        from .demo import run_demo
+
+        with _progress_bar("demo") as update:
+            result = run_demo(out, n_slides=slides, progress=lambda stage, done, total: update(done, total, stage))
+        typer.echo(result.metrics_table)
+        typer.echo(f"slides:  {result.slides}")
+        typer.echo(f"stores:  {result.tiles}  (one <slide_id>.zarr per slide; manifest.csv)")
+        typer.echo(f"model:   {result.model}")
+        for role, paths in result.pictures.items():
+            for p in paths:
+                typer.echo(f"{role:>15}: {p}")

@@ -62,3 +62,46 @@ def render_heatmap(
     labels = [f"#{k + 1} {scores[i]:.3g}" for k, i in enumerate(order)]
     mont = save_png(out / f"{stem}.topk.png", montage(tiles, labels=labels))
     return HeatmapPaths(heatmap=heat, montage=mont)
+
+
+def heatmaps(
+    model_dir: str | os.PathLike[str],
+    stores: list[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    top_k: int = 16,
+) -> dict[str, HeatmapPaths]:
+    """Score every tile of each store with a trained MIL model and draw its heatmap and top-k montage.
+
+    The scores (attention or instance score, per the aggregator) are also written into each
+    store under ``scores/<model name>``. For multi-class models with per-class scores, the
+    column of the predicted class is drawn.
+
+    Returns:
+        Paths of the pictures by slide id.
+    """
+    from .mil.api import predict
+    from .store import find_stores, open_store
+
+    paths = find_stores(stores)
+    preds = predict(model_dir, paths, write_scores=True)
+    out: dict[str, HeatmapPaths] = {}
+    for pred in preds:
+        store = open_store(pred.store)
+        name = _score_name_for(store, model_dir)
+        scores = store.scores(name)
+        attrs = store.score_attrs(name)
+        if scores.ndim == 2:
+            scores = scores[:, list(attrs["columns"]).index(pred.predicted)]
+        label = f"{attrs.get('score', 'score')} ({pred.predicted} {pred.probabilities[pred.predicted]:.2f})"
+        out[pred.slide_id] = render_heatmap(store, scores, out_dir, label=label, top_k=top_k)
+    return out
+
+
+def _score_name_for(store: TileStore, model_dir: str | os.PathLike[str]) -> str:
+    """The score array that ``model_dir`` wrote into ``store`` (matched on the model folder)."""
+    target = str(Path(model_dir).resolve())
+    for name in store.score_keys:
+        if store.score_attrs(name).get("model_dir") == target:
+            return name
+    raise StoreError(f"{store.path}: no scores of model {model_dir}; run `wsi-convnext predict` first")
