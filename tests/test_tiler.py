@@ -208,3 +208,14 @@ def test_jpeg2000_40x_scan(tmp_path, backend):
     store = open_store(res.store_path)
     assert res.n_tiles > 0 and store.attrs["read_level"] == 0 and store.extent0 == pytest.approx(448)
     assert store.tile(0).std() > 5
+
+
+def test_process_and_thread_paths_write_identical_stores(tmp_path, cmu_slide, monkeypatch):
+    import wsi_convnext.tiler as tiler
+
+    threads = open_store(tile_slide(cmu_slide, tmp_path / "t", TileParams(workers=2)).store_path)
+    monkeypatch.setattr(tiler, "PROCESS_MIN_TILES", 1)
+    procs = open_store(tile_slide(cmu_slide, tmp_path / "p", TileParams(workers=2)).store_path)
+    np.testing.assert_array_equal(threads.coords, procs.coords)
+    for i in (0, len(threads) // 2, len(threads) - 1):
+        assert threads.tile_bytes(slice(i, i + 1))[0] == procs.tile_bytes(slice(i, i + 1))[0]

@@ -285,7 +285,7 @@ def resample_tile(image: Any, box: tuple[float, float, float, float], size: int)
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
 
 
-def _ordered_map(executor: ThreadPoolExecutor, fn: Callable[[Region], list[bytes]], items: Sequence[Region], ahead: int) -> Iterator[list[bytes]]:
+def _ordered_map(executor: Any, fn: Callable[[Region], list[bytes]], items: Sequence[Region], ahead: int) -> Iterator[list[bytes]]:
     """Like ``executor.map`` but with at most ``ahead`` items in flight (bounded memory)."""
     pending: deque[Future[list[bytes]]] = deque()
     it = iter(items)
@@ -441,6 +441,48 @@ def tile_slide(
     )  # fmt: skip
 
 
+#: Slides with at least this many tiles are cut in worker processes rather than threads.
+PROCESS_MIN_TILES = 400
+
+# Per-process state of a tiling worker process: (reader, grid, params).
+_WORKER_STATE: tuple[Any, TileGrid, TileParams] | None = None
+
+
+def _init_worker(path: str, backend: str, grid: TileGrid, params: TileParams) -> None:
+    global _WORKER_STATE
+    from .slide import open_slide
+
+    _WORKER_STATE = (open_slide(path, backend=backend), grid, params)
+
+
+def _cut_region_in_worker(region: Region) -> list[bytes]:
+    assert _WORKER_STATE is not None  # set by _init_worker
+    reader, grid, params = _WORKER_STATE
+    return _cut_region(reader, grid, region, params)
+
+
+def _executor(reader: Any, grid: TileGrid, params: TileParams, workers: int) -> tuple[Any, Callable[[Region], list[bytes]]]:
+    """A pool and the function it maps over regions.
+
+    Decoding through tiffslide runs its zarr reads on one event-loop thread and Python code
+    holds the GIL in between, so threads barely scale. Large slides are therefore cut in
+    worker processes, each with its own reader. Threads remain for small slides (process
+    start-up would dominate), one worker, and daemonic processes (e.g. Dask workers), which
+    may not start children.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers > 1 and len(grid) >= PROCESS_MIN_TILES and not multiprocessing.current_process().daemon:
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(str(reader.path), reader.backend, grid, params),
+        )  # fmt: skip
+        return pool, _cut_region_in_worker
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile")
+    return pool, lambda r: _cut_region(reader, grid, r, params)
+
+
 def _write_tiles(
     reader: Any, grid: TileGrid, regions: list[Region], params: TileParams, writer: TileStoreWriter,
     progress: ProgressFn | None,
@@ -448,8 +490,9 @@ def _write_tiles(
     workers = params.workers or default_workers()
     buffer: list[bytes] = []
     done = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile") as pool:
-        for encoded in _ordered_map(pool, lambda r: _cut_region(reader, grid, r, params), regions, ahead=2 * workers):
+    pool, fn = _executor(reader, grid, params, workers)
+    try:
+        for encoded in _ordered_map(pool, fn, regions, ahead=2 * workers):
             buffer.extend(encoded)
             done += len(encoded)
             while len(buffer) >= TILES_PER_CHUNK:
@@ -458,6 +501,8 @@ def _write_tiles(
             if progress is not None:
                 progress(done, len(grid))
         writer.write_tiles(buffer)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_qc(
