@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_state = {"debug": False}
+_state = {"debug": False, "verbose": False}
 
 # Errors that mean "you called it wrong" (exit 2) rather than "a slide failed" (exit 1).
 _USAGE_ERRORS = ("ConfigError", "InputNotFoundError", "DeviceError", "EncoderError", "WeightsError", "LabelsError")
@@ -60,6 +60,7 @@ def main(
 ) -> None:
     """wsi-convnext: slide → tiles → ConvNeXt embeddings → slide prediction."""
     _state["debug"] = debug
+    _state["verbose"] = verbose
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -346,3 +347,51 @@ def demo(
         for role, paths in result.pictures.items():
             for p in paths:
                 typer.echo(f"{role:>15}: {p}")
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="Run config (TOML); see pipelines/.")] = None,
+    slides: Annotated[Optional[list[Path]], typer.Option(help="Slide folder(s), files or CSV manifest(s).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="Target µm/px of the tiles.")] = None,
+    slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without metadata.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="timm ConvNeXt name.")] = None,
+    stem: Annotated[Optional[str], typer.Option(help="Encoder stem: patch or overlap.")] = None,
+    predict: Annotated[Optional[Path], typer.Option("--predict", help="Model folder: also predict each slide.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, tcp://host:port.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="Process shard I/N of the cohort (0-based), e.g. for job arrays.")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Redo finished slides.")] = None,
+) -> None:
+    """Run tile → embed (→ predict) over a cohort on Dask; resumable; writes manifest.csv and report.html."""
+    with _errors():
+        import os
+
+        if not (_state["debug"] or _state["verbose"]):
+            # distributed logs every worker start/stop at INFO; read before it is imported.
+            os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        from .cohort import run_cohort
+        from .config import load_config
+
+        cfg = load_config(config, {
+            "slides": [str(s) for s in slides] if slides else None, "out": str(out) if out else None,
+            "tile.mpp": mpp, "slide_mpp": slide_mpp, "embed.model": model, "embed.stem": stem,
+            "predict.model_dir": str(predict) if predict else None, "scheduler": scheduler, "shard": shard,
+            "overwrite": overwrite,
+        })  # fmt: skip
+        with _progress_bar("slides") as update:
+
+            def on_progress(p: Any) -> None:
+                if p.event == "start" and p.dashboard:
+                    typer.echo(f"Dask dashboard: {p.dashboard}", err=True)
+                label = f"slides (failed {p.failed}, running {p.running})"
+                update(p.finished, p.total, label)
+
+            summary = run_cohort(cfg, progress=on_progress)
+        typer.echo(
+            f"{summary.total} slides: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed; "
+            f"manifest: {summary.manifest}; report: {summary.report}"
+        )
+        for row in summary.failures[:20]:
+            _err(f"{row.slide_id} ({row.stage}): {row.error_type}: {row.error}")
+        raise typer.Exit(summary.exit_code)

@@ -1,0 +1,46 @@
+"""`wsi-convnext run` through the CLI on a small real cohort."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "wsi-convnext"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=600)
+
+
+def test_run_records_failures_and_resumes(tmp_path, slides_dir):
+    cohort = tmp_path / "slides"
+    cohort.mkdir()
+    for name in ("CMU-1-Small-Region.svs", "openslide-unreadable.svs"):
+        (cohort / name).symlink_to(slides_dir / name)
+    args = ["run", "--slides", str(cohort), "--out", str(tmp_path / "out"), "--model", "convnext_atto"]
+    first = _run(args)
+    assert first.returncode == 1, first.stderr
+    assert "Dask dashboard:" in first.stderr
+    assert "openslide-unreadable (tile): SlideReadError" in first.stderr
+    with (tmp_path / "out" / "manifest.csv").open() as fh:
+        rows = {(r["slide_id"], r["stage"]): r for r in csv.DictReader(fh)}
+    assert rows[("CMU-1-Small-Region", "tile")]["status"] == "done"
+    assert rows[("CMU-1-Small-Region", "embed")]["status"] == "done"
+    assert rows[("openslide-unreadable", "tile")]["status"] == "failed"
+    assert (tmp_path / "out" / "report.html").is_file()
+    second = _run(args)
+    assert second.returncode == 1
+    assert "1 skipped" in second.stdout
+
+
+def test_run_config_error_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('slides = ["x"]\nout = "y"\n[tile]\nmsp = 0.5\n')
+    res = _run(["run", str(bad)])
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "msp" in res.stderr

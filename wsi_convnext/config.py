@@ -1,0 +1,560 @@
+"""Cohort run configuration: a TOML file and/or command-line overrides → :class:`RunConfig`.
+
+A run config has top-level keys for the cohort and the cluster, and one table per
+pipeline stage and cluster kind::
+
+    slides = ["/data/cohort"]     # folders (searched recursively), CSV manifests, slide files
+    out = "/data/out"             # stores, manifest.csv, report.html
+    cluster = "local"             # "local" | "slurm" | "scheduler" (an existing Dask scheduler)
+
+    [tile]                        # wsi_convnext.tiler.TileParams; absent keys keep its defaults
+    mpp = 0.5
+
+    [embed]                       # embedding runs when `model` is set
+    model = "convnext_tiny"
+
+    [predict]                     # prediction runs when `model_dir` is set
+    model_dir = "/models/mil"
+
+    [local]                       # embedded LocalCluster sizing (cluster = "local")
+    [slurm]                       # dask-jobqueue SLURMCluster (cluster = "slurm")
+
+Every key is optional except ``slides`` and ``out``; a key that is absent or set to
+nothing keeps the library default. Relative paths are relative to the current working
+directory (the same as command-line flags), not to the config file. An unknown key or a
+bad value raises a one-line :class:`~wsi_convnext.errors.ConfigError` that names it.
+The ready configs in ``pipelines/`` are loaded by the test suite, so they stay valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from .errors import ConfigError
+
+__all__ = [
+    "ClusterKind",
+    "EmbedConfig",
+    "LocalConfig",
+    "PredictConfig",
+    "RunConfig",
+    "SlurmConfig",
+    "TileConfig",
+    "config_keys",
+    "load_config",
+    "parse_shard",
+]
+
+ClusterKind = Literal["local", "slurm", "scheduler"]
+
+
+# --- value checks (field metadata "check": value -> error text or None) --------------------
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _fraction(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def _quality(v: Any) -> str | None:
+    return None if 1 <= v <= 100 else "must be between 1 and 100"
+
+
+def _non_empty(v: Any) -> str | None:
+    return None if len(v) else "must not be empty"
+
+
+_WALLTIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
+
+
+def _walltime(v: str) -> str | None:
+    return None if _WALLTIME.match(v) else "must be a SLURM time such as '04:00:00' or '1-00:00:00'"
+
+
+def _address(v: str) -> str | None:
+    return None if re.match(r"^[a-z0-9+]+://\S+$", v) else "must be a scheduler address such as 'tcp://host:8786'"
+
+
+def _opt(check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
+    return field(default=None, metadata={"check": check, "doc": doc})
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+@dataclass
+class TileConfig:
+    """``[tile]``: keyword arguments of :class:`wsi_convnext.tiler.TileParams`.
+
+    ``None`` (absent) keeps the TileParams default. ``tissue`` holds the keyword
+    arguments of :class:`wsi_convnext.tissue.TissueParams` (``[tile.tissue]``).
+    ``workers`` defaults to 1 inside a cohort run, where slides are the unit of parallelism.
+    """
+
+    mpp: float | None = _opt(_positive, "target resolution of the tiles in µm/px")
+    tile_size: int | None = _opt(_positive, "tile edge in pixels at the target mpp")
+    overlap: int | None = _opt(_non_negative, "overlap of neighbouring tiles in target pixels")
+    min_tissue: float | None = _opt(_fraction, "minimum tissue fraction of a kept tile")
+    encoding: str | None = _opt(_non_empty, "tile codec: jpeg (lossy) or png (lossless)")
+    quality: int | None = _opt(_quality, "JPEG quality of stored tiles")
+    allow_upsample: bool | None = _opt(None, "allow a target mpp finer than the slide's")
+    backend: str | None = _opt(_non_empty, "slide reader: auto, openslide or tiffslide")
+    workers: int | None = _opt(_positive, "read/resample/encode threads per slide")
+    region_size: int | None = _opt(_positive, "side of one aligned read in read-level pixels")
+    tissue: dict[str, Any] = field(default_factory=dict, metadata={"doc": "TissueParams keyword arguments"})
+
+
+@dataclass
+class EmbedConfig:
+    """``[embed]``: the encoder (:func:`wsi_convnext.encoder.build_encoder`) and
+    :func:`wsi_convnext.embed.embed_store` options. Embedding runs when ``model`` is set."""
+
+    model: str | None = _opt(_non_empty, "timm ConvNeXt name, e.g. convnext_tiny")
+    stem: str | None = _opt(_non_empty, "stem variant of the encoder, e.g. patch")
+    stem_init: str | None = _opt(_non_empty, "how a converted stem is initialised")
+    resize: str | None = _opt(_non_empty, "tile resize policy before the encoder")
+    weights: Path | None = _opt(None, "weights file (.safetensors/.pth)")
+    pretrained: bool | None = _opt(None, "use timm's pretrained weights (must be cached)")
+    batch_size: int | None = _opt(_positive, "tiles per forward pass")
+    device: str | None = _opt(_non_empty, "auto, cpu, cuda or cuda:N")
+    dtype: str | None = _opt(_non_empty, "feature dtype: float16 or float32")
+    num_workers: int | None = _opt(_non_negative, "tile decoding threads per embedding task")
+    amp: bool | None = _opt(None, "autocast on CUDA")
+    channels_last: bool | None = _opt(None, "channels-last memory layout")
+    compile: bool | None = _opt(None, "torch.compile the encoder")
+
+
+@dataclass
+class PredictConfig:
+    """``[predict]``: slide-level prediction with a trained MIL model (runs when ``model_dir`` is set)."""
+
+    model_dir: Path | None = _opt(None, "folder of a trained MIL model")
+    heatmaps: bool = field(default=True, metadata={"doc": "write OUT/heatmaps/<slide_id>.png"})
+
+
+@dataclass
+class LocalConfig:
+    """``[local]``: the embedded :class:`distributed.LocalCluster` (``cluster = "local"``).
+
+    ``None`` sizes it to the machine: one single-threaded worker process per core (at
+    most one per 2 GiB of memory), plus one worker per GPU that owns that GPU.
+    """
+
+    n_workers: int | None = _opt(_positive, "CPU worker processes")
+    threads_per_worker: int | None = _opt(_positive, "threads per worker process")
+    memory_limit: str | None = _opt(_non_empty, "per worker, e.g. '8GiB', or 'auto'")
+    gpus: int | None = _opt(_non_negative, "GPU workers (default: all visible GPUs when embedding)")
+    dashboard_address: str | None = _opt(None, "e.g. ':8787'; '' disables the dashboard")
+
+
+@dataclass
+class SlurmConfig:
+    """``[slurm]``: a dask-jobqueue ``SLURMCluster`` (``cluster = "slurm"``, needs ``wsi-convnext[slurm]``).
+
+    Each SLURM job runs ``processes`` Dask worker processes sharing ``cores`` and
+    ``memory``; with ``gpus`` > 0 the job asks for ``--gres=gpu:<gpus>`` and its workers
+    advertise the ``GPU`` resource that embedding tasks need.
+    """
+
+    queue: str | None = _opt(_non_empty, "partition (-p)")
+    account: str | None = _opt(_non_empty, "account (-A)")
+    cores: int = field(default=8, metadata={"check": _positive, "doc": "cores per job"})
+    memory: str = field(default="32GiB", metadata={"check": _non_empty, "doc": "memory per job"})
+    processes: int = field(default=1, metadata={"check": _positive, "doc": "worker processes per job"})
+    gpus: int = field(default=0, metadata={"check": _non_negative, "doc": "GPUs per job"})
+    walltime: str = field(default="04:00:00", metadata={"check": _walltime, "doc": "job time limit"})
+    job_extra_directives: list[str] = field(default_factory=list, metadata={"doc": "extra #SBATCH lines"})
+    job_script_prologue: list[str] = field(default_factory=list, metadata={"doc": "shell lines run first"})
+    local_directory: str | None = _opt(_non_empty, "worker scratch space, e.g. '$TMPDIR'")
+    log_directory: str | None = _opt(_non_empty, "folder for the jobs' stdout/stderr")
+    interface: str | None = _opt(_non_empty, "network interface, e.g. 'ib0'")
+    python: str | None = _opt(_non_empty, "python on the compute nodes")
+    minimum_jobs: int = field(default=0, metadata={"check": _non_negative, "doc": "adaptive lower bound"})
+    maximum_jobs: int = field(default=4, metadata={"check": _positive, "doc": "adaptive upper bound"})
+
+
+@dataclass
+class RunConfig:
+    """A whole cohort run. See the module docstring for the file layout.
+
+    Attributes:
+        slides: Folders (searched recursively), CSV manifests (``path[,slide_id][,mpp]``) or slide files.
+        out: Output folder: ``<slide_id>.zarr`` stores, ``qc/``, ``manifest.csv``, ``report.html``.
+        slide_mpp: Level-0 µm/px for slides whose metadata lacks it (manifest ``mpp`` wins).
+        cluster: ``local`` (embedded LocalCluster), ``slurm`` or ``scheduler`` (``scheduler`` address).
+        scheduler: Address of an existing Dask scheduler; setting it implies ``cluster = "scheduler"``.
+        shard: ``(index, count)``: process only slides whose stable hash falls in shard ``index``
+            (0-based) of ``count``; see :func:`wsi_convnext.cohort.shard_of`.
+        overwrite: Redo finished stores and features instead of skipping them.
+        max_in_flight: Slides submitted to the cluster at once (``None``: 4 per worker thread, at least 32).
+        retries: Times a slide's stage is retried after the worker running it died (crash, OOM kill).
+        report: Write ``OUT/report.html`` at the end.
+        report_images: At most this many QC/heatmap thumbnails in the report (failed slides first).
+    """
+
+    slides: list[Path] = field(default_factory=list, metadata={"doc": "folders, CSV manifests or slides"})
+    out: Path | None = _opt(None, "output folder")
+    slide_mpp: float | None = _opt(_positive, "fallback level-0 µm/px")
+    cluster: ClusterKind = field(default="local", metadata={"doc": "local, slurm or scheduler"})
+    scheduler: str | None = _opt(_address, "existing scheduler address")
+    shard: tuple[int, int] | None = _opt(None, "'I/N': 0-based shard I of N")
+    overwrite: bool = field(default=False, metadata={"doc": "redo finished work"})
+    max_in_flight: int | None = _opt(_positive, "slides in flight")
+    retries: int = field(default=2, metadata={"check": _non_negative, "doc": "retries after a worker died"})
+    report: bool = field(default=True, metadata={"doc": "write report.html"})
+    report_images: int = field(default=500, metadata={"check": _non_negative, "doc": "thumbnails in the report"})
+    tile: TileConfig = field(default_factory=TileConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The per-slide stages this config runs, in order."""
+        names = ["tile"]
+        if self.embed.model:
+            names.append("embed")
+            if self.predict.model_dir:
+                names.append("predict")
+        return tuple(names)
+
+    def tile_params(self) -> Any:
+        """:class:`wsi_convnext.tiler.TileParams` from ``[tile]`` (unset keys keep its defaults).
+
+        Raises:
+            ConfigError: A value TileParams/TissueParams rejects.
+        """
+        from .tiler import TileParams
+
+        t = self.tile
+        names = (
+            "mpp", "tile_size", "overlap", "min_tissue", "encoding", "quality", "allow_upsample", "backend",
+            "region_size",
+        )  # fmt: skip
+        kwargs = {n: getattr(t, n) for n in names if getattr(t, n) is not None}
+        kwargs["workers"] = t.workers if t.workers is not None else 1  # slides are the unit of parallelism
+        if t.tissue:
+            from .tissue import TissueParams
+
+            kwargs["tissue"] = TissueParams.from_kwargs(**t.tissue)
+        params = TileParams(**kwargs)
+        params.validate()
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (paths as strings), e.g. to record a run's settings."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+# --- loading -------------------------------------------------------------------------------
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def parse_shard(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Parse ``"I/N"`` (0-based shard ``I`` of ``N``) into ``(I, N)``.
+
+    Raises:
+        ValueError: Not of the form ``I/N`` with ``0 <= I < N`` (message starts with "must be").
+    """
+    if isinstance(value, (tuple, list)):
+        parts = list(value)
+    else:
+        parts = str(value).strip().split("/")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        i, n = (int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError("must be 'I/N' with 0 <= I < N (0-based shard index)") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(
+            f"must be 'I/N' with 0 <= I < N (0-based, e.g. SLURM_ARRAY_TASK_ID with --array=0-{max(n, 1) - 1})"
+        )
+    return i, n
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        item = typing.get_args(tp)[0]
+        plural = {str: "strings", Path: "paths", int: "integers", float: "numbers"}
+        return f"a list of {plural.get(item, _describe(item))}"
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        Path: "a path",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+class _Bad(Exception):
+    """Internal: a value does not fit a type (message: what was expected)."""
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Convert a TOML/override value to ``tp`` or raise ``_Bad``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _coerce(args[0], value)
+        for a in args:
+            try:
+                return _coerce(a, value)
+            except _Bad:
+                continue
+        raise _Bad(_describe(tp))
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _Bad(_describe(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        try:
+            return [_coerce(item, v) for v in items]
+        except _Bad:
+            raise _Bad(_describe(tp)) from None
+    if origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise _Bad("a table")
+    if origin is tuple:  # only the shard
+        try:
+            return parse_shard(value)
+        except ValueError as exc:
+            raise _Bad(str(exc).removeprefix("must be ")) from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise _Bad(_describe(tp))
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Bad(_describe(tp))
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise _Bad(_describe(tp))
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Bad(_describe(tp))
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise _Bad(_describe(tp))
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Bad(_describe(tp))
+    if tp is Path:
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            return Path(os.path.expanduser(str(value)))
+        raise _Bad(_describe(tp))
+    raise _Bad(_describe(tp))  # pragma: no cover - a type this loader does not know
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else f" (known keys: {', '.join(sorted(known))})"
+
+
+def _set(obj: Any, dotted: str, value: Any, source: str) -> None:
+    """Set ``dotted`` (e.g. ``tile.mpp``) on the config tree ``obj`` from a raw value."""
+    parts = dotted.split(".")
+    target = obj
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(target):
+            break
+        hints = _hints(type(target))
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if part not in fields:
+            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest(part, list(fields))}")
+        f = fields[part]
+        tp = hints[part]
+        rest = parts[depth + 1 :]
+        if dataclasses.is_dataclass(tp):
+            if not rest:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{source}: '{dotted}' must be a table ([{dotted}]), got {value!r}")
+                for k, v in value.items():
+                    _set(obj, f"{dotted}.{k}", v, source)
+                return
+            target = getattr(target, part)
+            continue
+        if typing.get_origin(tp) is dict:
+            current = dict(getattr(target, part))
+            if rest:
+                current[".".join(rest)] = value
+            elif isinstance(value, Mapping):
+                current.update(value)
+            else:
+                raise ConfigError(f"{source}: '{dotted}' must be a table, got {value!r}")
+            setattr(target, part, {k: v for k, v in current.items() if v is not None})
+            return
+        if rest:
+            raise ConfigError(f"{source}: '{'.'.join(parts[: depth + 1])}' is not a table; unknown key '{dotted}'")
+        if value is None:  # absent/None keeps the default
+            return
+        try:
+            coerced = _coerce(tp, value)
+        except _Bad as exc:
+            raise ConfigError(f"{source}: '{dotted}' must be {exc}, got {value!r}") from None
+        check = f.metadata.get("check")
+        if check is not None and coerced is not None:
+            items = coerced if isinstance(coerced, list) else [coerced]
+            for item in items:
+                problem = check(item)
+                if problem:
+                    raise ConfigError(f"{source}: '{dotted}' {problem}, got {value!r}")
+        setattr(target, part, coerced)
+        return
+
+
+def _check_tissue(cfg: RunConfig, source: str) -> None:
+    """Validate ``[tile.tissue]`` keys against TissueParams when the tissue module is available."""
+    if not cfg.tile.tissue:
+        return
+    from .tissue import TissueParams
+
+    known = [f.name for f in dataclasses.fields(TissueParams)]
+    for key in cfg.tile.tissue:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key 'tile.tissue.{key}'{_suggest(key, known)}")
+    try:
+        TissueParams.from_kwargs(**cfg.tile.tissue)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: [tile.tissue]: {exc}") from exc
+
+
+def _finish(cfg: RunConfig, source: str) -> RunConfig:
+    if cfg.scheduler and cfg.cluster == "local":
+        cfg.cluster = "scheduler"
+    if cfg.cluster == "scheduler" and not cfg.scheduler:
+        raise ConfigError(f"{source}: cluster = 'scheduler' needs 'scheduler' (e.g. 'tcp://host:8786')")
+    if cfg.slurm.minimum_jobs > cfg.slurm.maximum_jobs:
+        raise ConfigError(
+            f"{source}: 'slurm.minimum_jobs' ({cfg.slurm.minimum_jobs}) exceeds "
+            f"'slurm.maximum_jobs' ({cfg.slurm.maximum_jobs})"
+        )
+    if cfg.slurm.processes > cfg.slurm.cores:
+        raise ConfigError(
+            f"{source}: 'slurm.processes' ({cfg.slurm.processes}) exceeds 'slurm.cores' ({cfg.slurm.cores})"
+        )
+    if cfg.predict.model_dir and not cfg.embed.model:
+        raise ConfigError(f"{source}: 'predict.model_dir' needs 'embed.model' (prediction reads embeddings)")
+    _check_tissue(cfg, source)
+    try:
+        cfg.tile_params()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: [tile]: {exc}") from exc
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    require_io: bool = True,
+) -> RunConfig:
+    """Read a TOML run config and apply overrides (e.g. from command-line flags).
+
+    Args:
+        path: A ``.toml`` file, or None for defaults plus ``overrides`` only.
+        overrides: Dotted keys → values, e.g. ``{"slides": ["/data"], "tile.mpp": 0.5,
+            "embed.model": "convnext_tiny", "predict.model_dir": "m/", "shard": "0/4"}``.
+            ``None`` values are ignored, so unset flags keep the file's values.
+        require_io: Require ``slides`` and ``out`` to be set (after overrides).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: Unreadable TOML, an unknown key (with a did-you-mean hint), a bad value,
+            or a missing ``slides``/``out``. The message is one line and names the key.
+        InputNotFoundError: ``path`` does not exist.
+    """
+    import tomllib
+
+    from .errors import InputNotFoundError
+
+    cfg = RunConfig()
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise InputNotFoundError(f"{p}: config file not found")
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not a UTF-8 text file") from exc
+        for key, value in data.items():
+            _set(cfg, key, value, source)
+    if overrides:
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            _set(cfg, key, value, "command line")
+        source = source if path is not None else "command line"
+    cfg = _finish(cfg, source)
+    if require_io:
+        if not cfg.slides:
+            raise ConfigError(f"{source}: no slides given (set 'slides' or pass --slides)")
+        if cfg.out is None:
+            raise ConfigError(f"{source}: no output folder given (set 'out' or pass --out)")
+    return cfg
+
+
+def config_keys() -> list[str]:
+    """Every valid dotted key (for documentation and shell completion)."""
+
+    def walk(cls: type, prefix: str) -> list[str]:
+        keys: list[str] = []
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                keys += walk(tp, f"{prefix}{f.name}.")
+            else:
+                keys.append(prefix + f.name)
+        return keys
+
+    return walk(RunConfig, "")

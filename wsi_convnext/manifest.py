@@ -1,0 +1,323 @@
+"""The run manifest ``OUT/manifest.csv``: one row per slide and stage, readable while a run goes.
+
+Columns (:data:`MANIFEST_FIELDS`): ``slide_id, path, stage, status, error_type, error,
+tiles, mpp, seconds, worker, finished``. ``status`` is one of :data:`STATUSES`:
+``running`` (submitted, not finished: after a crash it marks interrupted work), ``done``,
+``skipped`` (already finished by an earlier run) or ``failed`` (``error_type`` is the
+exception class, ``error`` its one-line message). ``mpp`` is the slide's level-0 µm/px,
+``seconds`` the stage's wall time, ``worker`` ``host/worker-name``, ``finished`` an ISO 8601
+UTC timestamp.
+
+The file is written by one process (the run's client): rows are appended and flushed as
+they come, so ``tail -f`` or a spreadsheet sees progress; when a slide/stage gets a new
+row, the last row wins. The file is compacted (rewritten atomically through a temporary
+file and :func:`os.replace`, one row per slide and stage) when opened, every so often
+while growing, and when closed. Sharded runs (job arrays) each write their own
+``manifest-shard-I-of-N.csv``; :func:`read_manifests` merges them.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import logging
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST_FIELDS",
+    "MANIFEST_NAME",
+    "STATUSES",
+    "ManifestRow",
+    "RunManifest",
+    "manifest_name",
+    "read_manifest",
+    "read_manifests",
+]
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_FIELDS: tuple[str, ...] = (
+    "slide_id",
+    "path",
+    "stage",
+    "status",
+    "error_type",
+    "error",
+    "tiles",
+    "mpp",
+    "seconds",
+    "worker",
+    "finished",
+)
+STATUSES: tuple[str, ...] = ("running", "done", "skipped", "failed")
+_MAX_ERROR = 500
+
+
+def manifest_name(shard: tuple[int, int] | None = None) -> str:
+    """File name of the manifest of a whole run (``manifest.csv``) or of shard ``(i, n)``."""
+    if shard is None:
+        return MANIFEST_NAME
+    i, n = shard
+    return f"manifest-shard-{i}-of-{n}.csv"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def one_line(text: str, limit: int = _MAX_ERROR) -> str:
+    """Collapse whitespace/newlines so a message fits one CSV cell; cut at ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One slide × stage outcome. Empty strings/None mean "not applicable"."""
+
+    slide_id: str
+    stage: str
+    status: str
+    path: str = ""
+    error_type: str = ""
+    error: str = ""
+    tiles: int | None = None
+    mpp: float | None = None
+    seconds: float | None = None
+    worker: str = ""
+    finished: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"manifest status must be one of {', '.join(STATUSES)}, got {self.status!r}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.slide_id, self.stage)
+
+    def to_csv(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name in MANIFEST_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                out[name] = ""
+            elif name == "seconds":
+                out[name] = f"{value:.3f}"
+            elif name == "mpp":
+                out[name] = f"{value:.6g}"
+            else:
+                out[name] = str(value)
+        return out
+
+    @classmethod
+    def from_csv(cls, raw: Mapping[str, str | None]) -> ManifestRow:
+        def num(name: str, kind: type) -> Any:
+            v = (raw.get(name) or "").strip()
+            return kind(float(v)) if v and kind is int else (kind(v) if v else None)
+
+        return cls(
+            slide_id=raw["slide_id"] or "",
+            stage=raw["stage"] or "",
+            status=(raw.get("status") or "").strip(),
+            path=raw.get("path") or "",
+            error_type=raw.get("error_type") or "",
+            error=raw.get("error") or "",
+            tiles=num("tiles", int),
+            mpp=num("mpp", float),
+            seconds=num("seconds", float),
+            worker=raw.get("worker") or "",
+            finished=raw.get("finished") or "",
+        )
+
+
+def _parse(path: Path) -> tuple[dict[tuple[str, str], ManifestRow], int, bool]:
+    """Rows by key (last wins), number of data lines, and whether the file needs a rewrite."""
+    rows: dict[tuple[str, str], ManifestRow] = {}
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        return rows, 0, False
+    if not text:
+        return rows, 0, True
+    dirty = not text.endswith("\n")
+    reader = csv.DictReader(io.StringIO(text))
+    if tuple(reader.fieldnames or ()) != MANIFEST_FIELDS:
+        dirty = True
+        if "slide_id" not in (reader.fieldnames or ()):
+            logger.warning("%s: not a wsi-convnext manifest (no slide_id column); starting a new one", path)
+            return rows, 0, True
+    lines = 0
+    for raw in reader:
+        lines += 1
+        try:
+            row = ManifestRow.from_csv(raw)
+        except (KeyError, ValueError, TypeError):
+            # A line cut short by a crash mid-write; the stage is redone anyway.
+            dirty = True
+            continue
+        rows[row.key] = row
+    return rows, lines, dirty
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[ManifestRow]:
+    """Rows of one manifest file, one per slide and stage (the last written wins).
+
+    A missing file gives an empty list; a truncated last line (a crash mid-write) is ignored.
+    """
+    rows, _, _ = _parse(Path(path))
+    return list(rows.values())
+
+
+def read_manifests(out_dir: str | os.PathLike[str]) -> list[ManifestRow]:
+    """Merge ``manifest.csv`` and every ``manifest-shard-*.csv`` in ``out_dir``.
+
+    For a slide/stage present in several files, the row that finished last wins (a
+    ``running`` row, which has no ``finished`` time, loses to any finished one).
+    """
+    out = Path(out_dir)
+    files = [out / MANIFEST_NAME] + sorted(out.glob("manifest-shard-*.csv"))
+    merged: dict[tuple[str, str], ManifestRow] = {}
+    for f in files:
+        for row in read_manifest(f):
+            old = merged.get(row.key)
+            if old is None or (row.finished or "") >= (old.finished or ""):
+                merged[row.key] = row
+    return list(merged.values())
+
+
+class RunManifest:
+    """Appendable, crash-safe manifest of one run (single writer).
+
+    Args:
+        path: The CSV file; existing rows are loaded (a rerun keeps and updates them).
+
+    Example:
+        >>> m = RunManifest(out / "manifest.csv")                       # doctest: +SKIP
+        >>> m.record(ManifestRow("s1", "tile", "done", tiles=120))       # doctest: +SKIP
+        >>> m.status("s1", "tile")                                      # doctest: +SKIP
+        'done'
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._fh: io.TextIOWrapper | None = None
+        self._writer: Any = None
+        self._rows, self._lines, dirty = _parse(self.path)
+        if dirty or self._lines > len(self._rows):
+            self._rewrite()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def rows(self) -> list[ManifestRow]:
+        """Current rows, one per slide and stage, in first-recorded order."""
+        with self._lock:
+            return list(self._rows.values())
+
+    def get(self, slide_id: str, stage: str) -> ManifestRow | None:
+        """The row of ``slide_id``/``stage``, or None."""
+        return self._rows.get((slide_id, stage))
+
+    def status(self, slide_id: str, stage: str) -> str | None:
+        """``running``/``done``/``skipped``/``failed`` of ``slide_id``/``stage``, or None if never recorded."""
+        row = self._rows.get((slide_id, stage))
+        return row.status if row else None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def record(self, row: ManifestRow | Mapping[str, Any]) -> ManifestRow:
+        """Add or replace the row of ``row.slide_id``/``row.stage`` and append it to the file.
+
+        ``finished`` defaults to now for finished statuses; ``error`` is made one line.
+
+        Returns:
+            The row as stored.
+        """
+        if not isinstance(row, ManifestRow):
+            known = {f.name for f in fields(ManifestRow)}
+            unknown = set(row) - known
+            if unknown:
+                raise ValueError(f"unknown manifest column(s): {', '.join(sorted(unknown))}")
+            row = ManifestRow(**row)
+        updates: dict[str, Any] = {}
+        if row.error and ("\n" in row.error or len(row.error) > _MAX_ERROR):
+            updates["error"] = one_line(row.error)
+        if not row.finished and row.status != "running":
+            updates["finished"] = _now()
+        if updates:
+            row = replace(row, **updates)
+        with self._lock:
+            self._rows[row.key] = row
+            if self._fh is None:
+                self._open_append()
+            assert self._writer is not None and self._fh is not None
+            self._writer.writerow(row.to_csv())
+            self._fh.flush()
+            self._lines += 1
+            if self._lines > max(1000, 2 * len(self._rows)):
+                self._rewrite()
+        return row
+
+    def update(self, rows: Iterable[ManifestRow | Mapping[str, Any]]) -> None:
+        """:meth:`record` several rows."""
+        for r in rows:
+            self.record(r)
+
+    def compact(self) -> None:
+        """Rewrite the file atomically with one row per slide and stage."""
+        with self._lock:
+            self._rewrite()
+
+    def close(self) -> None:
+        """Compact and close the file. Recording again reopens it."""
+        with self._lock:
+            self._rewrite()
+
+    def __enter__(self) -> RunManifest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals (lock held) -------------------------------------------------------------
+
+    def _open_append(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._fh = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115 - kept open while running
+        self._writer = csv.DictWriter(self._fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+        if new:
+            self._writer.writeheader()
+
+    def _close_fh(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            self._writer = None
+
+    def _rewrite(self) -> None:
+        self._close_fh()
+        if not self._rows and not self.path.exists():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            for r in self._rows.values():
+                writer.writerow(r.to_csv())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._lines = len(self._rows)
