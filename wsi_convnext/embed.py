@@ -25,7 +25,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +52,6 @@ __all__ = [
     "embed_store",
     "embed_stores",
     "prepare_forward",
-    "result_dict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,11 +107,6 @@ class EmbedResult:
         if self.status != "done" or self.seconds <= 0:
             return 0.0
         return self.n_tiles / self.seconds
-
-
-def result_dict(result: EmbedResult) -> dict[str, Any]:
-    """A JSON/CSV-friendly dict of an :class:`EmbedResult`."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
 
 
 # --------------------------------------------------------------------------------- precision
