@@ -78,7 +78,10 @@ def run_demo(
     slides_dir, tiles_dir, model_dir, heat_dir = out / "slides", out / "tiles", out / "model", out / "heatmaps"
     labels = slides_dir / "labels.csv"
     if not labels.is_file():
-        make_cohort(slides_dir, n_slides, size=slide_size, mpp=0.5, seed=seed, progress=report("generate slides"))
+        make_cohort(
+            slides_dir, n_slides, size=slide_size, mpp=0.5, seed=seed, lesion_fraction=(0.02, 0.06),
+            progress=report("generate slides"),
+        )  # fmt: skip
     specs = discover_slides([slides_dir])
     tile_results = tile_slides(specs, tiles_dir, TileParams(mpp=0.5, tile_size=224), on_result=_counter(report("tile"), len(specs)))
     stores = [r.store_path for r in tile_results if r.status != "failed"]
@@ -89,6 +92,8 @@ def run_demo(
         stores, model=model, stem=stem, batch_size=32, on_result=_counter(report("embed"), len(stores))
     )
     stores = [r.store_path for r in embed_results if r.status != "failed"]
+    # Small cohorts cannot fill many patient-grouped folds with both classes.
+    folds = max(2, min(folds, len(stores) // 4))
     trained = train(
         stores, labels, model_dir, aggregator=aggregator, folds=folds, seed=seed, overwrite=True,
         progress=lambda what, done, total: progress(f"train ({what})", done, total) if progress else None,
