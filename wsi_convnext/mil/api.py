@@ -1,0 +1,390 @@
+"""High-level MIL entry points: :func:`train`, :func:`evaluate`, :func:`predict` (what the CLI calls).
+
+Torch, scikit-learn and matplotlib are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, LabelsError, StoreError
+from .data import Bag, LabelTable, _listing, index_stores, load_bags, match_labels, read_labels
+
+if TYPE_CHECKING:
+    from .model import TrainedModel
+    from .training import CVResult
+
+__all__ = ["TrainReport", "SlidePrediction", "train", "evaluate", "predict"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+PathLike = str | os.PathLike[str]
+
+MODEL_FILES = ("model.safetensors", "config.json")
+
+
+@dataclass
+class TrainReport:
+    """What :func:`train` did.
+
+    Attributes:
+        out_dir: Output folder (also the model folder, loadable with :func:`load_model`).
+        metrics: Per-fold, fold-mean and pooled out-of-fold metrics (see ``metrics.json``).
+        table: ``metrics.txt`` contents.
+        cv: Full cross-validation result (probabilities, folds, tile scores).
+        model: The final model (saved in ``out_dir``).
+        final_model: How the final model was obtained (``"refit"`` or ``"split"``) and its epochs.
+        unlabeled: Slide ids of stores without a label (ignored).
+        files: Written files by role (model, config, metrics_json, metrics_txt, roc, oof_predictions).
+    """
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    table: str
+    cv: CVResult
+    model: TrainedModel
+    final_model: dict[str, Any]
+    unlabeled: list[str]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class SlidePrediction:
+    """Prediction for one slide: class probabilities (by class name), predicted class, tile count."""
+
+    slide_id: str
+    probabilities: dict[str, float]
+    predicted: str
+    n_tiles: int
+    store: str | None = None
+
+
+def _labeled_bags(
+    stores: Sequence[PathLike],
+    table: LabelTable,
+    feature_key: str | None,
+    *,
+    require_all: bool,
+    in_memory: bool,
+    progress: ProgressFn | None,
+) -> tuple[list[Bag], LabelTable, list[str]]:
+    """Open stores, match them to labels (errors/warnings as documented), load labelled bags."""
+    if not stores:
+        raise ConfigError("no stores given; pass the zarr stores of the slides")
+    by_id = index_stores(stores)
+    ids = list(by_id)
+    idx, unlabeled = match_labels(ids, table, require_all=require_all)
+    matched = [ids[i] for i in idx]
+    from .data import _open
+
+    no_emb = [s for s in matched if not list(_open(by_id[s]).feature_keys)]
+    if no_emb:
+        raise LabelsError(
+            f"{table.source}: {len(no_emb)} labelled slide(s) have no embeddings in their store: "
+            f"{_listing(no_emb)}; embed them first or remove the rows"
+        )
+    bags = load_bags([by_id[s] for s in matched], feature_key, in_memory=in_memory, progress=progress)
+    return bags, table.subset(matched), unlabeled
+
+
+def _write_predictions_csv(
+    path: Path, bags_ids: Sequence[str], table: LabelTable | None, probs: np.ndarray, classes: Sequence[str],
+    fold_of: np.ndarray | None = None,
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        head = ["slide_id"]
+        if table is not None:
+            head += ["patient_id", "label"]
+        if fold_of is not None:
+            head += ["fold"]
+        head += ["predicted"] + [f"prob_{c}" for c in classes]
+        w.writerow(head)
+        for i, sid in enumerate(bags_ids):
+            row: list[object] = [sid]
+            if table is not None:
+                row += [table.patient_ids[i], table.labels[i]]
+            if fold_of is not None:
+                row += [int(fold_of[i]) if fold_of[i] >= 0 else ""]
+            p = probs[i]
+            if np.isfinite(p).all():
+                row += [classes[int(np.argmax(p))]] + [f"{v:.6f}" for v in p]
+            else:
+                row += [""] + [""] * len(classes)
+            w.writerow(row)
+    return path
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    existing = [n for n in MODEL_FILES if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a model ({', '.join(existing)}); pass overwrite or choose another folder")
+
+
+def train(
+    stores: Sequence[PathLike],
+    labels_csv: PathLike,
+    out_dir: PathLike,
+    *,
+    aggregator: str = "abmil",
+    folds: int = 5,
+    feature_key: str | None = None,
+    seed: int = 0,
+    epochs: int | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    patience: int | None = None,
+    val_fraction: float | None = None,
+    max_instances: int | None = None,
+    positive_class: str | None = None,
+    n_boot: int = 1000,
+    in_memory: bool = True,
+    device: str | None = None,
+    name: str | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    **agg_kwargs: Any,
+) -> TrainReport:
+    """Cross-validate an aggregator on a labelled cohort and save a final model.
+
+    Cross-validation is patient-grouped and stratified (or follows the CSV's ``split``/``fold``
+    column). The final model is refitted on all labelled slides for the median best epoch count of
+    the folds; with a ``split`` column it is the model trained on the train split (early-stopped on
+    the val split) and the metrics are those of the test split.
+
+    Writes into ``out_dir``: ``model.safetensors`` + ``config.json`` (the model), ``metrics.json``,
+    ``metrics.txt``, ``roc.png``, ``oof_predictions.csv``.
+
+    Args:
+        stores: Zarr store paths (one per slide); stores without a label are ignored with a warning.
+        labels_csv: Labels CSV (see :func:`~wsi_convnext.mil.data.read_labels`).
+        out_dir: Output folder.
+        aggregator: Aggregator name (``mean``, ``maxpool``, ``abmil``, ``dsmil``, ``clam_sb``, ...).
+        folds: CV folds when the CSV has no split/fold column.
+        feature_key: Feature set in the stores (default: the stores' only one).
+        seed: Seed for splits and training.
+        epochs, lr, weight_decay, patience, val_fraction, max_instances, device: Training options
+            (``None`` keeps the defaults of :class:`~wsi_convnext.mil.training.TrainConfig`).
+        positive_class: Positive class for binary metrics (default: second sorted class).
+        n_boot: Bootstrap resamples for CIs.
+        in_memory: Keep the cohort's features in memory (float16); False re-reads them from the
+            stores each epoch.
+        name: Model name stored in the config (default: the folder name).
+        overwrite: Replace a model already in ``out_dir``.
+        progress: ``progress(description, done, total)`` callback.
+        **agg_kwargs: Aggregator hyperparameters.
+
+    Raises:
+        LabelsError: Label problems (see :func:`read_labels`, :func:`match_labels`, :func:`make_folds`).
+        ConfigError: Bad options or an existing model in ``out_dir`` without ``overwrite``.
+    """
+    from .checkpoint import save_model
+    from .metrics import format_metrics_table, metrics_to_json
+    from .plots import plot_roc
+    from .training import _check_aggregator, cross_validate, train_model
+
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
+    _check_aggregator(aggregator, agg_kwargs)
+    table = read_labels(labels_csv)
+    bags, table, unlabeled = _labeled_bags(
+        stores, table, feature_key, require_all=True, in_memory=in_memory, progress=progress
+    )
+    table.require_classes(2)
+    key = bags[0].feature_key
+    opts = dict(
+        epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience, val_fraction=val_fraction,
+        max_instances=max_instances, device=device, positive_class=positive_class,
+    )
+    cv = cross_validate(
+        bags, table, aggregator=aggregator, folds=folds, seed=seed, n_boot=n_boot,
+        keep_models=table.split is not None, progress=progress, **opts, **agg_kwargs,
+    )
+    if table.split is not None:
+        model = cv.folds[0].model
+        assert model is not None
+        model.feature_key = key
+        model.info = {"train_config": cv.config.to_dict(), "seed": seed, "best_epoch": cv.folds[0].best_epoch,
+                      "n_slides": len(cv.folds[0].train_ids), "n_val_slides": len(cv.folds[0].val_ids)}
+        final = {"how": "split", "epochs": cv.folds[0].best_epoch,
+                 "description": "model trained on the 'train' split, early-stopped on 'val'"}
+        cv.folds[0].model = None
+    else:
+        final_epochs = cv.suggested_epochs
+        opts["epochs"] = final_epochs
+        model = train_model(
+            bags, table, aggregator=aggregator, seed=seed, feature_key=key, progress=progress, **opts, **agg_kwargs
+        )
+        final = {"how": "refit", "epochs": final_epochs,
+                 "description": "refitted on all labelled slides for the median best epoch of the CV folds"}
+    model.info.update({"labels_csv": str(labels_csv), "cv_metrics_pooled": cv.metrics["pooled"], "final_model": final})
+    title = f"{aggregator} — {'test split' if table.split is not None else f'{len(cv.folds)}-fold CV'}"
+    text = format_metrics_table(cv.metrics, title=title)
+    files: dict[str, Path] = {}
+    save_model(out, model, name=name)
+    files["model"] = out / "model.safetensors"
+    files["config"] = out / "config.json"
+    metrics_doc = {**cv.to_dict(), "final_model": final, "feature_key": key, "unlabeled_slides": unlabeled}
+    files["metrics_json"] = out / "metrics.json"
+    files["metrics_json"].write_text(metrics_to_json(metrics_doc) + "\n", encoding="utf-8")
+    files["metrics_txt"] = out / "metrics.txt"
+    files["metrics_txt"].write_text(text, encoding="utf-8")
+    pos = list(cv.classes).index(cv.positive_class) if cv.positive_class else 1
+    tested = cv.fold_of >= 0
+    files["roc"] = plot_roc(cv.y[tested], cv.probs[tested], cv.classes, out / "roc.png", positive=pos,
+                            fold_of=cv.fold_of[tested], title=title)
+    files["oof_predictions"] = _write_predictions_csv(
+        out / "oof_predictions.csv", cv.slide_ids, table, cv.probs, cv.classes, cv.fold_of
+    )
+    return TrainReport(out, cv.metrics, text, cv, model, final, unlabeled, files)
+
+
+def evaluate(
+    model_dir: PathLike,
+    stores: Sequence[PathLike],
+    labels_csv: PathLike,
+    out_dir: PathLike | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    require_all: bool = True,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Evaluate a saved model on labelled stores.
+
+    Returns :func:`~wsi_convnext.mil.metrics.compute_metrics` output plus ``"model"``, ``"classes"``
+    and ``"unlabeled_slides"``. With ``out_dir``: writes ``metrics.json``, ``metrics.txt``,
+    ``roc.png`` and ``predictions.csv`` there. A single-class evaluation set is allowed (AUC is then
+    undefined: null), e.g. to measure specificity on negatives.
+
+    Raises:
+        LabelsError: A labelled slide has no store (``require_all``), a label is not one of the
+            model's classes, or label-file errors.
+    """
+    from .checkpoint import load_model
+    from .metrics import compute_metrics, format_metrics_table, metrics_to_json
+    from .plots import plot_roc
+
+    model = load_model(model_dir)
+    table = read_labels(labels_csv, min_classes=1, check_splits=False)
+    unknown = sorted(set(table.labels) - set(model.classes))
+    if unknown:
+        raise LabelsError(
+            f"{table.source}: label(s) {_listing(unknown)} are not classes of the model ({list(model.classes)})"
+        )
+    bags, table, unlabeled = _labeled_bags(
+        stores, table, model.feature_key, require_all=require_all, in_memory=False, progress=None
+    )
+    lut = {c: i for i, c in enumerate(model.classes)}
+    y = np.array([lut[lab] for lab in table.labels], dtype=np.int64)
+    probs = np.zeros((len(bags), model.n_classes), dtype=np.float64)
+    for i, bag in enumerate(bags):
+        probs[i] = model.predict(bag)[0]
+        if progress is not None:
+            progress("evaluate", i + 1, len(bags))
+    if len(set(y.tolist())) < 2:
+        log.warning("%s: evaluation slides hold a single class; AUC is undefined", table.source)
+    pos = model.positive_index
+    metrics = compute_metrics(y, probs, model.classes, positive=pos, n_boot=n_boot, seed=seed)
+    metrics.update({"model": str(model_dir), "classes": list(model.classes), "unlabeled_slides": unlabeled})
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(metrics_to_json(metrics) + "\n", encoding="utf-8")
+        (out / "metrics.txt").write_text(format_metrics_table(metrics, title=f"evaluation of {model_dir}"), encoding="utf-8")
+        plot_roc(y, probs, model.classes, out / "roc.png", positive=pos, title=f"evaluation of {Path(model_dir).name}")
+        _write_predictions_csv(out / "predictions.csv", [b.slide_id for b in bags], table, probs, model.classes)
+    return metrics
+
+
+def _score_name(name: str) -> str:
+    """A store array name: letters, digits, '_', '.', '-' and starting with a letter or digit."""
+    clean = re.sub(r"[^A-Za-z0-9_.\-]", "_", str(name)).lstrip("_.-")
+    return clean or "mil"
+
+
+def predict(
+    model_dir: PathLike,
+    stores: Sequence[PathLike],
+    *,
+    out_csv: PathLike | None = None,
+    write_scores: bool = True,
+    name: str | None = None,
+    progress: ProgressFn | None = None,
+) -> list[SlidePrediction]:
+    """Predict slides with a saved model, one store at a time.
+
+    Args:
+        model_dir: Folder written by :func:`train` / :func:`save_model`.
+        stores: Zarr store paths.
+        out_csv: Write ``slide_id,predicted,prob_<class>...,n_tiles,store`` rows here.
+        write_scores: Write per-tile scores into each store with ``store.write_scores(name, scores,
+            attrs)``: (N,) float32 (positive class for binary models), or (N, C) for multi-class
+            aggregators with per-class scores. ``attrs`` describe the model, score kind
+            (``attention``/``instance_logit``), classes and the slide's probabilities.
+        name: Score name in the stores (default: the model's name from its config).
+        progress: ``progress(description, done, total)`` callback.
+
+    Raises:
+        StoreError: A store lacks the model's feature set or has a different feature dimension.
+    """
+    from .. import __version__
+    from .checkpoint import load_model
+    from .data import _open, resolve_feature_key
+
+    model = load_model(model_dir)
+    score_name = _score_name(name or model.info.get("name") or Path(model_dir).resolve().name)
+    results: list[SlidePrediction] = []
+    for i, path in enumerate(stores):
+        store = _open(path)
+        key = resolve_feature_key(store, model.feature_key, f"store {path}")
+        bag = Bag(str(store.slide_id), store.features(key), np.asarray(store.coords), source=str(path), feature_key=key)
+        if bag.features.shape[1] != model.in_dim:
+            raise StoreError(
+                f"store {path}: feature set {key!r} has dimension {bag.features.shape[1]} but the model expects "
+                f"{model.in_dim}; use the encoder the model was trained with"
+            )
+        out = model.forward(bag)
+        import torch
+
+        probs = torch.softmax(out.logits.float(), -1).cpu().numpy()
+        pred = model.classes[int(np.argmax(probs))]
+        if write_scores:
+            multi = model.n_classes > 2 and out.class_tile_scores is not None
+            scores = (out.class_tile_scores if multi else out.tile_scores).float().cpu().numpy().astype(np.float32)
+            attrs = {
+                "kind": "mil_tile_scores",
+                "model": score_name,
+                "model_dir": str(Path(model_dir).resolve()),
+                "aggregator": model.aggregator,
+                "score": model.module.aggregator.score_kind,
+                "classes": list(model.classes),
+                "columns": list(model.classes) if multi else [model.positive_class or "predicted"],
+                "feature_key": key,
+                "predicted_class": pred,
+                "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
+                "package_version": __version__,
+            }
+            store.write_scores(score_name, scores, attrs)
+        results.append(SlidePrediction(bag.slide_id, {c: float(p) for c, p in zip(model.classes, probs)}, pred, len(bag), str(path)))
+        if progress is not None:
+            progress("predict", i + 1, len(stores))
+    if out_csv is not None:
+        p = Path(out_csv)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["slide_id", "predicted"] + [f"prob_{c}" for c in model.classes] + ["n_tiles", "store"])
+            for r in results:
+                w.writerow([r.slide_id, r.predicted] + [f"{r.probabilities[c]:.6f}" for c in model.classes] + [r.n_tiles, r.store])
+    return results
