@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 #: MIN where the slide is that large (see :func:`_thumbnail_size`).
 THUMBNAIL_MAX_SIZE = 2048
 THUMBNAIL_MIN_SIZE = 1024
+#: Longest side of the QC picture, in pixels.
+QC_MAX_SIZE = 1280
 
 ProgressFn = Callable[[int, int], None]
 
@@ -253,16 +255,40 @@ def _thumbnail_and_mask(reader: Any, slide_mpp: float, tissue: TissueParams) -> 
     return thumb, thumb_ds, mask, mask_ds
 
 
-def _cut_region(reader: Any, grid: TileGrid, region: Region, params: TileParams) -> list[bytes]:
+@dataclass(frozen=True)
+class _RegionJob:
+    """One aligned read and the tiles to cut from it (picklable, for worker processes).
+
+    Attributes:
+        location: Level-0 (x, y) of the read.
+        level: Pyramid level read.
+        size: (width, height) of the read in level pixels.
+        boxes: Float (left, top, right, bottom) of each tile within the read, level pixels.
+        tile_size, encoding, quality: Output tile side and codec.
+    """
+
+    location: tuple[int, int]
+    level: int
+    size: tuple[int, int]
+    boxes: tuple[tuple[float, float, float, float], ...]
+    tile_size: int
+    encoding: str
+    quality: int
+
+    @classmethod
+    def of(cls, grid: TileGrid, region: Region, params: TileParams) -> _RegionJob:
+        return cls(
+            location=(region.x0, region.y0), level=grid.read_level, size=(region.width, region.height),
+            boxes=tuple(tile_box(grid, int(i), region) for i in region.tiles), tile_size=grid.tile_size,
+            encoding=params.encoding, quality=params.quality,
+        )  # fmt: skip
+
+
+def _cut_region(reader: Any, job: _RegionJob) -> list[bytes]:
     from PIL import Image
 
-    pixels = reader.read_region((region.x0, region.y0), grid.read_level, (region.width, region.height))
-    image = Image.fromarray(pixels)
-    out = []
-    for i in region.tiles:
-        tile = resample_tile(image, tile_box(grid, int(i), region), grid.tile_size)
-        out.append(encode_tile(tile, params.encoding, params.quality))
-    return out
+    image = Image.fromarray(reader.read_region(job.location, job.level, job.size))
+    return [encode_tile(resample_tile(image, box, job.tile_size), job.encoding, job.quality) for box in job.boxes]
 
 
 def resample_tile(image: Any, box: tuple[float, float, float, float], size: int) -> np.ndarray:
@@ -285,7 +311,7 @@ def resample_tile(image: Any, box: tuple[float, float, float, float], size: int)
     return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
 
 
-def _ordered_map(executor: Any, fn: Callable[[Region], list[bytes]], items: Sequence[Region], ahead: int) -> Iterator[list[bytes]]:
+def _ordered_map(executor: Any, fn: Callable[[_RegionJob], list[bytes]], items: Sequence[_RegionJob], ahead: int) -> Iterator[list[bytes]]:
     """Like ``executor.map`` but with at most ``ahead`` items in flight (bounded memory)."""
     pending: deque[Future[list[bytes]]] = deque()
     it = iter(items)
@@ -344,7 +370,9 @@ def tile_slide(
     final = out_dir / f"{slide_id}{STORE_SUFFIX}"
     qc_path = out_dir / "qc" / f"{slide_id}.png"
 
-    with open_slide(path, backend=params.backend) as reader, _pixel_reader(reader, params) as pixels:
+    with ExitStack() as stack:
+        reader = stack.enter_context(open_slide(path, backend=params.backend))
+        pixels = stack.enter_context(_pixel_reader(reader, params))
         mpp, mpp_source = resolve_mpp(reader, slide_mpp)
         fp = fingerprint(path)
         signature = params.signature(mpp)
@@ -361,6 +389,8 @@ def tile_slide(
             reader.dimensions, reader.level_downsamples, mpp, params.mpp, params.tile_size,
             overlap=params.overlap, allow_upsample=params.allow_upsample,
         )  # fmt: skip
+        workers = params.workers or default_workers()
+        pool, cut = stack.enter_context(_tile_pool(pixels, len(grid), workers))
         thumb, thumb_ds, mask, mask_ds = _thumbnail_and_mask(pixels, mpp, params.tissue)
         if len(grid) == 0:
             w, h = reader.dimensions
@@ -388,13 +418,14 @@ def tile_slide(
         remap[order] = np.arange(len(grid))
         grid = grid.select(order)
         frac = frac[order]
-        regions = [
-            Region(x0=r.x0, y0=r.y0, width=r.width, height=r.height, tiles=remap[r.tiles]) for r in regions
+        jobs = [
+            _RegionJob.of(grid, Region(x0=r.x0, y0=r.y0, width=r.width, height=r.height, tiles=remap[r.tiles]), params)
+            for r in regions
         ]
 
         writer = TileStoreWriter(final, len(grid), params.tile_size, params.encoding)
         try:
-            _write_tiles(pixels, grid, regions, params, writer, progress)
+            _write_tiles(pool, cut, jobs, workers, writer, progress)
             qc_path = _write_qc(qc_path, thumb, thumb_ds, mask, grid, slide_id, frac)
             attrs = {
                 "slide_id": slide_id,
@@ -441,76 +472,89 @@ def tile_slide(
     )  # fmt: skip
 
 
-#: Slides with at least this many tiles are cut in worker processes rather than threads.
+#: Slides whose grid has at least this many tiles are cut in worker processes rather than threads.
 PROCESS_MIN_TILES = 400
 
-# Per-process state of a tiling worker process: (reader, grid, params).
-_WORKER_STATE: tuple[Any, TileGrid, TileParams] | None = None
+# The slide reader of a tiling worker process.
+_WORKER_READER: Any = None
 
 
-def _init_worker(path: str, backend: str, grid: TileGrid, params: TileParams) -> None:
-    global _WORKER_STATE
+def _init_worker(path: str, backend: str) -> None:
+    global _WORKER_READER
     from .slide import open_slide
 
-    _WORKER_STATE = (open_slide(path, backend=backend), grid, params)
+    _WORKER_READER = open_slide(path, backend=backend)
 
 
-def _cut_region_in_worker(region: Region) -> list[bytes]:
-    assert _WORKER_STATE is not None  # set by _init_worker
-    reader, grid, params = _WORKER_STATE
-    return _cut_region(reader, grid, region, params)
+def _cut_region_in_worker(job: _RegionJob) -> list[bytes]:
+    return _cut_region(_WORKER_READER, job)
 
 
-def _executor(reader: Any, grid: TileGrid, params: TileParams, workers: int) -> tuple[Any, Callable[[Region], list[bytes]]]:
-    """A pool and the function it maps over regions.
+def _ready() -> None:
+    """No-op task that makes a worker process start (and open its slide) ahead of the first read."""
+
+
+@contextmanager
+def _tile_pool(reader: Any, n_tiles: int, workers: int) -> Iterator[tuple[Any, Callable[[_RegionJob], list[bytes]]]]:
+    """A pool and the function it maps over region jobs.
 
     Decoding through tiffslide runs its zarr reads on one event-loop thread and Python code
     holds the GIL in between, so threads barely scale. Large slides are therefore cut in
-    worker processes, each with its own reader. Threads remain for small slides (process
-    start-up would dominate), one worker, and daemonic processes (e.g. Dask workers), which
-    may not start children.
+    worker processes, each with its own reader, started early so that their start-up overlaps
+    tissue detection. Threads remain for small slides (start-up would dominate), one worker,
+    and daemonic processes (e.g. Dask workers), which may not start children.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    if workers > 1 and len(grid) >= PROCESS_MIN_TILES and not multiprocessing.current_process().daemon:
-        pool = ProcessPoolExecutor(
+    if workers > 1 and n_tiles >= PROCESS_MIN_TILES and not multiprocessing.current_process().daemon:
+        pool: Any = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(str(reader.path), reader.backend, grid, params),
+            initializer=_init_worker, initargs=(str(reader.path), reader.backend),
         )  # fmt: skip
-        return pool, _cut_region_in_worker
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile")
-    return pool, lambda r: _cut_region(reader, grid, r, params)
+        for _ in range(workers):
+            pool.submit(_ready)
+        fn: Callable[[_RegionJob], list[bytes]] = _cut_region_in_worker
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile")
+        fn = lambda job: _cut_region(reader, job)  # noqa: E731
+    try:
+        yield pool, fn
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_tiles(
-    reader: Any, grid: TileGrid, regions: list[Region], params: TileParams, writer: TileStoreWriter,
-    progress: ProgressFn | None,
+    pool: Any, fn: Callable[[_RegionJob], list[bytes]], jobs: list[_RegionJob], workers: int,
+    writer: TileStoreWriter, progress: ProgressFn | None,
 ) -> None:  # fmt: skip
-    workers = params.workers or default_workers()
     buffer: list[bytes] = []
     done = 0
-    pool, fn = _executor(reader, grid, params, workers)
-    try:
-        for encoded in _ordered_map(pool, fn, regions, ahead=2 * workers):
-            buffer.extend(encoded)
-            done += len(encoded)
-            while len(buffer) >= TILES_PER_CHUNK:
-                writer.write_tiles(buffer[:TILES_PER_CHUNK])
-                del buffer[:TILES_PER_CHUNK]
-            if progress is not None:
-                progress(done, len(grid))
-        writer.write_tiles(buffer)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    total = sum(len(j.boxes) for j in jobs)
+    for encoded in _ordered_map(pool, fn, jobs, ahead=2 * workers):
+        buffer.extend(encoded)
+        done += len(encoded)
+        while len(buffer) >= TILES_PER_CHUNK:
+            writer.write_tiles(buffer[:TILES_PER_CHUNK])
+            del buffer[:TILES_PER_CHUNK]
+        if progress is not None:
+            progress(done, total)
+    writer.write_tiles(buffer)
 
 
 def _write_qc(
     qc_path: Path, thumb: np.ndarray, thumb_ds: float, mask: np.ndarray, grid: TileGrid, slide_id: str,
     frac: np.ndarray,
 ) -> Path:  # fmt: skip
+    from PIL import Image
+
     from .qc import render_qc, save_png
 
+    scale = QC_MAX_SIZE / max(thumb.shape[:2])
+    if scale < 1:
+        size = (max(1, round(thumb.shape[1] * scale)), max(1, round(thumb.shape[0] * scale)))
+        thumb_ds *= thumb.shape[1] / size[0]
+        thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BILINEAR))
     title = f"{slide_id}: {len(grid)} tiles, {grid.tile_size}px @ {grid.target_mpp:g} µm/px"
     image = render_qc(thumb, thumb_ds, mask, grid.coords, grid.extent0, tissue_fraction=frac, title=title)
     qc_path.parent.mkdir(parents=True, exist_ok=True)
