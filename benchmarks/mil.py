@@ -4,8 +4,8 @@ Usage:
     python benchmarks/mil.py [--slides 40] [--work /tmp/wsi-mil-bench] [--folds 5] [--skip-memory]
 
 In one run:
-1. generates a synthetic cohort (half positive, lesions 1–5 % of the tissue, no pen marks or
-   pale slides so that the lesions are the only signal), tiles it at 224 px / 0.5 µm/px and
+1. generates a synthetic cohort (half positive, lesions 1–5 % of the tissue; no pen marks or
+   pale slides unless --confounders, so that the lesions are the only signal), tiles it at 224 px / 0.5 µm/px and
    embeds it with a fixed random-weight ``convnext_atto`` (patch stem, seed 0);
 2. for every registered aggregator: 5-fold patient-grouped CV → pooled out-of-fold AUC
    (all positives; positives with small lesions only; with large lesions only), and on
@@ -50,14 +50,14 @@ print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
-def build_cohort(work: Path, n: int, seed: int) -> tuple[list[Path], Path, dict[str, object]]:
+def build_cohort(work: Path, n: int, seed: int, confounders: bool) -> tuple[list[Path], Path, dict[str, object]]:
     from wsi_convnext.embed import embed_stores
     from wsi_convnext.inputs import discover_slides
     from wsi_convnext.synthetic import make_cohort
     from wsi_convnext.tiler import TileParams, tile_slides
 
     slides = make_cohort(work / "slides", n, size=(4500, 4000), mpp=0.5, seed=seed, lesion_fraction=(0.01, 0.05),
-                         pen_fraction=0.0, pale_fraction=0.0)  # fmt: skip
+                         pen_fraction=0.15 if confounders else 0.0, pale_fraction=0.1 if confounders else 0.0)  # fmt: skip
     results = tile_slides(discover_slides([work / "slides"]), work / "tiles", TileParams())
     stores = [r.store_path for r in results if r.status != "failed"]
     embed_stores(stores, model="convnext_atto", stem="patch", batch_size=32)
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/wsi-mil-bench"))
     ap.add_argument("--aggregators", nargs="*", default=None)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--confounders", action="store_true", help="keep the cohort's pen marks and pale slides")
     args = ap.parse_args()
 
     from sklearn.metrics import roc_auc_score
@@ -93,7 +94,7 @@ def main() -> None:
     from wsi_convnext.store import open_store
 
     t0 = time.perf_counter()
-    stores, labels, truth = build_cohort(args.work, args.slides, args.seed)
+    stores, labels, truth = build_cohort(args.work, args.slides, args.seed, args.confounders)
     print(f"cohort: {len(stores)} slides tiled and embedded in {time.perf_counter() - t0:.0f} s", flush=True)
     by_id = {open_store(p).slide_id: open_store(p) for p in stores}
     lesion_frac = {sid: lesion_fraction_of_tiles(st, truth[sid]) for sid, st in by_id.items() if truth[sid].label == "tumor"}
@@ -115,7 +116,7 @@ def main() -> None:
         ids = list(cv.slide_ids)
         small = np.array([y[i] == 0 or lesion_tiles.get(s, 0) <= small_cut for i, s in enumerate(ids)])
         large = np.array([y[i] == 0 or lesion_tiles.get(s, 0) > small_cut for i, s in enumerate(ids)])
-        top10, top1 = [], []
+        top10, top1, topk = [], [], []
         for sid in lesion_frac:
             sc = np.asarray(cv.tile_scores[sid], dtype=float)
             k = max(1, int(round(0.1 * len(sc))))
@@ -123,6 +124,10 @@ def main() -> None:
             inside = lesion_frac[sid] >= 0.5
             top10.append(inside[order[:k]].mean())
             top1.append(float(inside[order[0]]))
+            # top-k with k = the lesion's own size in tiles (capped at 10 %): a lesion of 4 tiles
+            # can fill at most 4 of the top 10 % places, so this is the fair precision for needles.
+            kk = max(1, min(k, int(inside.sum())))
+            topk.append(inside[order[:kk]].mean())
         epochs = sum(f.epochs_run for f in cv.folds) if hasattr(cv.folds[0], "epochs_run") else None
         rows.append({
             "aggregator": name,
@@ -131,6 +136,7 @@ def main() -> None:
             "auc_large": roc_auc_score(y[large], p[large]),
             "top10_in_lesion": float(np.mean(top10)),
             "top1_in_lesion": float(np.mean(top1)),
+            "topk_in_lesion": float(np.mean(topk)),
             "cv_seconds": seconds,
             "s_per_epoch": seconds / epochs if epochs else None,
         })  # fmt: skip
@@ -139,14 +145,15 @@ def main() -> None:
     print()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {len(stores)} slides, {args.folds}-fold CV, "
           f"small lesions = ≤ {small_cut:.0f} lesion tiles")  # fmt: skip
-    print(f"{'aggregator':<10} {'AUC':>6} {'AUC small':>10} {'AUC large':>10} {'top10% in lesion':>17} {'top1 in lesion':>15} {'CV s':>7} {'s/epoch':>8}")
+    print(f"{'aggregator':<10} {'AUC':>6} {'AUC small':>10} {'AUC large':>10} {'top10% in lesion':>17} {'top-k in lesion':>16} {'top1 in lesion':>15} {'CV s':>7} {'s/epoch':>8}")
     for r in rows:
         spe = f"{r['s_per_epoch']:.2f}" if r["s_per_epoch"] else "-"
         print(f"{r['aggregator']:<10} {r['auc']:6.3f} {r['auc_small']:10.3f} {r['auc_large']:10.3f} "
-              f"{r['top10_in_lesion']:17.2f} {r['top1_in_lesion']:15.2f} {r['cv_seconds']:7.0f} {spe:>8}")  # fmt: skip
+              f"{r['top10_in_lesion']:17.2f} {r['topk_in_lesion']:16.2f} {r['top1_in_lesion']:15.2f} {r['cv_seconds']:7.0f} {spe:>8}")  # fmt: skip
     best = max(rows, key=lambda r: r["auc"])
     print(f"best: {best['aggregator']} AUC {best['auc']:.3f} (target ≥ 0.95); top-10% tiles in lesion "
-          f"{best['top10_in_lesion']:.0%}, top-1 {best['top1_in_lesion']:.0%} (target ≥ 80%)")  # fmt: skip
+          f"{best['top10_in_lesion']:.0%}, top-k (k = lesion size) {best['topk_in_lesion']:.0%}, "
+          f"top-1 {best['top1_in_lesion']:.0%} (target ≥ 80%)")  # fmt: skip
 
     if not args.skip_memory:
         for name in ("abmil", "dsmil"):
