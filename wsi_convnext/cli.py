@@ -243,7 +243,7 @@ def train(
     stores: Annotated[list[Path], typer.Argument(help="Stores with embeddings, or folders of stores.")],
     labels: Annotated[Path, typer.Option(help="CSV: slide_id,label[,patient_id][,split|fold].")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")] = Path("model"),
-    aggregator: Annotated[str, typer.Option(help="MIL aggregator: mean, maxpool, abmil, dsmil, clam_sb.")] = "abmil",
+    aggregator: Annotated[str, typer.Option(help="MIL aggregator: mean, maxpool, abmil, dsmil, clam_sb.")] = "dsmil",
     folds: Annotated[int, typer.Option(help="Cross-validation folds (ignored with a split/fold column).")] = 5,
     features: Annotated[Optional[str], typer.Option(help="Feature key (needed when stores hold several).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs per fold.")] = None,

@@ -67,11 +67,11 @@ class TrainConfig:
         device: Torch device for training ("cpu", "cuda", ...).
     """
 
-    epochs: int = 40
-    lr: float = 1e-3
+    epochs: int = 60
+    lr: float = 5e-4
     weight_decay: float = 1e-2
-    patience: int = 10
-    min_epochs: int = 10
+    patience: int = 15
+    min_epochs: int = 15
     val_fraction: float = 0.2
     class_weighting: bool = True
     grad_clip: float = 5.0
