@@ -112,7 +112,7 @@ def tile(
     slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without (or with wrong) metadata.")] = None,
     allow_upsample: Annotated[bool, typer.Option(help="Allow a target finer than the scan.")] = False,
     backend: Annotated[str, typer.Option(help="Slide reader: auto, openslide or tiffslide.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Threads per slide [default: all cores].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Parallel readers per slide (processes for large slides) [default: all cores].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Re-tile slides whose store was made with other parameters.")] = False,
 ) -> None:
     """Find tissue and cut tiles at an exact µm/px into one zarr store per slide."""

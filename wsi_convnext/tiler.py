@@ -72,7 +72,7 @@ class TileParams:
         allow_upsample: Allow a target finer than the scan (tiles are then upsampled).
         backend: Slide reader backend (``"auto"``, ``"openslide"``, ``"tiffslide"``).
         tissue: Tissue-detection parameters.
-        workers: Threads for reading/resampling/encoding; None means all available cores.
+        workers: Parallel readers (threads, or processes for large slides); None means all cores.
         region_size: Side of one aligned read, in read-level pixels.
     """
 
@@ -573,7 +573,7 @@ def tile_slides(
 ) -> list[TileResult]:
     """Tile several slides one after the other; a failing slide is recorded and the rest continue.
 
-    Each slide uses ``params.workers`` threads. ``on_result`` is called after each slide
+    Each slide uses ``params.workers`` parallel readers. ``on_result`` is called after each slide
     (e.g. to update a manifest); ``progress`` receives per-slide tile progress.
     """
     params = params or TileParams()
