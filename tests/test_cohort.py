@@ -2,7 +2,7 @@
 
 One module-wide cluster (2 single-threaded worker processes, one advertising a ``GPU``
 resource like the GPU workers the CLI starts) runs every in-process test; the SIGKILL test
-runs ``python -m wsi_convnext.cohort`` in its own process group with the default cluster.
+runs ``wsi-convnext run`` in its own process group with the default cluster.
 """
 
 from __future__ import annotations
@@ -436,7 +436,8 @@ def test_resume_after_sigkill_equals_uninterrupted(reference: dict[str, Any], co
     env = {**os.environ, FAULT_ENV: "embed:gen2:sleep=600"}  # gen2's embedding never finishes
     log = tmp_path / "run.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "wsi_convnext.cohort", str(config)], cwd=tmp_path, env=env,
+        exe = str(Path(sys.executable).parent / "wsi-convnext")
+        proc = subprocess.Popen([exe, "run", str(config)], cwd=tmp_path, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             manifest = out / "manifest.csv"

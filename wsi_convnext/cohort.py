@@ -32,7 +32,7 @@ Stage functions are parameters (:data:`STAGES` holds the real ones, imported laz
 the workers), so the same task graph runs with injected stages, e.g. :data:`NOOP_STAGES`
 to measure scheduling overhead.
 
-Run it as a script: ``python -m wsi_convnext.cohort CONFIG.toml [--shard I/N]``.
+From the command line: ``wsi-convnext run CONFIG.toml [--shard I/N]``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import logging
 import os
 import queue
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -985,59 +984,3 @@ def run_cohort(
             CohortProgress("end", len(slides), tally.done, tally.failed, tally.skipped, 0, dashboard=info.dashboard)
         )
     return summary
-
-
-# --- script entry point (``python -m wsi_convnext.cohort``) ----------------------------------
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m wsi_convnext.cohort", description="Run a cohort (tile → embed → predict) on Dask."
-    )
-    parser.add_argument("config", nargs="?", help="run config (.toml)")
-    parser.add_argument("--slides", nargs="+", help="folders, CSV manifests or slide files")
-    parser.add_argument("--out", help="output folder")
-    parser.add_argument("--mpp", type=float, help="tile resolution in µm/px")
-    parser.add_argument("--model", help="encoder, e.g. convnext_tiny")
-    parser.add_argument("--stem", help="encoder stem")
-    parser.add_argument("--predict", metavar="MODEL_DIR", help="trained MIL model folder")
-    parser.add_argument("--scheduler", help="existing Dask scheduler address")
-    parser.add_argument("--shard", help="I/N: process shard I (0-based) of N")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from .errors import WsiConvnextError
-
-    overrides = {
-        "slides": args.slides,
-        "out": args.out,
-        "tile.mpp": args.mpp,
-        "embed.model": args.model,
-        "embed.stem": args.stem,
-        "predict.model_dir": args.predict,
-        "scheduler": args.scheduler,
-        "shard": args.shard,
-    }
-    try:
-        from .config import load_config
-
-        config = load_config(args.config, overrides)
-        summary = run_cohort(config)
-    except WsiConvnextError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"{summary.total} slides: {summary.done} done ({summary.skipped} already finished), "
-        f"{summary.failed} failed; manifest: {summary.manifest}"
-        + (f"; report: {summary.report}" if summary.report else "")
-    )
-    return summary.exit_code
-
-
-if __name__ == "__main__":
-    # Run the imported module's entry point, so that tasks pickle functions and classes of
-    # ``wsi_convnext.cohort`` (importable on workers), not of ``__main__``.
-    from wsi_convnext.cohort import _main as main
-
-    raise SystemExit(main())
