@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 from .config import RunConfig
 from .errors import ConfigError, StoreError
-from .manifest import ManifestRow, RunManifest, manifest_name, one_line
+from .errors import one_line
+from .manifest import MAX_ERROR, ManifestRow, RunManifest, manifest_name
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -350,7 +351,7 @@ def run_stage(
             stage,
             "failed",
             error_type=type(exc).__name__,
-            error=one_line(str(exc) or repr(exc)),
+            error=one_line(str(exc) or repr(exc), MAX_ERROR),
             seconds=time.perf_counter() - t0,
             worker=worker,
         )
@@ -701,7 +702,7 @@ def _lost(slide: SlideSpec, stage: str, exc: BaseException, seconds: float) -> S
         stage,
         "failed",
         error_type=type(exc).__name__,
-        error=one_line(str(exc) or repr(exc)),
+        error=one_line(str(exc) or repr(exc), MAX_ERROR),
         seconds=seconds,
         worker=worker,
     )

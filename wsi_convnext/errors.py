@@ -61,9 +61,11 @@ class LabelsError(WsiConvnextError, ValueError):
     """A labels file is malformed or inconsistent with the stores."""
 
 
-def one_line(error: BaseException | str) -> str:
-    """An exception's (or a text's) message squeezed onto one line."""
+def one_line(error: BaseException | str, limit: int | None = None) -> str:
+    """An exception's (or a text's) message squeezed onto one line, cut at ``limit`` characters."""
     text = " ".join(str(error).split())
     if not text and isinstance(error, BaseException):
-        return type(error).__name__
+        text = type(error).__name__
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
     return text

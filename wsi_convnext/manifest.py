@@ -29,6 +29,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import one_line
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -57,7 +59,8 @@ MANIFEST_FIELDS: tuple[str, ...] = (
     "finished",
 )
 STATUSES: tuple[str, ...] = ("running", "done", "skipped", "failed")
-_MAX_ERROR = 500
+#: Longest error message kept in a manifest cell, in characters.
+MAX_ERROR = 500
 
 
 def manifest_name(shard: tuple[int, int] | None = None) -> str:
@@ -70,12 +73,6 @@ def manifest_name(shard: tuple[int, int] | None = None) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def one_line(text: str, limit: int = _MAX_ERROR) -> str:
-    """Collapse whitespace/newlines so a message fits one CSV cell; cut at ``limit`` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -251,8 +248,8 @@ class RunManifest:
                 raise ValueError(f"unknown manifest column(s): {', '.join(sorted(unknown))}")
             row = ManifestRow(**row)
         updates: dict[str, Any] = {}
-        if row.error and ("\n" in row.error or len(row.error) > _MAX_ERROR):
-            updates["error"] = one_line(row.error)
+        if row.error and ("\n" in row.error or len(row.error) > MAX_ERROR):
+            updates["error"] = one_line(row.error, MAX_ERROR)
         if not row.finished and row.status != "running":
             updates["finished"] = _now()
         if updates:
