@@ -280,6 +280,14 @@ class StageOutcome:
     worker: str = ""
     data: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def failure(cls, slide_id: str, stage: str, exc: BaseException, seconds: float, worker: str) -> StageOutcome:
+        """The outcome of a stage that raised ``exc`` or never returned."""
+        return cls(
+            slide_id, stage, "failed", error_type=type(exc).__name__,
+            error=one_line(str(exc) or repr(exc), MAX_ERROR), seconds=seconds, worker=worker,
+        )  # fmt: skip
+
 
 def _worker_name() -> str:
     host = socket.gethostname().split(".")[0]
@@ -346,15 +354,7 @@ def run_stage(
 
         if not isinstance(exc, WsiConvnextError):
             logger.warning("%s of %s failed unexpectedly", stage, slide.slide_id, exc_info=True)
-        return StageOutcome(
-            slide.slide_id,
-            stage,
-            "failed",
-            error_type=type(exc).__name__,
-            error=one_line(str(exc) or repr(exc), MAX_ERROR),
-            seconds=time.perf_counter() - t0,
-            worker=worker,
-        )
+        return StageOutcome.failure(slide.slide_id, stage, exc, time.perf_counter() - t0, worker)
     tiles = out.pop("tiles", None)
     mpp = out.pop("mpp", None)
     skipped = bool(out.pop("skipped", False))
@@ -697,15 +697,7 @@ def _lost(slide: SlideSpec, stage: str, exc: BaseException, seconds: float) -> S
     last = getattr(exc, "last_worker", None)
     if last is not None:
         worker = str(getattr(last, "name", "") or getattr(last, "address", ""))
-    return StageOutcome(
-        slide.slide_id,
-        stage,
-        "failed",
-        error_type=type(exc).__name__,
-        error=one_line(str(exc) or repr(exc), MAX_ERROR),
-        seconds=seconds,
-        worker=worker,
-    )
+    return StageOutcome.failure(slide.slide_id, stage, exc, seconds, worker)
 
 
 @dataclass
