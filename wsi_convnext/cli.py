@@ -332,7 +332,7 @@ def heatmap(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("wsi-convnext-demo"),
-    slides: Annotated[int, typer.Option(help="Slides in the generated cohort.")] = 20,
+    slides: Annotated[int, typer.Option(help="Slides in the generated cohort.")] = 32,
 ) -> None:
     """Run the whole pipeline on a generated cohort: tile → embed → train (CV) → metrics, ROC, heatmaps."""
     with _errors():

@@ -40,7 +40,7 @@ class DemoResult:
 def run_demo(
     out_dir: str | os.PathLike[str] = "wsi-convnext-demo",
     *,
-    n_slides: int = 20,
+    n_slides: int = 32,
     slide_size: tuple[int, int] = (4500, 4000),
     model: str = "convnext_atto",
     stem: str = "overlap",
