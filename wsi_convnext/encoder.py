@@ -376,7 +376,8 @@ def _stem_name_hint(layout: str) -> str:
 # ------------------------------------------------------------------------------- weights files
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's content (weights files, checkpoints), read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
@@ -516,7 +517,7 @@ def load_weights(
     stem_init = _stem_init_name(stem_init)
     if not path.is_file():
         raise InputNotFoundError(f"weights file {path} does not exist; pass an existing .safetensors/.pth file")
-    sha = _sha256(path)
+    sha = file_sha256(path)
     sd = _unwrap_state_dict(_read_state_dict(path), path)
     sd = _to_timm_layout(sd, model, path)
     sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_CLASSIFIER_PREFIX)}

@@ -110,15 +110,7 @@ class SlideReader(Protocol):
 
     def get_best_level_for_downsample(self, downsample: float) -> int: ...
 
-    def level0_location(self, level: int, location: tuple[int, int]) -> tuple[int, int]:
-        """Level-0 ``(x, y)`` at which :meth:`read_region` at ``level`` starts at level pixel ``location``.
-
-        Exact for integral downsamples. For a non-integral one (odd level sizes, e.g. 4.016) the
-        smallest level-0 coordinate at or after the level pixel is returned: tiffslide then starts
-        exactly on it, OpenSlide interpolates a sub-pixel shift (< 1/downsample px).
-        """
-        ds = self.level_downsamples[level]
-        return _to_level0(int(location[0]), ds), _to_level0(int(location[1]), ds)
+    def level0_location(self, level: int, location: tuple[int, int]) -> tuple[int, int]: ...
 
     def thumbnail(self, max_size: int) -> np.ndarray: ...
 

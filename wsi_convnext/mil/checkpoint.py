@@ -8,7 +8,6 @@ the SHA-256 of the weights file, which is checked on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InputNotFoundError, WeightsError
+from ..encoder import file_sha256
 from .metrics import _json_safe
 
 __all__ = ["save_model", "load_model", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT", "FORMAT_VERSION"]
@@ -26,14 +26,6 @@ CONFIG_FILE = "config.json"
 FORMAT = "wsi-convnext-mil"
 FORMAT_VERSION = 1
 _NORM_KEYS = ("norm_mean", "norm_std")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_model(
@@ -85,7 +77,7 @@ def save_model(
             "std": [float(v) for v in std],
         },
         "training": model.info,
-        "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(out / WEIGHTS_FILE)},
+        "weights": {"file": WEIGHTS_FILE, "sha256": file_sha256(out / WEIGHTS_FILE)},
         "extra": extra or {},
     }
     text = json.dumps(_json_safe(config), indent=2, allow_nan=False)
@@ -141,7 +133,7 @@ def load_model(model_dir: str | os.PathLike[str]) -> Any:
     if not wpath.is_file():
         raise InputNotFoundError(f"model folder {d} has no {wpath.name}; the checkpoint is incomplete")
     expected = cfg["weights"].get("sha256")
-    if expected and _sha256(wpath) != expected:
+    if expected and file_sha256(wpath) != expected:
         raise WeightsError(f"{wpath} does not match the checksum in {CONFIG_FILE}; the file is corrupt or was replaced")
     try:
         state = load_file(str(wpath))
