@@ -71,7 +71,7 @@ def bench_scaleout(work: Path, n_slides: int, size: tuple[int, int]) -> dict[str
             summary = run_cohort(cfg, client=info.client)
             times[f"{n_workers}w"] = time.perf_counter() - t
         assert summary.failed == 0, summary.failures
-        from wsi_convnext.manifest import read_manifest
+        from wsi_convnext.outputs.manifest import read_manifest
 
         busy = sum(r.seconds or 0.0 for r in read_manifest(summary.manifest))
         print(

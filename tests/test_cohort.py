@@ -34,7 +34,7 @@ from wsi_convnext.cohort import (
 )
 from wsi_convnext.config import RunConfig, load_config
 from wsi_convnext.inputs import SlideSpec
-from wsi_convnext.manifest import read_manifest
+from wsi_convnext.outputs.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 CRASH_ONCE, CRASH_ALWAYS, CRASH_EMBED = "crash-once", "crash-always", "crash-embed"
@@ -355,7 +355,7 @@ def test_sharded_run_writes_its_own_manifest(tmp_path: Path, client: Any) -> Non
         seen |= ids
     assert seen == {s.slide_id for s in slides}
     assert not (tmp_path / "manifest.csv").exists()
-    from wsi_convnext.report import write_report
+    from wsi_convnext.outputs.report import write_report
 
     assert write_report(tmp_path).read_text().count('<tr id="slide-') == 40  # the report merges the shards
 

@@ -11,7 +11,7 @@ import torch
 
 from cmu_stores import CMU_MPP, read_cmu_tiles, write_store
 from wsi_convnext.errors import ConfigError, InputNotFoundError, StoreError, StoreExistsError
-from wsi_convnext.export import FORMATS, export_features, read_h5
+from wsi_convnext.outputs.export import FORMATS, export_features, read_h5
 from wsi_convnext.store import open_store
 
 N = 12

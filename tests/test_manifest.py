@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from wsi_convnext.manifest import (
+from wsi_convnext.outputs.manifest import (
     MANIFEST_FIELDS,
     ManifestRow,
     RunManifest,

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from wsi_convnext.errors import ConfigError
-from wsi_convnext.qc import montage, overlay_scores, render_qc, save_png
+from wsi_convnext.outputs.qc import montage, overlay_scores, render_qc, save_png
 
 GREY = 200
 GREEN = (0, 220, 0)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_convnext.manifest import ManifestRow, RunManifest
-from wsi_convnext.report import summarise, write_report
+from wsi_convnext.outputs.manifest import ManifestRow, RunManifest
+from wsi_convnext.outputs.report import summarise, write_report
 
 
 class _Page(HTMLParser):
@@ -98,7 +98,7 @@ def test_report_is_self_contained_and_lists_every_slide(run_out: Path) -> None:
 
 
 def test_status_counts(run_out: Path) -> None:
-    from wsi_convnext.manifest import read_manifests
+    from wsi_convnext.outputs.manifest import read_manifests
 
     slides = {s.slide_id: s for s in summarise(read_manifests(run_out))}
     assert slides["ok-1"].status == "done" and slides["ok-1"].tiles == 120 and slides["ok-1"].seconds == pytest.approx(8.2)

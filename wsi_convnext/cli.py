@@ -118,7 +118,7 @@ def tile(
     """Find tissue and cut tiles at an exact µm/px into one zarr store per slide."""
     with _errors():
         from .inputs import discover_slides
-        from .manifest import RunManifest
+        from .outputs.manifest import RunManifest
         from .tiler import TileParams, tile_manifest_row, tile_slides
 
         params = TileParams.from_kwargs(
@@ -225,7 +225,7 @@ def export(
 ) -> None:
     """Write each slide's embeddings and coords for other tools (HDF5 with features and coords)."""
     with _errors():
-        from .export import export_features
+        from .outputs.export import export_features
 
         paths = export_features(stores, out, fmt=fmt, feature_key=features, overwrite=overwrite)
         typer.echo(f"wrote {len(paths)} file(s) to {out}")
@@ -304,7 +304,7 @@ def predict(
         )  # fmt: skip
         typer.echo(f"predictions: {out}")
         if heatmaps is not None:
-            from .heatmap import heatmaps as draw
+            from .outputs.heatmap import heatmaps as draw
 
             drawn = draw(model_dir, paths, heatmaps)
             typer.echo(f"heatmaps: {len(drawn)} slide(s) in {heatmaps}")
@@ -319,7 +319,7 @@ def heatmap(
 ) -> None:
     """Draw attention heatmaps (thumbnail + colour bar) and top-k tile montages."""
     with _errors():
-        from .heatmap import heatmaps as draw
+        from .outputs.heatmap import heatmaps as draw
 
         drawn = draw(model_dir, stores, out, top_k=top_k)
         for sid, paths in drawn.items():

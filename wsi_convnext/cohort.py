@@ -21,10 +21,10 @@ slide's next stage is submitted; when a slide finishes, the next slide starts. A
 * Never lose work: stages write atomically and skip finished outputs, so rerunning the
   same command after any interruption (even SIGKILL) skips what is finished and redoes
   the rest; the result equals that of an uninterrupted run.
-* Progress: ``OUT/manifest.csv`` (see :mod:`wsi_convnext.manifest`) is updated as the run
+* Progress: ``OUT/manifest.csv`` (see :mod:`wsi_convnext.outputs.manifest`) is updated as the run
   goes, a ``progress`` callback receives :class:`CohortProgress` events, and the Dask
   dashboard address is logged and reported at start. ``OUT/report.html`` is written at
-  the end (:mod:`wsi_convnext.report`).
+  the end (:mod:`wsi_convnext.outputs.report`).
 * Sites without a Dask cluster run job arrays: ``shard=(i, n)`` processes the slides
   whose stable hash falls into shard ``i`` (:func:`shard_of`).
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -52,10 +53,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._io import atomic_write_text, cpu_count
 from .config import RunConfig
 from .errors import ConfigError, StoreError
 from .errors import one_line
-from .manifest import MAX_ERROR, ManifestRow, RunManifest, manifest_name
+from .outputs.manifest import MAX_ERROR, ManifestRow, RunManifest, manifest_name
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -230,7 +232,7 @@ def _draw_heatmap(store_path: Path, model_dir: Path, predicted: str, out_dir: Pa
     """Draw the tile scores that :func:`~wsi_convnext.mil.api.predict` wrote for ``model_dir``."""
     import numpy as np
 
-    from .heatmap import render_heatmap
+    from .outputs.heatmap import render_heatmap
     from .store import open_store
 
     store = open_store(store_path)
@@ -396,13 +398,6 @@ def select_shard(slides: Sequence[SlideSpec], index: int, count: int) -> list[Sl
 # --- clusters ------------------------------------------------------------------------------
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS/Windows
-        return os.cpu_count() or 1
-
-
 def _memory_bytes() -> int:
     # Respects cgroup limits (SLURM jobs, containers), unlike the machine's total.
     from distributed.system import MEMORY_LIMIT
@@ -433,7 +428,7 @@ def local_cluster_kwargs(
         cpus, memory, gpus: The machine (default: detected; GPUs only when embedding).
     """
     loc = config.local
-    cpus = cpus if cpus is not None else _cpu_count()
+    cpus = cpus if cpus is not None else cpu_count()
     memory = memory if memory is not None else _memory_bytes()
     if loc.gpus is not None:
         n_gpus = loc.gpus
@@ -841,12 +836,6 @@ def _drive(
     return tally
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def write_predictions(path: Path, predictions: Mapping[str, Mapping[str, Any]]) -> None:
     """Merge ``predictions`` into the CSV ``path`` (``slide_id, label, p_<class>...``), atomically."""
     import csv
@@ -860,12 +849,11 @@ def write_predictions(path: Path, predictions: Mapping[str, Mapping[str, Any]]) 
         row.update({f"p_{k}": f"{float(v):.6f}" for k, v in (pred.get("probabilities") or {}).items()})
         rows[sid] = row
     columns = ["slide_id", "label"] + sorted({k for r in rows.values() for k in r} - {"slide_id", "label"})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n", restval="")
-        w.writeheader()
-        w.writerows(rows[k] for k in sorted(rows))
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", restval="")
+    w.writeheader()
+    w.writerows(rows[k] for k in sorted(rows))
+    atomic_write_text(path, buf.getvalue())
 
 
 def run_cohort(
@@ -911,7 +899,7 @@ def run_cohort(
         slides = select_shard(slides, *config.shard)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if config.shard is None else f"-shard-{config.shard[0]}-of-{config.shard[1]}"
-    _write_json(out / f"run-config{suffix}.json", config.to_dict())
+    atomic_write_text(out / f"run-config{suffix}.json", json.dumps(config.to_dict(), indent=2, default=str) + "\n")
     manifest = RunManifest(out / manifest_name(config.shard))
     logger.info("%d slides, stages: %s, output: %s", len(slides), " → ".join(config.stages), out)
 
@@ -960,7 +948,7 @@ def run_cohort(
         requeued=tally.requeued,
     )
     if config.report:
-        from .report import write_report
+        from .outputs.report import write_report
 
         summary.report = write_report(out, title=f"wsi-convnext run: {out.name}", report_images=config.report_images)
     summary.seconds = time.perf_counter() - t_start

@@ -65,7 +65,7 @@ def run_demo(
         progress: ``progress(stage, done, total)``.
     """
     from .embed import embed_stores
-    from .heatmap import heatmaps
+    from .outputs.heatmap import heatmaps
     from .inputs import discover_slides
     from .mil.api import train
     from .synthetic import make_cohort

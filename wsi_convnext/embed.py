@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._io import cpu_count
 from .encoder import DEFAULT_MODEL
 from .errors import ConfigError, EncoderError, StoreError, WsiConvnextError, one_line
 from .store import STORE_SUFFIX, TILE_CODECS, TileStore, find_stores, open_store
@@ -172,11 +173,7 @@ _MAX_DEFAULT_WORKERS: dict[str, int] = {"cuda": 8, "cpu": 2, "mps": 4}
 
 def default_num_workers(device_type: str = "cpu") -> int:
     """Default number of tile-decoding threads for a device type, bounded by the usable CPU cores."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(_MAX_DEFAULT_WORKERS.get(device_type, 2), cores))
+    return max(1, min(_MAX_DEFAULT_WORKERS.get(device_type, 2), cpu_count()))
 
 
 # ------------------------------------------------------------------------------------ loader

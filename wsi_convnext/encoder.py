@@ -29,7 +29,6 @@ cropped (``crop_pct`` is recorded for provenance only): a tile is the tissue are
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._io import file_sha256
 from .errors import ConfigError, DeviceError, EncoderError, InputNotFoundError, WeightsError, one_line
 
 if TYPE_CHECKING:
@@ -374,15 +374,6 @@ def _stem_name_hint(layout: str) -> str:
 
 
 # ------------------------------------------------------------------------------- weights files
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's content (weights files, checkpoints), read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _looks_like_safetensors(path: Path) -> bool:

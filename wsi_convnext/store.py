@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
+from ._io import TMP_MARK, replace_dir, temp_sibling
 from .errors import InputNotFoundError, StoreError, StoreExistsError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ SCHEMA_VERSION = 1
 STORE_KIND = "wsi-convnext.tiles"
 STORE_SUFFIX = ".zarr"
 TILES_PER_CHUNK = 256
-_PARTIAL = ".partial-"
+_PARTIAL = TMP_MARK
 
 
 # --- tile image codecs ------------------------------------------------------------------
@@ -121,11 +121,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def partial_name(final: Path) -> Path:
-    """A unique hidden sibling name under which ``final`` is built before the atomic rename."""
-    return final.with_name(f".{final.name}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
 def remove_partials(final: Path) -> int:
     """Delete leftovers of killed writes of ``final`` (hidden ``.partial-*`` siblings). Returns how many."""
     parent = final.parent
@@ -141,20 +136,11 @@ def remove_partials(final: Path) -> int:
 
 
 def commit_dir(partial: Path, final: Path, *, overwrite: bool) -> None:
-    """Atomically move a finished ``partial`` directory to ``final``.
-
-    With ``overwrite`` an existing ``final`` is first moved aside and deleted after the
-    rename, so readers see either the old or the new complete directory.
-    """
-    trash = None
-    if final.exists():
-        if not overwrite:
-            raise StoreExistsError(f"{final}: already exists; pass --overwrite to replace it")
-        trash = final.with_name(f".{final.name}.trash-{uuid.uuid4().hex[:8]}")
-        os.rename(final, trash)
-    os.rename(partial, final)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    """Atomically move a finished ``partial`` directory to ``final`` (see :func:`._io.replace_dir`)."""
+    try:
+        replace_dir(partial, final, overwrite=overwrite)
+    except FileExistsError as exc:
+        raise StoreExistsError(str(exc)) from exc
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -179,7 +165,7 @@ class TileStoreWriter:
         zarr = _zarr()
         self.final_path = Path(final_path)
         self.final_path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = partial_name(self.final_path)
+        self.path = temp_sibling(self.final_path)
         self.n_tiles = int(n_tiles)
         self.tile_size = int(tile_size)
         self.encoding = encoding
@@ -475,7 +461,7 @@ class TileStore:
         if final.exists() and not overwrite:
             raise StoreExistsError(f"{final}: already exists; pass --overwrite to replace it")
         remove_partials(final)
-        partial = partial_name(final)
+        partial = temp_sibling(final)
         rows = max(1, min(data.shape[0], max(1, (8 << 20) // max(1, data[:1].nbytes))))
         try:
             arr = zarr.create_array(

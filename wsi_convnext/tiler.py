@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import cpu_count
 from .errors import NoTissueError, StoreError, StoreExistsError, WsiConvnextError, one_line
 from .inputs import SlideSpec, slide_stem
 from .store import (
@@ -48,14 +49,6 @@ THUMBNAIL_MIN_SIZE = 1024
 QC_MAX_SIZE = 1280
 
 ProgressFn = Callable[[int, int], None]
-
-
-def default_workers() -> int:
-    """Number of CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -389,7 +382,7 @@ def tile_slide(
             reader.dimensions, reader.level_downsamples, mpp, params.mpp, params.tile_size,
             overlap=params.overlap, allow_upsample=params.allow_upsample,
         )  # fmt: skip
-        workers = params.workers or default_workers()
+        workers = params.workers or cpu_count()
         pool, cut = stack.enter_context(_tile_pool(pixels, len(grid), workers))
         thumb, thumb_ds, mask, mask_ds = _thumbnail_and_mask(pixels, mpp, params.tissue)
         if len(grid) == 0:
@@ -548,7 +541,7 @@ def _write_qc(
 ) -> Path:  # fmt: skip
     from PIL import Image
 
-    from .qc import render_qc, save_png
+    from .outputs.qc import render_qc, save_png
 
     scale = QC_MAX_SIZE / max(thumb.shape[:2])
     if scale < 1:
@@ -603,7 +596,7 @@ def tile_slides(
 
 
 def tile_manifest_row(result: TileResult) -> dict[str, Any]:
-    """The ``tile`` stage row of :class:`~wsi_convnext.manifest.RunManifest` for a result."""
+    """The ``tile`` stage row of :class:`~wsi_convnext.outputs.manifest.RunManifest` for a result."""
     return {
         "slide_id": result.slide_id,
         "path": str(result.path or ""),

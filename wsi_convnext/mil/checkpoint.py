@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, InputNotFoundError, WeightsError
-from ..encoder import file_sha256
+from .._io import atomic_path, atomic_write_text, file_sha256
 from .metrics import _json_safe
 
 __all__ = ["save_model", "load_model", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT", "FORMAT_VERSION"]
@@ -54,9 +54,8 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     module = model.module
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k not in _NORM_KEYS}
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     mean = module.norm_mean.detach().cpu().numpy().astype(np.float32)
     std = module.norm_std.detach().cpu().numpy().astype(np.float32)
     config = {
@@ -81,9 +80,7 @@ def save_model(
         "extra": extra or {},
     }
     text = json.dumps(_json_safe(config), indent=2, allow_nan=False)
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, out / CONFIG_FILE)
+    atomic_write_text(out / CONFIG_FILE, text + "\n")
     return out
 
 

@@ -8,9 +8,9 @@ true position whatever the thumbnail size.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import ConfigError
+from .._io import atomic_write_bytes
+from ..errors import ConfigError
 
 __all__ = ["render_qc", "overlay_scores", "montage", "save_png"]
 
@@ -420,18 +421,7 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
         pil = Image.fromarray(a)
     else:
         pil = Image.fromarray(_rgb8(a, "image"))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide the final permissions (mkstemp would force 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # Level 3 is ~5× faster than Pillow's default for a few % more bytes.
-            pil.save(fh, format="PNG", compress_level=3)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+    buf = io.BytesIO()
+    # Level 3 is ~5× faster than Pillow's default for a few % more bytes.
+    pil.save(buf, format="PNG", compress_level=3)
+    return atomic_write_bytes(dest, buf.getvalue())

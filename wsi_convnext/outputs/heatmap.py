@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError
-from .store import TileStore
+from ..errors import StoreError
+from ..store import TileStore
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def heatmaps(
     Returns:
         Paths of the pictures by slide id.
     """
-    from .mil.api import predict
-    from .store import find_stores, open_store
+    from ..mil.api import predict
+    from ..store import find_stores, open_store
 
     paths = find_stores(stores)
     preds = predict(model_dir, paths, write_scores=True)

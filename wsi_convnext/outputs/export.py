@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import ConfigError, StoreError, StoreExistsError
-from .store import TileStore, find_stores, open_store
+from .. import __version__
+from .._io import atomic_path
+from ..errors import ConfigError, StoreError, StoreExistsError
+from ..store import TileStore, find_stores, open_store
 
 __all__ = ["EXPORT_DTYPES", "FORMATS", "ExportFormat", "SlideExport", "export_features", "read_h5", "register_format"]
 
@@ -222,13 +222,8 @@ def export_features(
     written: list[Path] = []
     for i, (store, key, target) in enumerate(plan):
         item = _slide_export(store, key, EXPORT_DTYPES[dtype])
-        tmp = target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
+        with atomic_path(target) as tmp:
             spec.write(tmp, item)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         logger.info("%s: wrote %s (%d × %d, %s)", store.slide_id, target, *item.features.shape, key)
         written.append(target)
         if progress is not None:

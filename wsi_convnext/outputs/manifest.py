@@ -29,7 +29,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import one_line
+from .._io import atomic_write_text
+from ..errors import one_line
 
 logger = logging.getLogger(__name__)
 
@@ -307,14 +308,10 @@ class RunManifest:
         self._close_fh()
         if not self._rows and not self.path.exists():
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-            writer.writeheader()
-            for r in self._rows.values():
-                writer.writerow(r.to_csv())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for r in self._rows.values():
+            writer.writerow(r.to_csv())
+        atomic_write_text(self.path, buf.getvalue())
         self._lines = len(self._rows)

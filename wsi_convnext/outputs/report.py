@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_text
 from .manifest import ManifestRow, read_manifests
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def write_report(
 
     Args:
         out_dir: The run's output folder (manifests, ``qc/``, ``heatmaps/``, ``predictions.csv``).
-        rows: Manifest rows (default: :func:`~wsi_convnext.manifest.read_manifests` of ``out_dir``,
+        rows: Manifest rows (default: :func:`~wsi_convnext.outputs.manifest.read_manifests` of ``out_dir``,
             i.e. every shard's manifest).
         predictions: ``slide_id -> {"label", "probabilities", ["heatmap"]}`` (default: read
             ``out_dir/predictions.csv`` and every shard's ``predictions-shard-*.csv``).
@@ -294,8 +295,5 @@ def write_report(
         parts.append("</div>")
     parts.append("</body></html>")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, target)
+    atomic_write_text(target, "\n".join(parts))
     return target
