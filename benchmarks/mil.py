@@ -91,6 +91,7 @@ def main() -> None:
 
     from wsi_convnext.mil.aggregators import AGGREGATORS
     from wsi_convnext.mil.api import train
+    from wsi_convnext.mil.training import TrainConfig
     from wsi_convnext.store import open_store
 
     t0 = time.perf_counter()
@@ -107,7 +108,7 @@ def main() -> None:
     rows = []
     for name in args.aggregators or sorted(AGGREGATORS):
         t1 = time.perf_counter()
-        rep = train(stores, labels, args.work / f"model-{name}", aggregator=name, folds=args.folds, seed=args.seed, overwrite=True)
+        rep = train(stores, labels, args.work / f"model-{name}", TrainConfig(aggregator=name, folds=args.folds, seed=args.seed), overwrite=True)
         seconds = time.perf_counter() - t1
         cv = rep.cv
         pos = cv.classes.index("tumor")

@@ -111,7 +111,7 @@ def test_learns_synthetic_mil_task(name: str) -> None:
     y = table.y
     train, test = cohort.bags[:50], cohort.bags[50:]
     res = fit(
-        train, y[:50], [], y[:0], n_classes=2, aggregator=name, config=TrainConfig(epochs=12), seed=0
+        train, y[:50], [], y[:0], n_classes=2, config=TrainConfig(aggregator=name, epochs=12), seed=0
     )
     model = TrainedModel(res.model, table.classes, name, {})
     probs, hits = [], []

@@ -37,12 +37,12 @@ def _table(c) -> LabelTable:  # noqa: ANN001
 def test_cross_validation_is_deterministic_and_grouped(cohort) -> None:  # noqa: ANN001
     table = _table(cohort)
     kw = dict(aggregator="abmil", folds=3, epochs=4, patience=2, seed=3, n_boot=50)
-    a = cross_validate(cohort.bags, table, **kw)
-    b = cross_validate(cohort.bags, table, **kw)
+    a = cross_validate(cohort.bags, table, TrainConfig(**kw))
+    b = cross_validate(cohort.bags, table, TrainConfig(**kw))
     np.testing.assert_array_equal(a.probs, b.probs)
     assert a.metrics == b.metrics
     assert all(np.array_equal(a.tile_scores[s], b.tile_scores[s]) for s in a.tile_scores)
-    c = cross_validate(cohort.bags, table, **{**kw, "seed": 4})
+    c = cross_validate(cohort.bags, table, TrainConfig(**{**kw, "seed": 4}))
     assert not np.array_equal(a.probs, c.probs)
     # Every slide is predicted out-of-fold exactly once, never by a model that saw its patient.
     assert (a.fold_of >= 0).all() and np.isfinite(a.probs).all()
@@ -63,27 +63,27 @@ def test_global_torch_state_is_restored(cohort) -> None:  # noqa: ANN001
     expected = torch.rand(3)
     torch.manual_seed(123)
     det = torch.are_deterministic_algorithms_enabled()
-    cross_validate(cohort.bags, _table(cohort), aggregator="mean", folds=2, epochs=1, n_boot=0)
+    cross_validate(cohort.bags, _table(cohort), TrainConfig(aggregator="mean", folds=2, epochs=1, n_boot=0))
     assert torch.equal(torch.rand(3), expected)
     assert torch.are_deterministic_algorithms_enabled() == det
 
 
 def test_train_model_fixed_epochs_and_early_stopping(cohort) -> None:  # noqa: ANN001
     table = _table(cohort)
-    m = train_model(cohort.bags, table, aggregator="dsmil", epochs=3, feature_key="k")
+    m = train_model(cohort.bags, table, TrainConfig(aggregator="dsmil", epochs=3), feature_key="k")
     assert m.info["epochs_run"] == 3 and m.info["n_val_slides"] == 0 and m.feature_key == "k"
     p, s = m.predict(cohort.bags[0])
     assert p.shape == (2,) and s.shape == (len(cohort.bags[0]),)
-    m2 = train_model(cohort.bags, table, aggregator="mean", epochs=30, patience=2, early_stopping=True)
+    m2 = train_model(cohort.bags, table, TrainConfig(aggregator="mean", epochs=30, patience=2), early_stopping=True)
     assert m2.info["n_val_slides"] > 0 and m2.info["epochs_run"] <= 30
-    m3 = train_model(cohort.bags, table, aggregator="dsmil", epochs=3, feature_key="k")
+    m3 = train_model(cohort.bags, table, TrainConfig(aggregator="dsmil", epochs=3), feature_key="k")
     np.testing.assert_array_equal(m.predict(cohort.bags[1])[0], m3.predict(cohort.bags[1])[0])
 
 
 def test_multiclass_and_max_instances() -> None:
     c = make_synthetic_cohort(18, dim=8, n_tiles=(20, 40), seed=1)
     labels = {b.slide_id: ["a", "b", "c"][i % 3] for i, b in enumerate(c.bags)}
-    r = cross_validate(c.bags, labels, aggregator="dsmil", folds=2, epochs=2, n_boot=20, max_instances=10)
+    r = cross_validate(c.bags, labels, TrainConfig(aggregator="dsmil", folds=2, epochs=2, n_boot=20, max_instances=10))
     assert r.probs.shape == (18, 3) and r.positive_class is None
     assert "auc" in r.metrics["pooled"] and r.config.max_instances == 10
 
@@ -95,11 +95,13 @@ def test_options_and_errors(cohort) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match="lr must be > 0"):
         TrainConfig.create(lr=0)
     with pytest.raises(ConfigError, match="unknown aggregator"):
-        cross_validate(cohort.bags, _table(cohort), aggregator="nope")
+        TrainConfig(aggregator="nope")
+    with pytest.raises(ConfigError, match="folds must be >= 2"):
+        TrainConfig(folds=1)
     with pytest.raises(ConfigError, match="positive class 'x'"):
-        cross_validate(cohort.bags, _table(cohort), aggregator="mean", folds=2, epochs=1, positive_class="x")
+        cross_validate(cohort.bags, _table(cohort), TrainConfig(aggregator="mean", folds=2, epochs=1, positive_class="x"))
     with pytest.raises(LabelsError, match="fewer patients than folds=25"):
-        cross_validate(cohort.bags, _table(cohort), aggregator="mean", folds=25)
+        cross_validate(cohort.bags, _table(cohort), TrainConfig(aggregator="mean", folds=25))
 
 
 @pytest.mark.slow
@@ -124,7 +126,7 @@ def test_100k_tile_bag_trains_with_bounded_memory() -> None:
         import wsi_convnext.mil.aggregators
         before = kb("VmRSS")
         res = fit(bags, np.array([1, 0]), [], np.array([], dtype=np.int64), n_classes=2,
-                  aggregator="abmil", config=TrainConfig(epochs=1), seed=0)
+                  config=TrainConfig(aggregator="abmil", epochs=1), seed=0)
         assert res.epochs_run == 1
         print((kb("VmHWM") - before) / 1024)
         """

@@ -254,12 +254,14 @@ def train(
     """Cross-validate a MIL aggregator on labelled slides and save the final model."""
     with _errors():
         from .mil.api import train as train_mil
+        from .mil.training import TrainConfig
         from .store import find_stores
 
+        config = TrainConfig.create(aggregator=aggregator, folds=folds, epochs=epochs, lr=lr, seed=seed)
         with _progress_bar("training") as update:
             report = train_mil(
-                find_stores(stores), labels, out, aggregator=aggregator, folds=folds, feature_key=features,
-                epochs=epochs, lr=lr, seed=seed, overwrite=overwrite, progress=_mil_progress(update),
+                find_stores(stores), labels, out, config, feature_key=features, overwrite=overwrite,
+                progress=_mil_progress(update),
             )  # fmt: skip
         typer.echo(report.table)
         for role, path in report.files.items():

@@ -68,6 +68,8 @@ def run_demo(
     from .outputs.heatmap import heatmaps
     from .inputs import discover_slides
     from .mil.api import train
+    from .mil.data import read_labels
+    from .mil.training import TrainConfig
     from .synthetic import make_cohort
     from .tiler import TileParams, tile_slides
 
@@ -95,10 +97,12 @@ def run_demo(
     # Small cohorts cannot fill many patient-grouped folds with both classes.
     folds = max(2, min(folds, len(stores) // 4))
     trained = train(
-        stores, labels, model_dir, aggregator=aggregator, folds=folds, seed=seed, overwrite=True,
+        stores, labels, model_dir, TrainConfig(aggregator=aggregator, folds=folds, seed=seed), overwrite=True,
         progress=lambda what, done, total: progress(f"train ({what})", done, total) if progress else None,
     )  # fmt: skip
-    positives = [Path(s) for s in stores if _label_of(labels, Path(s).name.removesuffix(".zarr")) == "tumor"]
+    table = read_labels(labels)
+    tumor = {sid for sid, lab in zip(table.slide_ids, table.labels) if lab == "tumor"}
+    positives = [Path(s) for s in stores if Path(s).name.removesuffix(".zarr") in tumor]
     drawn = heatmaps(model_dir, positives[:4], heat_dir) if positives else {}
     pictures = {
         "qc": sorted((tiles_dir / "qc").glob("*.png"))[:4],
@@ -120,13 +124,3 @@ def _counter(fn: Callable[[int, int], None], total: int) -> Callable[[object], N
         fn(state["n"], total)
 
     return on_result
-
-
-def _label_of(labels_csv: Path, slide_id: str) -> str | None:
-    import csv
-
-    with labels_csv.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["slide_id"] == slide_id:
-                return row["label"]
-    return None

@@ -9,7 +9,7 @@ import csv
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -135,27 +135,13 @@ def train(
     stores: Sequence[PathLike],
     labels_csv: PathLike,
     out_dir: PathLike,
-    *,
-    aggregator: str = "dsmil",
-    folds: int = 5,
-    feature_key: str | None = None,
-    seed: int = 0,
-    epochs: int | None = None,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    patience: int | None = None,
-    min_epochs: int | None = None,
-    val_fraction: float | None = None,
-    max_instances: int | None = None,
     config: TrainConfig | None = None,
-    positive_class: str | None = None,
-    n_boot: int = 1000,
+    *,
+    feature_key: str | None = None,
     in_memory: bool = True,
-    device: str | None = None,
     name: str | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
-    **agg_kwargs: Any,
 ) -> TrainReport:
     """Cross-validate an aggregator on a labelled cohort and save a final model.
 
@@ -171,24 +157,15 @@ def train(
         stores: Zarr store paths (one per slide); stores without a label are ignored with a warning.
         labels_csv: Labels CSV (see :func:`~wsi_convnext.mil.data.read_labels`).
         out_dir: Output folder.
-        aggregator: Aggregator name (``mean``, ``maxpool``, ``abmil``, ``dsmil``, ``clam_sb``, ...);
-            default ``dsmil``, the most accurate and best at localising small lesions in our
-            benchmarks.
-        folds: CV folds when the CSV has no split/fold column.
+        config: Aggregator, folds, seed and optimisation settings
+            (:class:`~wsi_convnext.mil.training.TrainConfig`; its default aggregator is ``dsmil``,
+            the most accurate and best at localising small lesions in our benchmarks).
         feature_key: Feature set in the stores (default: the stores' only one).
-        seed: Seed for splits and training.
-        epochs, lr, weight_decay, patience, min_epochs, val_fraction, max_instances, device:
-            Training options (``None`` keeps the value in ``config``, else the default of
-            :class:`~wsi_convnext.mil.training.TrainConfig`).
-        config: Base training settings.
-        positive_class: Positive class for binary metrics (default: second sorted class).
-        n_boot: Bootstrap resamples for CIs.
         in_memory: Keep the cohort's features in memory (float16); False re-reads them from the
             stores each epoch.
         name: Model name stored in the config (default: the folder name).
         overwrite: Replace a model already in ``out_dir``.
         progress: ``progress(description, done, total)`` callback.
-        **agg_kwargs: Aggregator hyperparameters.
 
     Raises:
         LabelsError: Label problems (see :func:`read_labels`, :func:`match_labels`, :func:`make_folds`).
@@ -197,26 +174,19 @@ def train(
     from .checkpoint import save_model
     from .metrics import format_metrics_table, metrics_to_json
     from .plots import plot_roc
-    from .training import _check_aggregator, cross_validate, train_model
+    from .training import TrainConfig, cross_validate, train_model
 
+    cfg = config or TrainConfig()
+    seed, aggregator = cfg.seed, cfg.aggregator
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
-    _check_aggregator(aggregator, agg_kwargs)
     table = read_labels(labels_csv)
     bags, table, unlabeled = _labeled_bags(
         stores, table, feature_key, require_all=True, in_memory=in_memory, progress=progress
     )
     table.require_classes(2)
     key = bags[0].feature_key
-    opts = dict(
-        epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience, min_epochs=min_epochs,
-        val_fraction=val_fraction, max_instances=max_instances, device=device, config=config,
-        positive_class=positive_class,
-    )
-    cv = cross_validate(
-        bags, table, aggregator=aggregator, folds=folds, seed=seed, n_boot=n_boot,
-        keep_models=table.split is not None, progress=progress, **opts, **agg_kwargs,
-    )
+    cv = cross_validate(bags, table, cfg, keep_models=table.split is not None, progress=progress)
     if table.split is not None:
         model = cv.folds[0].model
         assert model is not None
@@ -228,10 +198,7 @@ def train(
         cv.folds[0].model = None
     else:
         final_epochs = cv.suggested_epochs
-        opts["epochs"] = final_epochs
-        model = train_model(
-            bags, table, aggregator=aggregator, seed=seed, feature_key=key, progress=progress, **opts, **agg_kwargs
-        )
+        model = train_model(bags, table, replace(cfg, epochs=final_epochs), feature_key=key, progress=progress)
         final = {"how": "refit", "epochs": final_epochs,
                  "description": "refitted on all labelled slides for the median best epoch of the CV folds"}
     model.info.update({"labels_csv": str(labels_csv), "cv_metrics_pooled": cv.metrics["pooled"], "final_model": final})

@@ -226,9 +226,6 @@ class LabelTable:
         lut = {c: i for i, c in enumerate(self.classes)}
         return np.array([lut[lab] for lab in self.labels], dtype=np.int64)
 
-    def label_of(self, slide_id: str) -> str:
-        return self.labels[self._index[slide_id]]
-
     def require_classes(self, n: int = 2) -> None:
         """Raise LabelsError when fewer than ``n`` classes have slides (e.g. a single-class cohort)."""
         present = sorted(set(self.labels))
@@ -270,7 +267,7 @@ def read_labels(path: str | os.PathLike[str], *, min_classes: int = 2, check_spl
     Args:
         path: CSV path.
         min_classes: Minimum number of classes with slides (1 for evaluation sets).
-        check_splits: Validate the split/fold column (see :func:`~.splits.check_fixed_assignment`).
+        check_splits: Validate the split/fold column (see :func:`check_fixed_assignment`).
 
     Raises:
         InputNotFoundError: The file does not exist.
@@ -328,8 +325,6 @@ def read_labels(path: str | os.PathLike[str], *, min_classes: int = 2, check_spl
         raise LabelsError(f"{p}: no data rows below the header")
     table = LabelTable._validated(ids, labs, pats, splits, folds, str(p), min_classes=min_classes)
     if check_splits:
-        from .splits import check_fixed_assignment
-
         check_fixed_assignment(table)
     return table
 
@@ -515,9 +510,52 @@ def labels_for_bags(bags: Sequence[Bag], labels: LabelTable | Mapping[str, objec
     return sub
 
 
-def patients_by_label(table: LabelTable) -> dict[str, set[str]]:
-    """Class → set of patients with a slide of that class."""
-    out: dict[str, set[str]] = defaultdict(set)
-    for lab, pat in zip(table.labels, table.patient_ids):
-        out[lab].add(pat)
-    return out
+def check_fixed_assignment(table: LabelTable) -> None:
+    """Validate a table's ``split`` or ``fold`` column (no-op when it has neither).
+
+    Raises:
+        LabelsError: A patient is in several splits/folds, the test split is empty, or a test
+            split / fold lacks a class.
+    """
+    if table.split is None and table.fold is None:
+        return
+    parts = table.split if table.split is not None else table.fold
+    assert parts is not None
+    what = "split" if table.split is not None else "fold"
+    where: dict[str, set[object]] = defaultdict(set)
+    for pat, part in zip(table.patient_ids, parts):
+        where[pat].add(part)
+    leaky = sorted(p for p, s in where.items() if len(s) > 1)
+    if leaky:
+        raise LabelsError(
+            f"{table.source}: patient(s) {_listing(leaky)} have slides in several {what}s; "
+            f"put all of a patient's slides in one {what}"
+        )
+    all_classes = set(table.labels)
+    if table.split is not None:
+        test_classes = {lab for lab, s in zip(table.labels, table.split) if s == "test"}
+        train_classes = {lab for lab, s in zip(table.labels, table.split) if s == "train"}
+        if not test_classes:
+            raise LabelsError(f"{table.source}: the split column has no 'test' slides; mark some slides as test")
+        if not train_classes:
+            raise LabelsError(f"{table.source}: the split column has no 'train' slides; mark some slides as train")
+        for name, present in (("test", test_classes), ("train", train_classes)):
+            lacking = sorted(all_classes - present)
+            if lacking:
+                raise LabelsError(
+                    f"{table.source}: the {name} split has no slide of class(es) {_listing(lacking)}; "
+                    f"every class must be in the {name} split"
+                )
+    else:
+        assert table.fold is not None
+        fold_ids = sorted(set(table.fold))
+        if len(fold_ids) < 2:
+            raise LabelsError(f"{table.source}: the fold column has a single fold ({fold_ids[0]}); use at least 2 folds")
+        for f in fold_ids:
+            present = {lab for lab, k in zip(table.labels, table.fold) if k == f}
+            lacking = sorted(all_classes - present)
+            if lacking:
+                raise LabelsError(
+                    f"{table.source}: fold {f} has no slide of class(es) {_listing(lacking)} so it cannot be "
+                    "evaluated; reassign folds so each holds every class"
+                )

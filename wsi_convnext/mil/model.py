@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -150,10 +150,6 @@ class TrainedModel:
         out = self.forward(bag)
         probs = torch.softmax(out.logits.float(), dim=-1).cpu().numpy()
         return probs, out.tile_scores.float().cpu().numpy()
-
-    def predict_many(self, bags: Sequence[Bag]) -> np.ndarray:
-        """Probabilities (n, C) for several bags."""
-        return np.stack([self.predict(b)[0] for b in bags]) if bags else np.zeros((0, self.n_classes), np.float32)
 
 
 def new_model(

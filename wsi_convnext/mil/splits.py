@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, LabelsError
-from .data import LabelTable, _listing
+from .data import LabelTable, _listing, check_fixed_assignment
 
-__all__ = ["Fold", "make_folds", "inner_validation_split", "check_fixed_assignment", "assert_no_leak"]
+__all__ = ["Fold", "make_folds", "inner_validation_split", "assert_no_leak"]
 
 log = logging.getLogger(__name__)
 
@@ -84,57 +84,6 @@ def inner_validation_split(
         return idx, idx[:0]
     fit, val = _sgkf(n_splits, seed, np.zeros(len(idx)), yi, gi)[0]
     return idx[fit], idx[val]
-
-
-def check_fixed_assignment(table: LabelTable) -> None:
-    """Validate a table's ``split`` or ``fold`` column (no-op when it has neither).
-
-    Raises:
-        LabelsError: A patient is in several splits/folds, the test split is empty, or a test
-            split / fold lacks a class.
-    """
-    if table.split is None and table.fold is None:
-        return
-    parts = table.split if table.split is not None else table.fold
-    assert parts is not None
-    what = "split" if table.split is not None else "fold"
-    where: dict[str, set[object]] = defaultdict(set)
-    for pat, part in zip(table.patient_ids, parts):
-        where[pat].add(part)
-    leaky = sorted(p for p, s in where.items() if len(s) > 1)
-    if leaky:
-        raise LabelsError(
-            f"{table.source}: patient(s) {_listing(leaky)} have slides in several {what}s; "
-            f"put all of a patient's slides in one {what}"
-        )
-    all_classes = set(table.labels)
-    if table.split is not None:
-        test_classes = {lab for lab, s in zip(table.labels, table.split) if s == "test"}
-        train_classes = {lab for lab, s in zip(table.labels, table.split) if s == "train"}
-        if not test_classes:
-            raise LabelsError(f"{table.source}: the split column has no 'test' slides; mark some slides as test")
-        if not train_classes:
-            raise LabelsError(f"{table.source}: the split column has no 'train' slides; mark some slides as train")
-        for name, present in (("test", test_classes), ("train", train_classes)):
-            lacking = sorted(all_classes - present)
-            if lacking:
-                raise LabelsError(
-                    f"{table.source}: the {name} split has no slide of class(es) {_listing(lacking)}; "
-                    f"every class must be in the {name} split"
-                )
-    else:
-        assert table.fold is not None
-        fold_ids = sorted(set(table.fold))
-        if len(fold_ids) < 2:
-            raise LabelsError(f"{table.source}: the fold column has a single fold ({fold_ids[0]}); use at least 2 folds")
-        for f in fold_ids:
-            present = {lab for lab, k in zip(table.labels, table.fold) if k == f}
-            lacking = sorted(all_classes - present)
-            if lacking:
-                raise LabelsError(
-                    f"{table.source}: fold {f} has no slide of class(es) {_listing(lacking)} so it cannot be "
-                    "evaluated; reassign folds so each holds every class"
-                )
 
 
 def make_folds(

@@ -45,9 +45,15 @@ ProgressFn = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings (AdamW, one bag per step).
+    """What to train and how (AdamW, one bag per step); validated on construction.
 
     Attributes:
+        aggregator: Aggregator registry name (see :data:`~wsi_convnext.mil.aggregators.AGGREGATORS`).
+        aggregator_kwargs: Aggregator hyperparameters (its defaults for the rest).
+        folds: Cross-validation folds when the labels have no fixed ``split``/``fold`` column.
+        seed: Seed for splits, initialisation and training order.
+        positive_class: Positive class for binary metrics (default: second sorted class).
+        n_boot: Bootstrap resamples for confidence intervals (0 = none).
         epochs: Maximum number of epochs.
         lr: Learning rate.
         weight_decay: AdamW decoupled weight decay.
@@ -67,6 +73,12 @@ class TrainConfig:
         device: Torch device for training ("cpu", "cuda", ...).
     """
 
+    aggregator: str = "dsmil"
+    aggregator_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    folds: int = 5
+    seed: int = 0
+    positive_class: str | None = None
+    n_boot: int = 1000
     epochs: int = 60
     lr: float = 5e-4
     weight_decay: float = 1e-2
@@ -87,12 +99,14 @@ class TrainConfig:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        cfg = replace(base or cls(), **{k: v for k, v in kwargs.items() if v is not None})
-        cfg.validate()
-        return cfg
+        return replace(base or cls(), **{k: v for k, v in kwargs.items() if v is not None})
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aggregator_kwargs", dict(self.aggregator_kwargs))
+        _check_aggregator(self.aggregator, self.aggregator_kwargs)
         checks = [
+            (self.folds >= 2, f"folds must be >= 2, got {self.folds}"),
+            (self.n_boot >= 0, f"n_boot must be >= 0, got {self.n_boot}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
@@ -192,10 +206,8 @@ def fit(
     y_val: np.ndarray,
     *,
     n_classes: int,
-    aggregator: str,
-    agg_kwargs: Mapping[str, Any] | None = None,
     config: TrainConfig | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     fixed_epochs: int | None = None,
     progress: ProgressFn | None = None,
     desc: str = "train",
@@ -206,13 +218,13 @@ def fit(
         train_bags, y_train: Bags and class indices to fit.
         val_bags, y_val: Early-stopping bags (may be empty: then all epochs run).
         n_classes: Number of classes C.
-        aggregator: Registry name; ``agg_kwargs`` its hyperparameters.
-        config: Optimisation settings.
-        seed: Seed for initialisation, dropout, bag order and tile subsampling.
+        config: Aggregator and optimisation settings.
+        seed: Seed for initialisation, dropout, bag order and tile subsampling (default ``config.seed``).
         fixed_epochs: Run exactly this many epochs and ignore the validation part.
         progress: ``progress(desc, epoch, max_epochs)`` after each epoch.
     """
     cfg = config or TrainConfig()
+    seed = cfg.seed if seed is None else seed
     y_train = np.asarray(y_train, dtype=np.int64)
     y_val = np.asarray(y_val, dtype=np.int64)
     if len(train_bags) == 0:
@@ -226,7 +238,7 @@ def fit(
     device = torch.device(cfg.device)
     history: list[dict[str, float]] = []
     with seeded(seed), torch_threads(_auto_threads(cfg, train_bags)):
-        model, _ = new_model(aggregator, in_dim, n_classes, stats, dict(agg_kwargs or {}))
+        model, _ = new_model(cfg.aggregator, in_dim, n_classes, stats, dict(cfg.aggregator_kwargs))
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         best_loss, best_epoch, best_state = math.inf, max_epochs, None
@@ -387,24 +399,10 @@ def _predict(model: TrainedModel, bags: Sequence[Bag]) -> tuple[np.ndarray, list
 def cross_validate(
     bags: Sequence[Bag],
     labels: LabelTable | Mapping[str, object] | Sequence[object],
-    *,
-    aggregator: str = "dsmil",
-    folds: int = 5,
-    epochs: int | None = None,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    seed: int = 0,
-    patience: int | None = None,
-    min_epochs: int | None = None,
-    val_fraction: float | None = None,
-    max_instances: int | None = None,
-    device: str | None = None,
     config: TrainConfig | None = None,
-    positive_class: str | None = None,
-    n_boot: int = 1000,
+    *,
     keep_models: bool = False,
     progress: ProgressFn | None = None,
-    **agg_kwargs: Any,
 ) -> CVResult:
     """Patient-grouped, stratified k-fold cross-validation of one aggregator.
 
@@ -412,50 +410,39 @@ def cross_validate(
         bags: One bag per slide.
         labels: :class:`LabelTable` (its ``patient_id``, ``split`` and ``fold`` columns are used),
             ``{slide_id: label}``, or one label per bag.
-        aggregator: Registry name (see :data:`~wsi_convnext.mil.aggregators.AGGREGATORS`).
-        folds: Number of folds when the labels have no fixed ``split``/``fold`` column.
-        epochs, lr, weight_decay, patience, min_epochs, val_fraction, max_instances, device: See
-            :class:`TrainConfig` (``None`` keeps the value of ``config``, else the default).
-        config: Base training settings.
-        seed: Seed for splits, initialisation and training order.
-        positive_class: Positive class for binary metrics (default: second sorted class).
-        n_boot: Bootstrap resamples for confidence intervals (0 = none).
+        config: What to train and how (default :class:`TrainConfig`).
         keep_models: Keep each fold's :class:`TrainedModel` in ``FoldResult.model``.
         progress: ``progress(description, done, total)`` callback.
-        **agg_kwargs: Aggregator hyperparameters.
 
     Raises:
         LabelsError: See :func:`~wsi_convnext.mil.splits.make_folds` and label matching.
         ConfigError: Unknown aggregator, option or positive class.
     """
-    cfg = TrainConfig.create(
-        base=config, epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience, min_epochs=min_epochs,
-        val_fraction=val_fraction, max_instances=max_instances, device=device,
-    )
-    _check_aggregator(aggregator, agg_kwargs)
+    cfg = config or TrainConfig()
+    seed = cfg.seed
     table = labels_for_bags(bags, labels)
     classes = table.classes
-    pos = _positive_index(classes, positive_class)
+    pos = _positive_index(classes, cfg.positive_class)
     y = table.y
-    fold_list = make_folds(table, folds=folds, seed=seed, val_fraction=cfg.val_fraction)
+    fold_list = make_folds(table, folds=cfg.folds, seed=seed, val_fraction=cfg.val_fraction)
     n = len(bags)
     probs = np.full((n, len(classes)), np.nan, dtype=np.float64)
     fold_of = np.full(n, -1, dtype=np.int64)
     results: list[FoldResult] = []
     resolved: dict[str, Any] = {}
     for f in fold_list:
-        fr, resolved = _run_fold(f, bags, y, classes, pos, aggregator, agg_kwargs, cfg, seed, len(fold_list), progress)
+        fr, resolved = _run_fold(f, bags, y, classes, pos, cfg, len(fold_list), progress)
         probs[f.test] = fr.test_probs
         fold_of[f.test] = f.index
         if not keep_models:
             fr.model = None
         results.append(fr)
     tile_scores = {sid: s for fr in results for sid, s in zip(fr.test_ids, fr.test_tile_scores)}
-    metrics = summarize_cv(y, np.nan_to_num(probs, nan=0.0), fold_of, classes, positive=pos, n_boot=n_boot, seed=seed)
+    metrics = summarize_cv(y, np.nan_to_num(probs, nan=0.0), fold_of, classes, positive=pos, n_boot=cfg.n_boot, seed=seed)
     return CVResult(
         slide_ids=[b.slide_id for b in bags], y=y, classes=classes,
         positive_class=classes[pos] if len(classes) == 2 else None, probs=probs, fold_of=fold_of,
-        tile_scores=tile_scores, folds=results, metrics=metrics, aggregator=aggregator,
+        tile_scores=tile_scores, folds=results, metrics=metrics, aggregator=cfg.aggregator,
         aggregator_kwargs=resolved, config=cfg, seed=seed,
     )
 
@@ -466,21 +453,17 @@ def _run_fold(
     y: np.ndarray,
     classes: tuple[str, ...],
     pos: int,
-    aggregator: str,
-    agg_kwargs: Mapping[str, Any],
     cfg: TrainConfig,
-    seed: int,
     n_folds: int,
     progress: ProgressFn | None,
 ) -> tuple[FoldResult, dict[str, Any]]:
-    fold_seed = seed * 1000 + f.index
+    fold_seed = cfg.seed * 1000 + f.index
     res = fit(
         [bags[i] for i in f.train], y[f.train], [bags[i] for i in f.val], y[f.val],
-        n_classes=len(classes), aggregator=aggregator, agg_kwargs=agg_kwargs, config=cfg, seed=fold_seed,
-        progress=progress, desc=f"fold {f.index + 1}/{n_folds}",
+        n_classes=len(classes), config=cfg, seed=fold_seed, progress=progress, desc=f"fold {f.index + 1}/{n_folds}",
     )
-    resolved = _resolved_kwargs(aggregator, agg_kwargs)
-    tm = TrainedModel(res.model, classes, aggregator, resolved, positive_class=classes[pos] if len(classes) == 2 else None)
+    resolved = _resolved_kwargs(cfg.aggregator, cfg.aggregator_kwargs)
+    tm = TrainedModel(res.model, classes, cfg.aggregator, resolved, positive_class=classes[pos] if len(classes) == 2 else None)
     test_bags = [bags[i] for i in f.test]
     probs, scores = _predict(tm, test_bags)
     log.info("fold %d: best epoch %d of %d", f.index, res.best_epoch, res.epochs_run)
@@ -502,23 +485,11 @@ def _run_fold(
 def train_model(
     bags: Sequence[Bag],
     labels: LabelTable | Mapping[str, object] | Sequence[object],
-    *,
-    aggregator: str = "dsmil",
-    epochs: int | None = None,
-    early_stopping: bool = False,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    seed: int = 0,
-    patience: int | None = None,
-    min_epochs: int | None = None,
-    val_fraction: float | None = None,
-    max_instances: int | None = None,
-    device: str | None = None,
     config: TrainConfig | None = None,
-    positive_class: str | None = None,
+    *,
+    early_stopping: bool = False,
     feature_key: str | None = None,
     progress: ProgressFn | None = None,
-    **agg_kwargs: Any,
 ) -> TrainedModel:
     """Train one model on all given bags.
 
@@ -527,11 +498,8 @@ def train_model(
     ``val_fraction`` of the slides is held out and training stops on its validation loss.
     Feature statistics come from the slides trained on.
     """
-    cfg = TrainConfig.create(
-        base=config, epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience, min_epochs=min_epochs,
-        val_fraction=val_fraction, max_instances=max_instances, device=device,
-    )
-    _check_aggregator(aggregator, agg_kwargs)
+    cfg = config or TrainConfig()
+    seed = cfg.seed
     table = labels_for_bags(bags, labels)
     y = table.y
     groups = np.asarray(table.patient_ids, dtype=object)
@@ -542,11 +510,11 @@ def train_model(
         fit_idx, val_idx = idx, idx[:0]
     res = fit(
         [bags[i] for i in fit_idx], y[fit_idx], [bags[i] for i in val_idx], y[val_idx],
-        n_classes=len(table.classes), aggregator=aggregator, agg_kwargs=agg_kwargs, config=cfg, seed=seed * 1000 + 999,
+        n_classes=len(table.classes), config=cfg, seed=seed * 1000 + 999,
         fixed_epochs=None if early_stopping else cfg.epochs, progress=progress, desc="final model",
     )
-    resolved = _resolved_kwargs(aggregator, agg_kwargs)
-    pos = _positive_index(table.classes, positive_class)
+    resolved = _resolved_kwargs(cfg.aggregator, cfg.aggregator_kwargs)
+    pos = _positive_index(table.classes, cfg.positive_class)
     info = {
         "train_config": cfg.to_dict(),
         "seed": seed,
@@ -559,6 +527,6 @@ def train_model(
         "slides_per_class": {c: int((y[fit_idx] == i).sum()) for i, c in enumerate(table.classes)},
     }
     return TrainedModel(
-        res.model, table.classes, aggregator, resolved, feature_key=feature_key,
+        res.model, table.classes, cfg.aggregator, resolved, feature_key=feature_key,
         positive_class=table.classes[pos] if len(table.classes) == 2 else None, info=info,
     )
