@@ -26,10 +26,6 @@ app = typer.Typer(
 
 _state = {"debug": False, "verbose": False}
 
-# Errors that mean "you called it wrong" (exit 2) rather than "a slide failed" (exit 1).
-_USAGE_ERRORS = ("ConfigError", "InputNotFoundError", "DeviceError", "EncoderError", "WeightsError", "LabelsError")
-
-
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
@@ -37,7 +33,7 @@ def _err(msg: str) -> None:
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn library errors into a one-line message and an exit code."""
-    from .errors import WsiConvnextError, one_line
+    from .errors import USAGE_ERRORS, WsiConvnextError, one_line
 
     try:
         yield
@@ -47,7 +43,7 @@ def _errors() -> Iterator[None]:
         if _state["debug"]:
             raise
         _err(one_line(exc))
-        raise typer.Exit(2 if type(exc).__name__ in _USAGE_ERRORS or isinstance(exc, FileNotFoundError) else 1)
+        raise typer.Exit(2 if isinstance(exc, USAGE_ERRORS) else 1)
     except KeyboardInterrupt:
         _err("interrupted")
         raise typer.Exit(130)

@@ -61,6 +61,12 @@ class LabelsError(WsiConvnextError, ValueError):
     """A labels file is malformed or inconsistent with the stores."""
 
 
+USAGE_ERRORS: tuple[type[WsiConvnextError], ...] = (
+    ConfigError, InputNotFoundError, DeviceError, EncoderError, WeightsError, LabelsError,
+)
+"""Errors that mean "called it wrong" (CLI exit code 2) rather than "a slide or step failed" (1)."""
+
+
 def one_line(error: BaseException | str, limit: int | None = None) -> str:
     """An exception's (or a text's) message squeezed onto one line, cut at ``limit`` characters."""
     text = " ".join(str(error).split())
