@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from wsi_convnext.encoder import (
+from wsi_convnext.encoders import (
     STEMS,
     EncoderConfig,
     build_encoder,
@@ -386,7 +386,7 @@ def test_preprocess_values_layout_and_resize(tiles: np.ndarray) -> None:
 
 
 def test_random_weights_warn_and_attrs_are_json(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="wsi_convnext.encoder"):
+    with caplog.at_level(logging.WARNING, logger="wsi_convnext.encoders"):
         enc = EncoderConfig(model=MODEL, stem="overlap").build()
     assert any("RANDOM" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert enc.weights_sha256 == "random" and enc.key == f"{MODEL}-overlap-random"
