@@ -182,9 +182,9 @@ def info(
 def embed(
     stores: Annotated[list[Path], typer.Argument(help="Stores (<slide_id>.zarr) or folders of stores.")],
     model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_tiny",
-    stem: Annotated[str, typer.Option(help="Stem: patch (stock 4×4/4), overlap, overlap_tiered, overlap_act.")] = "patch",
-    weights: Annotated[Optional[Path], typer.Option(help="Weights file (safetensors or state dict).")] = None,
-    pretrained: Annotated[bool, typer.Option(help="timm pretrained weights from the local Hugging Face cache.")] = False,
+    stem: Annotated[Optional[str], typer.Option(help="Stem: patch (stock 4×4/4), overlap, overlap_tiered, overlap_act; default: the stem recorded with --weights, else patch.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Weights file (safetensors or state dict), or a finetune output folder.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="timm pretrained weights via the Hugging Face cache (downloaded when online unless HF_HUB_OFFLINE=1).")] = False,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
