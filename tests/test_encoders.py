@@ -689,3 +689,18 @@ def test_cli_embed_picks_the_stem_up_from_a_finetune_folder(cmu_slide: Path, tmp
     torch.testing.assert_close(feats, src(opened.read_tiles(slice(None))), atol=1e-2, rtol=1e-2)  # float16 store
     bad = runner.invoke(app, [*args, "--stem", "patch"])
     assert bad.exit_code != 0 and "overlap" in bad.output and "Traceback" not in bad.output
+
+
+def test_import_is_light_and_offline() -> None:
+    """Importing the encoders touches neither torch, timm nor the hub (so nothing reaches the network)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wsi_convnext.encoders as e; "
+        "print(sorted(m for m in ('torch', 'timm', 'huggingface_hub', 'safetensors') if m in sys.modules)); "
+        "print(sorted(e.FAMILIES), sorted(e.STEMS))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "['convnext'] ['overlap', 'overlap_act', 'overlap_tiered', 'patch']"

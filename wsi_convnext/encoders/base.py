@@ -75,8 +75,8 @@ _RESERVED_TIMM_KWARGS = frozenset({"num_classes", "pretrained", "features_only"}
 #: How the stem is initialised when a checkpoint is loaded: from the checkpoint (converted when
 #: the family can do so exactly), or fresh with a fixed seed (changes the function; logged).
 STEM_INITS: dict[str, str] = {
-    "checkpoint": "load the stem from the checkpoint, converting a patch stem exactly; refuse otherwise",
-    "random": f"ignore the checkpoint's stem; initialise it fresh (trunc-normal std 0.02, seed {STEM_INIT_SEED})",
+    "checkpoint": "load the stem from the checkpoint, converted by the family where that is exact; refuse otherwise",
+    "random": f"ignore the checkpoint's stem; initialise it fresh with the family's init (seed {STEM_INIT_SEED})",
 }
 
 #: A tile transform as :meth:`Encoder.preprocess` applies it: float RGB (B, 3, H, W) in [0, 1] →
