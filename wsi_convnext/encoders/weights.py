@@ -379,17 +379,16 @@ def _download_hf(repo_id: str, revision: str | None, filenames: list[str], cache
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-    why = "not found"
+    why = f"the hub repo has none of {filenames}"
     for filename in filenames:
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=str(cache))), ""
-        except LocalEntryNotFoundError as exc:  # no connection (and not cached)
-            return None, f"the download failed ({one_line(exc, 200)})"
+        except LocalEntryNotFoundError:  # no connection (and not cached)
+            return None, "the Hugging Face hub could not be reached (HF_HUB_OFFLINE=1 skips trying)"
         except EntryNotFoundError:
-            why = f"the repo has none of {filenames}"
             continue
         except Exception as exc:  # noqa: BLE001 - HTTP, auth, gated repo, disk full, ...
-            return None, f"the download failed ({one_line(exc, 200)})"
+            return None, f"the download failed: {one_line(exc, 160)}"
     return None, why
 
 
@@ -433,7 +432,10 @@ def find_pretrained_file(cfg: Mapping[str, Any], name: str) -> Path:
             return torch_file
 
     offline = _hf_offline()
-    why = "HF_HUB_OFFLINE is set, so nothing is downloaded"
+    if not hub_id and torch_file is None:
+        why = "timm knows no download location for them"
+    elif offline:
+        why = "HF_HUB_OFFLINE is set, so nothing is downloaded"
     if not offline and hub_id:
         logger.info("downloading pretrained weights of %s from the Hugging Face hub (%s)", name, repo_id)
         got, why = _download_hf(repo_id, revision, hub_files, cache)
@@ -447,7 +449,7 @@ def find_pretrained_file(cfg: Mapping[str, Any], name: str) -> Path:
             torch.hub.download_url_to_file(str(url), str(torch_file), progress=False)
             return torch_file
         except Exception as exc:  # noqa: BLE001 - URLError, HTTPError, OSError, ...
-            why = f"the download failed ({one_line(exc, 200)})"
+            why = f"the download failed: {one_line(exc, 160)}"
 
     if hub_id:
         repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
@@ -459,7 +461,7 @@ def find_pretrained_file(cfg: Mapping[str, Any], name: str) -> Path:
     elif torch_file is not None:
         where = f"put {url} at {torch_file}"
     else:
-        where = "timm knows no download location for it"
+        where = "put the file at the pretrained config's 'file' path"
     raise WeightsError(
-        f"pretrained weights for {name} are not in the cache ({why}): {where}, or pass --weights PATH"
+        f"pretrained weights for {name} are not in the cache and {why}; {where}, or pass --weights PATH"
     )
