@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from wsi_convnext.embed import default_num_workers, prepare_forward
-    from wsi_convnext.encoder import build_encoder, resolve_device
+    from wsi_convnext.encoders import build_encoder, resolve_device
 
-    logging.getLogger("wsi_convnext.encoder").setLevel(logging.ERROR)  # "random weights" warnings
+    logging.getLogger("wsi_convnext.encoders").setLevel(logging.ERROR)  # "random weights" warnings
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)

@@ -9,6 +9,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Tests never reach the network: `--pretrained` finds weights only in the (test-built) HF cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 
 def _slides_dir() -> Path:
     return Path(os.environ.get("WSI_TEST_SLIDES", str(REPO_ROOT.parent / "shared" / "slides")))

@@ -38,7 +38,7 @@ def test_pipeline_configs_load(path: Path) -> None:
     if cfg.cluster == "slurm":
         assert cfg.slurm.gpus >= 1
     if cfg.embed.stem is not None:
-        from wsi_convnext.encoder import STEMS
+        from wsi_convnext.encoders import STEMS
 
         assert cfg.embed.stem in STEMS
 
@@ -159,7 +159,7 @@ def test_parse_shard() -> None:
 def test_sections_match_the_library_signatures() -> None:
     """Every [tile]/[embed] key is a real parameter, so configs cannot silently drift."""
     from wsi_convnext.embed import embed_store
-    from wsi_convnext.encoder import build_encoder
+    from wsi_convnext.encoders import build_encoder
     from wsi_convnext.tiler import TileParams
 
     tile_keys = {f.name for f in dataclasses.fields(TileConfig)}

@@ -15,7 +15,7 @@ import zarr
 from cmu_stores import read_cmu_tiles, write_store
 from wsi_convnext import __version__
 from wsi_convnext.embed import TileBatchLoader, embed_store, embed_stores
-from wsi_convnext.encoder import build_encoder
+from wsi_convnext.encoders import build_encoder
 from wsi_convnext.errors import ConfigError, DeviceError, InputNotFoundError
 from wsi_convnext.store import open_store
 

@@ -174,13 +174,21 @@ def info(
 # --- embed / export -----------------------------------------------------------------------
 
 
+def _stems() -> str:
+    """The registered stems for help texts (the encoder registries import no torch)."""
+    from .encoders import STEMS
+
+    return ", ".join(STEMS)
+
+
+
 @app.command()
 def embed(
     stores: Annotated[list[Path], typer.Argument(help="Stores (<slide_id>.zarr) or folders of stores.")],
     model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_tiny",
-    stem: Annotated[str, typer.Option(help="Stem: patch (stock 4×4/4), overlap, overlap_tiered, overlap_act.")] = "patch",
-    weights: Annotated[Optional[Path], typer.Option(help="Weights file (safetensors or state dict).")] = None,
-    pretrained: Annotated[bool, typer.Option(help="timm pretrained weights from the local Hugging Face cache.")] = False,
+    stem: Annotated[Optional[str], typer.Option(help=f"Stem: {_stems()}; default: the stem recorded with --weights, else patch.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Weights file (safetensors or state dict), or a finetune output folder.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="timm pretrained weights via the Hugging Face cache (downloaded when online unless HF_HUB_OFFLINE=1).")] = False,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
@@ -355,7 +363,7 @@ def run(
     mpp: Annotated[Optional[float], typer.Option(help="Target µm/px of the tiles.")] = None,
     slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without metadata.")] = None,
     model: Annotated[Optional[str], typer.Option(help="timm ConvNeXt name.")] = None,
-    stem: Annotated[Optional[str], typer.Option(help="Encoder stem: patch or overlap.")] = None,
+    stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {_stems()}.")] = None,
     predict: Annotated[Optional[Path], typer.Option("--predict", help="Model folder: also predict each slide.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, tcp://host:port.")] = None,
     shard: Annotated[Optional[str], typer.Option(help="Process shard I/N of the cohort (0-based), e.g. for job arrays.")] = None,

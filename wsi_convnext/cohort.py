@@ -147,7 +147,7 @@ def _encoder_kwargs(config: RunConfig) -> tuple[tuple[str, Any], ...]:
 @functools.lru_cache(maxsize=2)
 def _encoder(model: str, kwargs: tuple[tuple[str, Any], ...]) -> Any:
     # One encoder per worker process and configuration: built (weights read) once, not per slide.
-    from .encoder import build_encoder
+    from .encoders import build_encoder
 
     return build_encoder(model, **dict(kwargs))
 

@@ -123,7 +123,7 @@ class TileConfig:
 
 @dataclass
 class EmbedConfig:
-    """``[embed]``: the encoder (:func:`wsi_convnext.encoder.build_encoder`) and
+    """``[embed]``: the encoder (:func:`wsi_convnext.encoders.build_encoder`) and
     :func:`wsi_convnext.embed.embed_store` options. Embedding runs when ``model`` is set."""
 
     model: str | None = _opt(_non_empty, "timm ConvNeXt name, e.g. convnext_tiny")

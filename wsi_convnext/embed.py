@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._io import cpu_count
-from .encoder import DEFAULT_MODEL
+from .encoders import DEFAULT_MODEL
 from .errors import ConfigError, EncoderError, StoreError, WsiConvnextError, one_line
 from .store import STORE_SUFFIX, TILE_CODECS, TileStore, find_stores, open_store
 
 if TYPE_CHECKING:
     import torch
 
-    from .encoder import Encoder
+    from .encoders import Encoder
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -354,7 +354,7 @@ def prepare_forward(
     """
     import torch
 
-    from .encoder import resolve_device
+    from .encoders import resolve_device
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     prec = _precision(dev, amp, channels_last)
@@ -423,7 +423,7 @@ def embed_store(
     """
     import torch
 
-    from .encoder import resolve_device
+    from .encoders import resolve_device
 
     t0 = time.perf_counter()
     out_dtype = _check_dtype(dtype)
@@ -524,7 +524,7 @@ def embed_stores(
         DeviceError: The device is not available.
         ConfigError, EncoderError, WeightsError: Bad options, model or weights.
     """
-    from .encoder import build_encoder, resolve_device
+    from .encoders import build_encoder, resolve_device
 
     _check_dtype(dtype)
     if batch_size < 1:

@@ -1,4 +1,4 @@
-"""ConvNeXt encoder: stems, function-preserving stem conversion, weights loading, devices."""
+"""Encoders: families, ConvNeXt stems, function-preserving stem conversion, weights, pretrained cache, devices."""
 
 from __future__ import annotations
 
@@ -14,13 +14,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from wsi_convnext.encoder import (
+from wsi_convnext.encoders import (
+    FAMILIES,
     STEMS,
     EncoderConfig,
+    EncoderFamily,
     build_encoder,
     convert_patch_stem_to_overlap,
+    family_for,
     load_weights,
+    register_family,
     resolve_device,
+    save_encoder_weights,
 )
 from wsi_convnext.errors import (
     ConfigError,
@@ -300,25 +305,33 @@ def _isolate_caches(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
 
 def test_pretrained_offline_absent_names_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _isolate_caches(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError) as info:
         build_encoder(MODEL, pretrained=True)
     msg = str(info.value)
     assert "\n" not in msg
     assert str(tmp_path / "hub") in msg and "timm/convnext_atto.d2_in1k" in msg and "--weights PATH" in msg
+    # The exact place and file name the cache expects, and why nothing was downloaded.
+    repo = tmp_path / "hub" / "models--timm--convnext_atto.d2_in1k"
+    assert f"{repo}/snapshots/<commit>/model.safetensors" in msg and f"{repo}/refs/main" in msg
+    assert "HF_HUB_OFFLINE" in msg
+    assert not repo.exists()  # nothing half-made in the cache
 
 
+@pytest.mark.parametrize("stem", ["patch", "overlap"])
 def test_pretrained_from_local_hf_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patch_ckpt: dict[str, Path], patch_reference: torch.Tensor,
-    tiles: np.ndarray,
+    stem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patch_ckpt: dict[str, Path],
+    patch_reference: torch.Tensor, tiles: np.ndarray,
 ) -> None:
     _isolate_caches(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     repo = tmp_path / "hub" / "models--timm--convnext_atto.d2_in1k"
     snapshot = repo / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     (snapshot / "model.safetensors").write_bytes(patch_ckpt["safetensors"].read_bytes())
-    enc = build_encoder(MODEL, stem="overlap", pretrained=True)
+    enc = build_encoder(MODEL, stem=stem, pretrained=True)
     assert enc.weights_path == str(snapshot / "model.safetensors")
     assert enc.weights_sha256 == _sha256(patch_ckpt["safetensors"])
     assert enc.attrs()["pretrained"] is True
@@ -386,7 +399,7 @@ def test_preprocess_values_layout_and_resize(tiles: np.ndarray) -> None:
 
 
 def test_random_weights_warn_and_attrs_are_json(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="wsi_convnext.encoder"):
+    with caplog.at_level(logging.WARNING, logger="wsi_convnext.encoders"):
         enc = EncoderConfig(model=MODEL, stem="overlap").build()
     assert any("RANDOM" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert enc.weights_sha256 == "random" and enc.key == f"{MODEL}-overlap-random"
@@ -398,3 +411,296 @@ def test_random_weights_warn_and_attrs_are_json(caplog: pytest.LogCaptureFixture
     assert attrs["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
     assert enc.config == EncoderConfig(model=MODEL, stem="overlap", stem_init="checkpoint", resize="none")
     assert not enc.model.training
+
+
+# --------------------------------------------------------------------------- family registry
+
+
+class _ToyNet(torch.nn.Module):
+    """A tiny CNN shaped like a timm backbone: stem, stages, final norm, pretrained_cfg, group_matcher."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, width, 4, stride=4)
+        self.stages = torch.nn.Sequential(
+            torch.nn.Sequential(torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.GELU()),
+            torch.nn.Sequential(torch.nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)),
+        )
+        self.norm = torch.nn.LayerNorm(2 * width)
+        self.num_features = 2 * width
+        self.pretrained_cfg = {
+            "architecture": "toy_cnn", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+            "input_size": (3, 32, 32), "interpolation": "bilinear", "crop_pct": 1.0,
+            "first_conv": "stem", "classifier": "fc",
+        }  # fmt: skip
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.stages(self.stem(x)).mean((2, 3)))
+
+
+class _ToyStem:
+    def __init__(self, name: str, width: int) -> None:
+        self.name, self.width, self.description = name, width, f"4x4 stride-4 conv, {width} channels"
+
+
+class _ToyFamily(EncoderFamily):
+    name = "toy"
+    stems = {"narrow": _ToyStem("narrow", 8), "wide": _ToyStem("wide", 16)}
+    default_stem = "narrow"
+    model_hint = "the toy family builds 'toy_cnn'"
+
+    def owns(self, model: str) -> bool:
+        return model.split(".")[0] == "toy_cnn"
+
+    def create_model(self, model: str, stem, **timm_kwargs) -> torch.nn.Module:
+        return _ToyNet(stem.width)
+
+    def checkpoint_filter(self, state_dict, model, *, stem, fresh_stem, source):
+        return state_dict
+
+    def init_stem(self, model, generator) -> None:
+        with torch.no_grad():
+            model.stem.weight.normal_(0.0, 0.02, generator=generator)
+            model.stem.bias.zero_()
+
+
+@pytest.fixture
+def toy_family():
+    """The toy family, registered for one test only."""
+    assert "toy" not in FAMILIES
+    family = register_family(_ToyFamily())
+    yield family
+    FAMILIES.pop("toy")
+
+
+def test_unregistered_model_names_every_family_hint() -> None:
+    with pytest.raises(EncoderError, match="unknown model 'toy_cnn'") as info:
+        build_encoder("toy_cnn")
+    assert "timm.list_models('convnext*')" in str(info.value) and "\n" not in str(info.value)
+    assert family_for(MODEL).name == "convnext"
+
+
+def test_registered_toy_family_is_built_saved_and_reloaded(toy_family, tmp_path: Path) -> None:
+    assert family_for("toy_cnn") is toy_family and family_for(MODEL).name == "convnext"
+    enc = build_encoder("toy_cnn")
+    assert isinstance(enc.model, _ToyNet) and enc.family is toy_family and enc.stem.name == "narrow"
+    assert enc.key == "toy_cnn-narrow-random" and enc.num_features == 16
+    assert enc.preprocessing["mean"] == [0.5, 0.5, 0.5]
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    assert enc(tiles).shape == (3, 16)
+    assert list(enc.parameter_groups()) == ["stem", "stages.0", "stages.1", "head"]
+    assert [n for n, _ in enc.named_parameter_groups()["head"]] == ["norm.weight", "norm.bias"]
+    with pytest.raises(EncoderError, match="unknown stem 'patch': choose one of narrow, wide"):
+        build_encoder("toy_cnn", stem="patch")
+    # Generic weights I/O: a saved toy encoder reloads with its stem picked up from the metadata.
+    wide = build_encoder("toy_cnn", stem="wide")
+    with torch.no_grad():
+        for p in wide.model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    path = tmp_path / "toy.safetensors"
+    sha = save_encoder_weights(wide, path)
+    again = build_encoder("toy_cnn", weights=path)
+    assert again.stem.name == "wide" and again.weights_sha256 == sha == _sha256(path)
+    assert again.key == f"toy_cnn-wide-{sha[:12]}"
+    torch.testing.assert_close(again(tiles), wide(tiles), atol=0, rtol=0)
+    # stem_init="random" uses the family's own stem initialisation, seeded.
+    fresh = build_encoder("toy_cnn", weights=path, stem_init="random")
+    assert not torch.equal(fresh.model.stem.weight, wide.model.stem.weight)
+    assert torch.equal(fresh.model.stages[1][0].weight, wide.model.stages[1][0].weight)
+    assert fresh.key.endswith("-stemrand")
+
+
+# ------------------------------------------------------------------- training API: modes, groups
+
+
+@pytest.mark.parametrize("stem", ["patch", "overlap", "overlap_act"])
+def test_parameter_groups_cover_each_parameter_once_and_freeze(stem: str) -> None:
+    enc = build_encoder(MODEL, stem=stem)
+    groups = enc.parameter_groups()
+    assert list(groups) == ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "head"]
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in enc.model.parameters()}
+    assert {id(p) for p in groups["stem"]} == {id(p) for p in enc.model.stem.parameters()}
+    assert {id(p) for p in groups["stages.2"]} == {id(p) for p in enc.model.stages[2].parameters()}
+    assert {n for n, _ in enc.named_parameter_groups()["head"]} == {"head.norm.weight", "head.norm.bias"}
+    # Freezing the stem group: a backward pass leaves its grads None and fills everything else.
+    for p in groups["stem"]:
+        p.requires_grad_(False)
+    enc.train()
+    x = enc.preprocess(np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    enc.model(x).square().mean().backward()
+    assert all(p.grad is None for p in groups["stem"])
+    for name in ("stages.0", "stages.3", "head"):
+        assert all(p.grad is not None for p in groups[name]), name
+    assert any(p.grad.abs().sum() > 0 for p in groups["stages.0"])
+
+
+def test_train_and_eval_modes() -> None:
+    enc = build_encoder(MODEL, stem="overlap", drop_path_rate=0.5)
+    assert not enc.training and not any(m.training for m in enc.model.modules())
+    assert enc.train() is enc and enc.training and all(m.training for m in enc.model.modules())
+    x = enc.preprocess(np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a, b = enc.model(x), enc.model(x)
+    assert not torch.allclose(a, b)  # stochastic depth is active in train mode
+    assert enc.eval() is enc and not enc.training and not any(m.training for m in enc.model.modules())
+    torch.testing.assert_close(enc(x), enc(x), atol=0, rtol=0)
+    assert enc.train(False) is enc and not enc.training
+
+
+def test_preprocess_applies_a_transform_in_unit_range(tiles: np.ndarray) -> None:
+    enc = build_encoder(MODEL)
+    seen: list[tuple[float, float]] = []
+
+    def invert(x: torch.Tensor) -> torch.Tensor:
+        seen.append((float(x.min()), float(x.max())))
+        return 1.0 - x
+
+    out = enc.preprocess(tiles, transform=invert)
+    assert seen and 0.0 <= seen[0][0] and seen[0][1] <= 1.0 and seen[0][1] > 0.5
+    expected = enc.preprocess(np.ascontiguousarray(255 - tiles))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    # No transform: exactly the numbers of the plain path.
+    torch.testing.assert_close(enc.preprocess(tiles, transform=None), enc.preprocess(tiles), atol=0, rtol=0)
+    with pytest.raises(EncoderError, match="changed the batch shape"):
+        enc.preprocess(tiles, transform=lambda x: x[:, :, :8])
+
+
+# ------------------------------------------------------- classifier heads, metadata, folders
+
+
+@pytest.mark.parametrize("stem", ["patch", "overlap"])
+def test_checkpoint_with_a_classifier_head_loads(stem: str, tmp_path: Path) -> None:
+    """The classifier named by timm's pretrained_cfg ('head.fc') is dropped; the trunk loads exactly."""
+    torch.manual_seed(4)
+    import timm
+
+    clf = timm.create_model(MODEL, num_classes=5).eval()
+    assert clf.pretrained_cfg["classifier"] == "head.fc"
+    path = tmp_path / "classifier.safetensors"
+    save_file(clf.state_dict(), path)
+    assert "head.fc.weight" in clf.state_dict()
+    enc = build_encoder(MODEL, stem=stem, weights=path)
+    x = enc.preprocess(np.random.default_rng(5).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        ref = clf.forward_head(clf.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(enc(x), ref, atol=1e-4, rtol=0)
+
+
+def _random_encoder(stem: str):
+    """A random-weight atto whose every part matters (as a fine-tuned encoder would be)."""
+    enc = build_encoder(MODEL, stem=stem)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in enc.model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 0.5 + 0.25)
+    return enc
+
+
+@pytest.mark.parametrize("stem", ["overlap", "overlap_act"])
+def test_weights_metadata_stem_is_picked_up_and_checked(stem: str, tmp_path: Path) -> None:
+    src = _random_encoder(stem)
+    path = tmp_path / "encoder.safetensors"
+    sha = save_encoder_weights(src, path, metadata={"fingerprint": "abc"})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta["wsi_convnext.model"] == MODEL and meta["wsi_convnext.stem"] == stem
+    assert meta["wsi_convnext.fingerprint"] == "abc"
+    x = np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    enc = build_encoder(MODEL, weights=path)  # stem=None: from the metadata
+    assert enc.stem.name == stem and enc.config.stem == stem
+    assert enc.key == f"{MODEL}-{stem}-{sha[:12]}" and enc.weights_sha256 == _sha256(path)
+    torch.testing.assert_close(enc(x), src(x), atol=0, rtol=0)
+    assert build_encoder(MODEL, stem=stem, weights=path).stem.name == stem  # an agreeing stem is fine
+    with pytest.raises(EncoderError) as info:
+        build_encoder(MODEL, stem="patch", weights=path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and repr(stem) in msg and "'patch'" in msg
+    with pytest.raises(WeightsError) as info:
+        build_encoder("convnext_femto", weights=path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and MODEL in msg and "convnext_femto" in msg
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param({"wsi_convnext.model": MODEL, "wsi_convnext.stem": "overlap"}, id="dotted"),
+        pytest.param({"encoder": {"model": MODEL, "stem": "overlap"}, "epochs": 3}, id="encoder-object"),
+    ],
+)
+def test_config_json_beside_the_weights_is_read(config: dict, tmp_path: Path) -> None:
+    src = _random_encoder("overlap")
+    path = tmp_path / "plain.pth"
+    torch.save(src.model.state_dict(), path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    enc = build_encoder(MODEL, weights=path)
+    assert enc.stem.name == "overlap"
+    with pytest.raises(EncoderError, match="'overlap'"):
+        build_encoder(MODEL, stem="overlap_tiered", weights=path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="config.json"):
+        build_encoder(MODEL, weights=path)
+
+
+def test_weights_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with pytest.raises(WeightsError) as info:
+        build_encoder(MODEL, weights=folder)
+    msg = str(info.value)
+    assert "\n" not in msg and str(folder) in msg and "is a folder" in msg
+    save_file(_random_encoder("overlap").model.state_dict(), folder / "encoder.safetensors")
+    with pytest.raises(WeightsError, match="is a folder"):  # no metadata: not recognised
+        build_encoder(MODEL, weights=folder)
+    src = _random_encoder("overlap")
+    sha = save_encoder_weights(src, folder / "encoder.safetensors")
+    enc = build_encoder(MODEL, weights=folder)
+    assert enc.weights_path == str(folder / "encoder.safetensors") and enc.weights_sha256 == sha
+    assert enc.stem.name == "overlap"
+
+
+def test_cli_embed_picks_the_stem_up_from_a_finetune_folder(cmu_slide: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cmu_stores import read_cmu_tiles, write_store
+    from wsi_convnext.cli import app
+    from wsi_convnext.store import open_store
+
+    tiles, coords = read_cmu_tiles(cmu_slide, 4, size=64)
+    store = write_store(tmp_path / "cmu.zarr", tiles, coords)
+    src = _random_encoder("overlap")
+    (tmp_path / "enc").mkdir()
+    sha = save_encoder_weights(src, tmp_path / "enc" / "encoder.safetensors")
+    runner = CliRunner()
+    args = ["embed", str(store), "--model", MODEL, "--weights", str(tmp_path / "enc"), "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    key = f"{MODEL}-overlap-{sha[:12]}"
+    opened = open_store(store)
+    feats = torch.from_numpy(np.asarray(opened.features(key), dtype=np.float32))
+    torch.testing.assert_close(feats, src(opened.read_tiles(slice(None))), atol=1e-2, rtol=1e-2)  # float16 store
+    bad = runner.invoke(app, [*args, "--stem", "patch"])
+    assert bad.exit_code != 0 and "overlap" in bad.output and "Traceback" not in bad.output
+
+
+def test_import_is_light_and_offline() -> None:
+    """Importing the encoders touches neither torch, timm nor the hub (so nothing reaches the network)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wsi_convnext.encoders as e; "
+        "print(sorted(m for m in ('torch', 'timm', 'huggingface_hub', 'safetensors') if m in sys.modules)); "
+        "print(sorted(e.FAMILIES), sorted(e.STEMS))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "['convnext'] ['overlap', 'overlap_act', 'overlap_tiered', 'patch']"

@@ -1,0 +1,77 @@
+"""Tile encoders: timm backbones with pooled features, their stems, weights and devices.
+
+- :mod:`.base`: :class:`Encoder` (inference, train/eval, parameter groups, preprocessing, feature
+  key), :class:`EncoderConfig`, :func:`build_encoder`, and the encoder-family registry
+  (:class:`EncoderFamily`, :func:`register_family`, :data:`FAMILIES`).
+- :mod:`.convnext`: the ConvNeXt family: its stems (:data:`STEMS`, :class:`StemSpec`,
+  :func:`register_stem`) and the exact patch → overlap stem conversion.
+- :mod:`.weights`: weights files (safetensors-first, ``weights_only=True``), their metadata, and
+  timm's pretrained weights through the Hugging Face cache.
+- :mod:`.device`: :func:`resolve_device`.
+
+Adding an encoder family = writing one module that subclasses :class:`EncoderFamily` and calls
+:func:`register_family`; :func:`build_encoder` then builds its model names.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    DEFAULT_MODEL,
+    DEFAULT_RESIZE,
+    DEFAULT_STEM_INIT,
+    FAMILIES,
+    RANDOM,
+    RESIZE_POLICIES,
+    STEM_INITS,
+    Encoder,
+    EncoderConfig,
+    EncoderFamily,
+    Stem,
+    TileTransformFn,
+    build_encoder,
+    family_for,
+    register_family,
+)
+from .convnext import DEFAULT_STEM, STEMS, ConvNeXtFamily, StemSpec, convert_patch_stem_to_overlap, register_stem
+from .device import resolve_device
+from .weights import (
+    ENCODER_FILE,
+    META_MODEL,
+    META_STEM,
+    find_pretrained_file,
+    load_weights,
+    read_weights_metadata,
+    save_encoder_weights,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_RESIZE",
+    "DEFAULT_STEM",
+    "DEFAULT_STEM_INIT",
+    "ENCODER_FILE",
+    "FAMILIES",
+    "META_MODEL",
+    "META_STEM",
+    "RANDOM",
+    "RESIZE_POLICIES",
+    "STEMS",
+    "STEM_INITS",
+    "ConvNeXtFamily",
+    "Encoder",
+    "EncoderConfig",
+    "EncoderFamily",
+    "Stem",
+    "StemSpec",
+    "TileTransformFn",
+    "build_encoder",
+    "convert_patch_stem_to_overlap",
+    "family_for",
+    "find_pretrained_file",
+    "load_weights",
+    "read_weights_metadata",
+    "register_family",
+    "register_stem",
+    "resolve_device",
+    "save_encoder_weights",
+]
