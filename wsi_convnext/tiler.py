@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ._io import cpu_count
-from .errors import NoTissueError, StoreError, StoreExistsError, WsiConvnextError, one_line
+from .errors import MppError, NoTissueError, StoreError, StoreExistsError, WsiConvnextError, one_line
 from .inputs import SlideSpec, slide_stem
 from .store import (
     STORE_SUFFIX,
@@ -378,10 +378,13 @@ def tile_slide(
             )  # fmt: skip
         remove_partials(final)
 
-        grid = plan_grid(
-            reader.dimensions, reader.level_downsamples, mpp, params.mpp, params.tile_size,
-            overlap=params.overlap, allow_upsample=params.allow_upsample,
-        )  # fmt: skip
+        try:
+            grid = plan_grid(
+                reader.dimensions, reader.level_downsamples, mpp, params.mpp, params.tile_size,
+                overlap=params.overlap, allow_upsample=params.allow_upsample,
+            )  # fmt: skip
+        except MppError as exc:
+            raise MppError(f"{path}: {exc}; choose a coarser --mpp or pass --allow-upsample") from exc
         workers = params.workers or cpu_count()
         pool, cut = stack.enter_context(_tile_pool(pixels, len(grid), workers))
         thumb, thumb_ds, mask, mask_ds = _thumbnail_and_mask(pixels, mpp, params.tissue)
@@ -472,10 +475,12 @@ PROCESS_MIN_TILES = 400
 _WORKER_READER: Any = None
 
 
-def _init_worker(path: str, backend: str) -> None:
+def _init_worker(path: str, backend: str, backend_ref: str) -> None:
     global _WORKER_READER
-    from .slide import open_slide
+    from .slide import ensure_backend, open_slide
 
+    # A spawned worker starts from a fresh interpreter: re-register a user's backend there.
+    ensure_backend(backend, backend_ref)
     _WORKER_READER = open_slide(path, backend=backend)
 
 
@@ -500,10 +505,12 @@ def _tile_pool(reader: Any, n_tiles: int, workers: int) -> Iterator[tuple[Any, C
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from .slide import backend_reference
+
     if workers > 1 and n_tiles >= PROCESS_MIN_TILES and not multiprocessing.current_process().daemon:
         pool: Any = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(str(reader.path), reader.backend),
+            initializer=_init_worker, initargs=(str(reader.path), reader.backend, backend_reference(reader.backend)),
         )  # fmt: skip
         for _ in range(workers):
             pool.submit(_ready)
