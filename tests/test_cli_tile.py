@@ -85,6 +85,12 @@ def test_tile_cohort_with_bad_slides(tmp_path, slides_dir):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     open_store(out / "CMU-1-Small-Region.zarr")
     assert (out / "qc" / "CMU-1-Small-Region.png").is_file()
+    # Slides that opened get a QC picture even when they failed, and their row points to it.
+    for sid in ("nompp", "blank", "openslide-boxes", "CMU-1-Small-Region"):
+        assert rows[sid]["qc"] == str(out / "qc" / f"{sid}.png") and Path(rows[sid]["qc"]).is_file(), sid
+        assert sid == "CMU-1-Small-Region" or f"QC picture: {rows[sid]['qc']}" in rows[sid]["error"]
+    for sid in ("openslide-unopenable", "truncated"):
+        assert rows[sid]["qc"] == "" and not (out / "qc" / f"{sid}.png").exists()
     # errors are one line each on stderr, no traceback
     assert "Traceback" not in res.output
 

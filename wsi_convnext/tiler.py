@@ -391,7 +391,15 @@ def tile_slide(
     with ExitStack() as stack:
         reader = stack.enter_context(open_slide(path, backend=params.backend))
         pixels = stack.enter_context(_pixel_reader(reader, params))
-        mpp, mpp_source = resolve_mpp(reader, slide_mpp)
+        try:
+            mpp, mpp_source = resolve_mpp(reader, slide_mpp)
+        except MppError as exc:  # the slide opened: still show what it looks like
+            qc = _write_thumbnail_qc(qc_path, pixels, slide_id, "no usable µm/px")
+            if qc is None:
+                raise
+            err = MppError(f"{exc}; QC picture: {qc}")
+            err.qc_path = qc  # type: ignore[attr-defined]
+            raise err from exc
         fp = fingerprint(path)
         signature = params.signature(mpp)
         existing = _existing_store(final, signature, fp, overwrite)
@@ -596,6 +604,19 @@ def _write_qc(
     qc_path.parent.mkdir(parents=True, exist_ok=True)
     save_png(qc_path, image)
     return qc_path
+
+
+def _write_thumbnail_qc(qc_path: Path, reader: Any, slide_id: str, failed: str) -> Path | None:
+    """QC picture of a slide that failed before tissue detection: its thumbnail, titled; None if unreadable."""
+    from .outputs.qc import render_qc, save_png
+
+    try:
+        thumb = reader.thumbnail(QC_MAX_SIZE)
+        image = render_qc(thumb, 1.0, None, np.zeros((0, 2)), 1.0, title=f"{slide_id}: FAILED, {failed}")
+        return save_png(qc_path, image)
+    except (WsiConvnextError, OSError):
+        logger.debug("%s: no QC picture", slide_id, exc_info=True)
+        return None
 
 
 def tile_slides(
