@@ -260,7 +260,7 @@ def _no_tissue(
     elif best > 0:
         hint = f"lower --min-tissue to {best:.2g} or below"
     else:
-        hint = "see --tissue key=value for the detection parameters"
+        hint = "if the slide has faint tissue, lower the thresholds named above with --tissue key=value"
     err = NoTissueError(
         f"{path}: no tissue found: 0 of {n_grid} tiles reach --min-tissue {params.min_tissue:g} "
         f"(largest tile fraction {best:.3f}); the tissue mask {report.describe()}; {hint}; QC picture: {qc_path}"

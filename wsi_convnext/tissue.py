@@ -33,10 +33,11 @@ optical density as defined below):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -572,10 +573,10 @@ class TissueReport:
         candidate_um2: Area the candidate method selected (before brightness and ink rules).
         bright_um2: Candidate area removed as too bright (``max_brightness``) or transparent.
         ink_um2: Candidate area removed as pen ink.
-        kept_um2: Areas of the kept pieces, largest first.
-        small_um2: Areas of the pieces removed by ``min_object_um2``, largest first.
         max_saturation: Largest smoothed saturation of a non-background pixel (0–1).
         max_optical_density: Largest smoothed summed optical density of the image.
+        work_kept: The kept pieces at the detection resolution ``mpp``.
+        work_small: The pieces removed by ``min_object_um2``, at ``mpp``.
     """
 
     mask: np.ndarray
@@ -585,10 +586,21 @@ class TissueReport:
     candidate_um2: float = 0.0
     bright_um2: float = 0.0
     ink_um2: float = 0.0
-    kept_um2: tuple[float, ...] = ()
-    small_um2: tuple[float, ...] = ()
     max_saturation: float = 0.0
     max_optical_density: float = 0.0
+    work_kept: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool), repr=False)
+    work_small: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool), repr=False)
+
+    # Labelling costs about as much as the detection: done only when a report is read.
+    @functools.cached_property
+    def kept_um2(self) -> tuple[float, ...]:
+        """Areas of the kept pieces (µm²), largest first."""
+        return _piece_areas(self.work_kept, self.mpp**2)
+
+    @functools.cached_property
+    def small_um2(self) -> tuple[float, ...]:
+        """Areas of the pieces removed by ``min_object_um2`` (µm²), largest first."""
+        return _piece_areas(self.work_small, self.mpp**2)
 
     def describe(self) -> str:
         """One clause saying what the mask saw, naming the parameters that decided it."""
@@ -622,8 +634,7 @@ class TissueReport:
                     if getattr(p, name)}  # fmt: skip
         if self.bright_um2 > 0:
             return {"max_brightness": min(255.0, p.max_brightness + 10.0)}
-        if self.candidate_um2 == 0 and self.max_saturation > 0.01:
-            return {"min_saturation": _round_down(0.8 * self.max_saturation, digits=1)}
+        # No candidate at all: faint tissue and clean glass look alike here, so no guess.
         return {}
 
 
@@ -645,8 +656,9 @@ def explain_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = No
     return TissueReport(
         mask=mask, removed=removed, params=params, mpp=float(trace.get("mpp", mpp)),
         candidate_um2=trace.get("candidate_um2", 0.0), bright_um2=trace.get("bright_um2", 0.0),
-        ink_um2=trace.get("ink_um2", 0.0), kept_um2=trace.get("kept_um2", ()), small_um2=trace.get("small_um2", ()),
-        max_saturation=trace.get("max_saturation", 0.0), max_optical_density=trace.get("max_optical_density", 0.0),
+        ink_um2=trace.get("ink_um2", 0.0), max_saturation=trace.get("max_saturation", 0.0),
+        max_optical_density=trace.get("max_optical_density", 0.0),
+        work_kept=trace.get("kept", np.zeros((0, 0), bool)), work_small=trace.get("small", np.zeros((0, 0), bool)),
     )  # fmt: skip
 
 
@@ -739,9 +751,9 @@ def _detect(rgb: np.ndarray, mpp: float, params: TissueParams, trace: dict[str, 
     if params.min_object_um2 > 0 and mask.any():
         mask = _remove_small_objects(mask, params.min_object_um2 / px_area)
     if trace is not None:
-        trace["kept_um2"] = _piece_areas(mask, px_area)
-        trace["small_um2"] = _piece_areas(before_small & ~mask, px_area)
-        trace["removed"] = (before_small & ~mask) | inked
+        trace["kept"] = mask
+        trace["small"] = before_small & ~mask
+        trace["removed"] = trace["small"] | inked
 
     if f > 1:
         mask = np.repeat(np.repeat(mask, f, axis=0), f, axis=1)[:h, :w]
