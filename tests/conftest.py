@@ -75,3 +75,32 @@ def write_pyramid_tiff(
                 # Aperio files keep a stripped thumbnail as their second page; readers expect it there.
                 tw.write(image[::32, ::32].copy(), photometric="rgb", compression=compression, metadata=None)
     return path
+
+
+#: Area of the small tissue fragment of :func:`fragment_slide`, µm² (below the default min_object_um2).
+FRAGMENT_UM2 = 1800.0
+
+
+@pytest.fixture(scope="session")
+def fragment_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Issue 12 item 8: a plain-RGB (stripped, single-page, no resolution) IHC-like TIFF holding
+    one ~1,800 µm² DAB fragment at 0.5 µm/px, centred in one 224-px tile of the default grid."""
+    import math
+
+    import tifffile
+
+    from wsi_convnext.slide import open_slide
+    from wsi_convnext.synthetic import Shape, SyntheticSlideSpec, TissueSpec, write_synthetic_slide
+
+    out = tmp_path_factory.mktemp("fragment")
+    r = math.sqrt(FRAGMENT_UM2 / 0.25 / math.pi)  # level-0 px at 0.5 µm/px
+    spec = SyntheticSlideSpec(
+        width=2240, height=2240, mpp=0.5, flavour="generic", downsamples=(1,), stain="dab", seed=4,
+        compression="zlib", tissue=TissueSpec(pieces=(Shape(1232.0, 1232.0, r * 1.2, r / 1.2, 0.4),)),
+    )  # fmt: skip
+    synth = write_synthetic_slide(out / "source.tiff", spec, workers=1)
+    with open_slide(synth.path) as reader:
+        pixels = reader.read_region((0, 0), 0, reader.dimensions)
+    path = out / "ihc-fragment.tif"
+    tifffile.imwrite(path, pixels, photometric="rgb")  # plain strips, no mpp
+    return path

@@ -85,6 +85,12 @@ def test_tile_cohort_with_bad_slides(tmp_path, slides_dir):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     open_store(out / "CMU-1-Small-Region.zarr")
     assert (out / "qc" / "CMU-1-Small-Region.png").is_file()
+    # Slides that opened get a QC picture even when they failed, and their row points to it.
+    for sid in ("nompp", "blank", "openslide-boxes", "CMU-1-Small-Region"):
+        assert rows[sid]["qc"] == str(out / "qc" / f"{sid}.png") and Path(rows[sid]["qc"]).is_file(), sid
+        assert sid == "CMU-1-Small-Region" or f"QC picture: {rows[sid]['qc']}" in rows[sid]["error"]
+    for sid in ("openslide-unopenable", "truncated"):
+        assert rows[sid]["qc"] == "" and not (out / "qc" / f"{sid}.png").exists()
     # errors are one line each on stderr, no traceback
     assert "Traceback" not in res.output
 
@@ -108,6 +114,10 @@ def test_tile_cohort_with_bad_slides(tmp_path, slides_dir):
         (["tile", "{cmu}", "--overlap", "300"], "--overlap"),
         (["tile", "{cmu}", "--backend", "bioformats"], "bioformats"),
         (["info", "/nonexistent.svs"], "nonexistent.svs"),
+        (["tile", "{cmu}", "--tissue", "bogus=1"], "--tissue: unknown tissue parameter 'bogus'"),
+        (["tile", "{cmu}", "--tissue", "min_object_um2=lots"], "min_object_um2 must be a number"),
+        (["tile", "{cmu}", "--tissue", "closing_um"], "must look like key=value"),
+        (["tile", "{cmu}", "--tissue", "min_saturation=5"], "must be a saturation in [0, 1]"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, cmu_slide, args, message):
@@ -132,3 +142,26 @@ def test_console_script_end_to_end(tmp_path, cmu_slide):
     assert proc.returncode == 0, proc.stderr
     assert "1 of 1 slides tiled" in proc.stdout
     assert len(open_store(tmp_path / "CMU-1-Small-Region.zarr")) > 20
+
+
+def test_tile_small_fragment_points_at_tissue_option(tmp_path, fragment_slide):
+    """Issue 12 item 8 through the CLI: the failure names --tissue min_object_um2=..., the QC
+    picture of the failed slide exists and the manifest points to it; the option fixes it."""
+    import re
+
+    out = tmp_path / "out"
+    args = ["tile", str(fragment_slide), "--out", str(out), "--slide-mpp", "0.5", "--min-tissue", "0.05"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 1, res.output
+    row = _manifest(out)["ihc-fragment"]
+    assert row["status"] == "failed" and row["error_type"] == "NoTissueError"
+    assert row["qc"] == str(out / "qc" / "ihc-fragment.png") and Path(row["qc"]).is_file()
+    assert f"QC picture: {row['qc']}" in row["error"] and "smaller than min_object_um2=2500" in row["error"]
+    value = re.search(r"--tissue min_object_um2=([\d.]+)", row["error"]).group(1)
+
+    res = runner.invoke(app, [*args, "--tissue", f"min_object_um2={value}", "--tissue", "remove_black_ink=false"])
+    assert res.exit_code == 0, res.output
+    row = _manifest(out)["ihc-fragment"]
+    assert row["status"] == "done" and int(row["tiles"]) >= 1 and row["qc"]
+    tissue = open_store(out / "ihc-fragment.zarr").attrs["tissue"]
+    assert tissue["min_object_um2"] == float(value) and tissue["remove_black_ink"] is False

@@ -229,3 +229,67 @@ def test_qc_on_real_slide(cmu_slide: Path, tmp_path: Path) -> None:
     path = save_png(tmp_path / "qc.png", np.concatenate([pic[-thumb.shape[0] :], heat[:, : thumb.shape[1]]], axis=1))
     with Image.open(path) as im:
         assert im.size == (2 * thumb.shape[1], thumb.shape[0])
+
+
+# --------------------------------------------------------------------------- fonts, removed objects, heatmap titles
+
+
+def _text_ink(text: str, size: int = 24) -> np.ndarray:
+    from PIL import ImageDraw
+
+    from wsi_convnext.outputs import qc
+
+    img = Image.new("L", (8 * size, 2 * size), 0)
+    ImageDraw.Draw(img).text((4, 4), text, fill=255, font=qc._font(size))
+    return np.asarray(img)
+
+
+def test_title_font_has_the_micro_sign() -> None:
+    """Issue 11: "µm/px" was drawn with a missing-glyph box."""
+    from fontTools.ttLib import TTFont
+
+    from wsi_convnext.outputs.qc import font_path
+
+    path = font_path()
+    assert path is not None and path.name == "DejaVuSans.ttf"
+    assert 0x00B5 in TTFont(path).getBestCmap()  # MICRO SIGN
+    box = _text_ink("\ue000")  # a private-use code point: rendered as the notdef box
+    micro = _text_ink("µ")
+    assert micro.any() and not np.array_equal(micro, box)
+    # The whole title: "µm/px" differs from the same title with a box in place of µ.
+    titled = render_qc(_thumb(), 4.0, None, np.zeros((0, 2)), 16.0, title="s: 3 tiles @ 0.5 µm/px")
+    boxed = render_qc(_thumb(), 4.0, None, np.zeros((0, 2)), 16.0, title="s: 3 tiles @ 0.5 \ue000m/px")
+    assert titled.shape == boxed.shape and not np.array_equal(titled, boxed)
+
+
+def test_render_qc_draws_removed_objects_in_their_colour() -> None:
+    mask = np.zeros((50, 60), bool)
+    mask[5:15, 5:15] = True
+    removed = np.zeros((50, 60), bool)
+    removed[30:40, 30:40] = True
+    out = render_qc(_thumb(), 4.0, mask, np.zeros((0, 2), np.int64), 16.0, removed=removed, outline_width=1)
+    orange = np.all(out == (255, 140, 0), axis=-1)
+    assert orange[60, 60:80].all() and orange[60:80, 60].all()  # outline of the removed piece
+    inside = out[64:76, 64:76].reshape(-1, 3)
+    assert (inside == np.round((np.array([GREY] * 3) + (255, 140, 0)) / 2)).all()  # tinted
+    assert np.all(out == GREEN, axis=-1)[10, 10:30].all() and not orange[:30].any()
+
+
+def test_overlay_scores_title_and_tissue_outline() -> None:
+    coords = np.array([[0, 0], [200, 160]], np.int64)
+    mask = np.zeros((25, 30), bool)
+    mask[5:20, 5:25] = True
+    plain = overlay_scores(_thumb(), 4.0, coords, 64.0, [0.0, 1.0], colorbar=True)
+    drawn = overlay_scores(_thumb(), 4.0, coords, 64.0, [0.0, 1.0], colorbar=True, mask=mask, title="s1: predicted tumor")
+    assert drawn.shape[1] == plain.shape[1] and drawn.shape[0] > plain.shape[0]  # colour bar kept, title band added
+    body = drawn[drawn.shape[0] - plain.shape[0]:]
+    green = np.all(body == (0, 200, 0), axis=-1)
+    assert green[20, 20:100].all() and not green[:19].any()
+
+
+def test_heatmap_title_names_slide_class_and_probability() -> None:
+    from wsi_convnext.outputs.heatmap import heatmap_title
+
+    attrs = {"score": "attention", "predicted_class": "tumor", "probabilities": {"normal": 0.07, "tumor": 0.93}}
+    assert heatmap_title("s1", attrs) == "s1: predicted tumor (p = 0.93); attention per tile"
+    assert heatmap_title("s1", {"score": "attention"}) == "s1: attention per tile"

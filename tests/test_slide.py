@@ -13,7 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from wsi_convnext import slide as slide_mod
+from wsi_convnext.slide import base as slide_base
 from wsi_convnext.errors import (
     ConfigError,
     InputNotFoundError,
@@ -26,7 +26,6 @@ from wsi_convnext.slide import (
     SLIDE_EXTENSIONS,
     BaseSlideReader,
     SlideMetadata,
-    SlideReader,
     fingerprint,
     open_slide,
     register_backend,
@@ -131,7 +130,7 @@ def svs_jpeg(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cmu_metadata(cmu_slide: Path, backend: str) -> None:
     with open_slide(cmu_slide, backend) as s:
-        assert isinstance(s, SlideReader)
+        assert isinstance(s, BaseSlideReader)
         assert s.backend == backend
         assert s.dimensions == (2220, 2967)
         assert s.level_count == 1 and s.level_downsamples == (1.0,)
@@ -546,8 +545,8 @@ class PillowReader(BaseSlideReader):
 
 
 def test_register_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slide_mod, "_BACKENDS", dict(slide_mod._BACKENDS))
-    monkeypatch.setattr(slide_mod, "_AUTO_ORDER", list(slide_mod._AUTO_ORDER))
+    monkeypatch.setattr(slide_base, "_BACKENDS", dict(slide_base._BACKENDS))
+    monkeypatch.setattr(slide_base, "_AUTO_ORDER", list(slide_base._AUTO_ORDER))
     png = tmp_path / "image.png"
     rgba = np.zeros((20, 30, 4), np.uint8)
     rgba[..., :3] = lossless_pattern(20, 30)
@@ -557,7 +556,7 @@ def test_register_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(SlideOpenError, match="openslide: .*; tiffslide: "):
         open_slide(png)
     register_backend("pillow", PillowReader)
-    assert slide_mod.available_backends()[:3] == ("openslide", "tiffslide", "pillow")
+    assert slide_base.available_backends()[:3] == ("openslide", "tiffslide", "pillow")
     with open_slide(png) as s:
         assert s.backend == "pillow" and s.mpp_x is None and s.level_tile_sizes == (None,)
         got = s.read_region((-2, 0), 0, (30, 20))

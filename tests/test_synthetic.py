@@ -255,3 +255,34 @@ def test_truncate_copy_and_invalid_specs(out: Path, aperio40: SyntheticSlide) ->
         with pytest.raises(ConfigError):
             write_synthetic_slide(out / "bad.svs", SyntheticSlideSpec(**bad))
     assert not (out / "bad.svs").exists()
+
+
+# --------------------------------------------------------------------------- IHC-like stains, explicit pieces
+
+
+@pytest.mark.parametrize("stain", ["hematoxylin", "dab"])
+def test_ihc_like_stains_colour_the_tissue(tmp_path: Path, stain: str) -> None:
+    spec = SyntheticSlideSpec(width=2000, height=1600, mpp=0.5, stain=stain, seed=3, flavour="generic",
+                              downsamples=(1, 4), compression="zlib", tissue=TissueSpec(n_blobs=1, coverage=0.4))
+    synth = write_synthetic_slide(tmp_path / f"{stain}.tiff", spec, workers=1)
+    with tiffslide.TiffSlide(synth.path) as s:
+        level = np.asarray(s.read_region((0, 0), 1, s.level_dimensions[1]).convert("RGB")).astype(float)
+    truth = synth.tissue_mask(2.0)[: level.shape[0], : level.shape[1]]
+    r, g, b = level[truth].mean(axis=0)
+    if stain == "hematoxylin":  # blue-grey: blue brightest, red and green close, weakly saturated
+        assert b > r + 5 and b > g + 5 and abs(r - g) < 15 and (b - min(r, g)) / b < 0.3
+    else:  # DAB brown: red > green > blue
+        assert r > g + 20 > b + 40
+    glass = level[~synth.tissue_mask(2.0)[: level.shape[0], : level.shape[1]]].mean(axis=0)
+    assert glass.min() > 230  # the glass stays white
+
+
+def test_explicit_tissue_pieces_are_the_tissue(tmp_path: Path) -> None:
+    piece = Shape(500.0, 400.0, 60.0, 40.0, 0.3)
+    spec = SyntheticSlideSpec(width=1000, height=800, tissue=TissueSpec(pieces=(piece,)), flavour="generic",
+                              downsamples=(1,), compression="zlib", seed=1)
+    synth = write_synthetic_slide(tmp_path / "piece.tiff", spec, workers=1)
+    assert synth.geometry.blobs == (piece,) and synth.geometry.fragments == () and synth.geometry.holes == ()
+    assert synth.tissue_mask(0.5).sum() == pytest.approx(piece.area, rel=0.01)
+    with pytest.raises(ConfigError, match="stain"):
+        write_synthetic_slide(tmp_path / "bad.tiff", replace(spec, stain="trichrome"))

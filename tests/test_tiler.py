@@ -126,9 +126,42 @@ def test_blank_slide_has_no_tissue(tmp_path):
     rng = np.random.default_rng(0)
     blank = (245 + rng.integers(-3, 4, (1200, 1600, 3))).astype(np.uint8)
     slide = write_pyramid_tiff(tmp_path / "blank.svs", blank, mpp=0.5, downsamples=(1, 4))
-    with pytest.raises(NoTissueError, match="no tissue found"):
+    with pytest.raises(NoTissueError, match="no tissue found") as info:
         tile_slide(slide, tmp_path / "out", TileParams())
     assert not (tmp_path / "out" / "blank.zarr").exists()
+    # The message says what the mask saw and where the picture is; the picture exists.
+    qc = tmp_path / "out" / "qc" / "blank.png"
+    assert "largest tile fraction 0.000" in str(info.value) and "no candidate pixel" in str(info.value)
+    assert f"QC picture: {qc}" in str(info.value) and info.value.qc_path == qc
+    assert Image.open(qc).size[0] > 0
+
+
+def test_small_fragment_no_tissue_names_the_knob(tmp_path, fragment_slide):
+    """Issue 12 item 8: --min-tissue 0.05 cannot help; the message names --tissue min_object_um2."""
+    import re
+
+    from conftest import FRAGMENT_UM2
+    from wsi_convnext.tissue import TissueParams
+
+    params = TileParams(min_tissue=0.05)
+    with pytest.raises(NoTissueError) as info:
+        tile_slide(fragment_slide, tmp_path / "out", params, slide_mpp=0.5)
+    msg = str(info.value)
+    assert "\n" not in msg and "largest tile fraction 0.000" in msg
+    assert "removed 1 piece" in msg and "smaller than min_object_um2=2500" in msg
+    area = float(re.search(r"removed 1 piece \(([\d,]+) µm²\)", msg).group(1).replace(",", ""))
+    assert 0.8 * FRAGMENT_UM2 < area < TissueParams().min_object_um2
+    value = float(re.search(r"--tissue min_object_um2=([\d.]+)", msg).group(1))
+    assert value < area
+    qc = tmp_path / "out" / "qc" / "ihc-fragment.png"
+    picture = np.asarray(Image.open(qc).convert("RGB"))
+    assert (np.abs(picture.astype(int) - (255, 140, 0)).sum(axis=-1) < 10).sum() > 20  # removed piece in orange
+
+    fixed = TileParams(min_tissue=0.05, tissue=TissueParams(min_object_um2=value))
+    res = tile_slide(fragment_slide, tmp_path / "out", fixed, slide_mpp=0.5)
+    store = open_store(res.store_path)
+    assert res.n_tiles >= 1 and store.tissue_fraction.max() >= 0.05
+    assert store.attrs["tissue"]["min_object_um2"] == value  # recorded in the store
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

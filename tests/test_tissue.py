@@ -14,6 +14,7 @@ from wsi_convnext.errors import ConfigError, MppError, WsiConvnextError
 from wsi_convnext.tissue import (
     TissueParams,
     detect_tissue,
+    explain_tissue,
     register_tissue_method,
     tile_tissue_fraction,
     tissue_methods,
@@ -473,3 +474,98 @@ def test_real_slide_small_fragments(cmu_slide: Path) -> None:
     assert labels[y - 6 : y + 7, x - 6 : x + 7].any()
     default = detect_tissue(thumb, mpp, TissueParams(mask_mpp=2.0))
     assert not default[y - 6 : y + 7, x - 6 : x + 7].any()  # below the default min_object_um2
+
+
+# --------------------------------------------------------------------------- why "no tissue"
+
+
+def test_explain_tissue_mask_equals_detect_tissue(scene, scene_mask) -> None:
+    report = explain_tissue(scene[0], MPP)
+    np.testing.assert_array_equal(report.mask, scene_mask)
+    assert report.removed.shape == scene_mask.shape and not (report.removed & report.mask).any()
+    assert report.kept_um2 and report.kept_um2 == tuple(sorted(report.kept_um2, reverse=True))
+    assert sum(report.kept_um2) == pytest.approx(scene_mask.sum() * MPP**2)
+    assert report.suggestion() == {}  # tissue was kept: nothing to change
+    assert "kept" in report.describe()
+
+
+def test_small_fragment_report_names_min_object_um2() -> None:
+    rng = np.random.default_rng(3)
+    img = _glass(120, 120, rng)
+    piece = _disk(120, 120, 60, 60, 3.0)  # ≈ 29 px ≈ 1 850 µm² at 8 µm/px, below 2 500
+    _paint(img, piece, PINK, rng)
+    report = explain_tissue(_u8(img), MPP)
+    assert not report.mask.any()
+    assert len(report.small_um2) == 1 and 1000 < report.small_um2[0] < TissueParams().min_object_um2
+    assert report.removed[piece].mean() > 0.9  # the removed piece is what the QC picture shows
+    assert "smaller than min_object_um2=2500" in report.describe()
+    (key, value), = report.suggestion().items()
+    assert key == "min_object_um2" and value < report.small_um2[0]
+    assert detect_tissue(_u8(img), MPP, TissueParams(min_object_um2=value))[piece].mean() > 0.9
+
+
+def test_ink_and_blank_reports() -> None:
+    rng = np.random.default_rng(4)
+    img = _glass(200, 200, rng)
+    img = _ink(img, _stroke(200, 200, (20, 20), (180, 180), 8.0), BLUE_INK, rng)
+    report = explain_tissue(_u8(img), MPP)
+    assert not report.mask.any() and report.ink_um2 > 0 and "pen ink" in report.describe()
+    assert report.suggestion().get("remove_blue_ink") is False
+    blank = explain_tissue(_u8(_glass(100, 100, rng)), MPP)
+    assert blank.candidate_um2 == 0 and "no candidate pixel" in blank.describe() and "min_saturation" in blank.describe()
+
+
+def test_params_from_assignments() -> None:
+    p = TissueParams.from_assignments(
+        ["min_object_um2=1000", "remove_black_ink=no", "blue_ink_hue=180,230", "method=otsu-od", "min_object_um2=900"]
+    )
+    assert p.min_object_um2 == 900.0 and p.remove_black_ink is False and p.blue_ink_hue == (180.0, 230.0)
+    assert p.method == "otsu-od" and p.min_saturation == TissueParams().min_saturation
+    assert TissueParams.from_assignments(["closing_um=4"], base={"closing_um": 8, "smooth_um": 2}).smooth_um == 2.0
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("bogus=1", "unknown tissue parameter 'bogus'.*valid names: .*min_object_um2"),
+        ("min_object_um2=lots", "'min_object_um2=lots': min_object_um2 must be a number"),
+        ("remove_blue_ink=maybe", "must be true or false"),
+        ("blue_ink_hue=red", "low,high"),
+        ("method=magic", "unknown method; choose one of"),
+        ("min_saturation=2", r"min_saturation=2.0 must be a saturation in \[0, 1\]"),
+        ("min_object_um2", "must look like key=value"),
+    ],
+)
+def test_params_from_assignments_errors_are_one_line(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        TissueParams.from_assignments([item])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stain", ["hematoxylin", "dab"])
+def test_ihc_like_slides_tissue_recall(tmp_path: Path, stain: str) -> None:
+    """Default settings find IHC-like tissue (blue-grey counterstain, DAB brown): recall >= 0.95
+    on the true pieces larger than min_object_um2."""
+    from wsi_convnext.slide import open_slide
+    from wsi_convnext.synthetic import SyntheticSlideSpec, TissueSpec, write_synthetic_slide
+
+    params = TissueParams()
+    recalls = []
+    for seed in (1, 2):
+        spec = SyntheticSlideSpec(
+            width=4000, height=3200, mpp=0.5, stain=stain, seed=seed, flavour="generic", lesions=seed - 1,
+            tissue=TissueSpec(n_blobs=2, coverage=0.3, n_fragments=3),
+        )  # fmt: skip
+        synth = write_synthetic_slide(tmp_path / f"{stain}-{seed}.tiff", spec, workers=2)
+        with open_slide(synth.path) as reader:
+            thumb = reader.thumbnail(500)  # 8 µm/px, the default mask_mpp
+        mpp = 0.5 * 4000 / thumb.shape[1]
+        found = detect_tissue(thumb, mpp, params)
+        truth = synth.tissue_mask(mpp)[: thumb.shape[0], : thumb.shape[1]]
+        labels, n = ndi.label(truth, structure=np.ones((3, 3), bool))
+        areas = np.bincount(labels.ravel(), minlength=n + 1) * mpp**2
+        big = (areas >= params.min_object_um2)[labels] & truth
+        recalls.append((found & big).sum() / big.sum())
+        assert (found & ~truth).sum() / found.sum() < 0.1  # and not the glass
+    assert min(recalls) >= 0.95, f"{stain}: tissue recall {recalls}"

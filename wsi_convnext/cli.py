@@ -103,6 +103,7 @@ def tile(
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 224,
     overlap: Annotated[int, typer.Option(help="Overlap between tiles, in output pixels.")] = 0,
     min_tissue: Annotated[Optional[float], typer.Option(help="Minimum tissue fraction to keep a tile [default: 0.25].")] = None,
+    tissue: Annotated[Optional[list[str]], typer.Option("--tissue", metavar="KEY=VALUE", help="Tissue-detection parameter, repeatable, e.g. --tissue min_object_um2=1000; any TissueParams field, as in the run TOML's [tile.tissue] (see wsi_convnext.tissue.TissueParams).")] = None,
     quality: Annotated[int, typer.Option(help="JPEG quality.")] = 90,
     lossless: Annotated[bool, typer.Option(help="Store tiles as lossless PNG instead of JPEG.")] = False,
     slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without (or with wrong) metadata.")] = None,
@@ -113,13 +114,20 @@ def tile(
 ) -> None:
     """Find tissue and cut tiles at an exact µm/px into one zarr store per slide."""
     with _errors():
+        from .errors import ConfigError
         from .inputs import discover_slides
         from .outputs.manifest import RunManifest
         from .tiler import TileParams, tile_manifest_row, tile_slides
+        from .tissue import TissueParams
 
+        try:
+            tissue_params = TissueParams.from_assignments(tissue) if tissue else None
+        except ConfigError as exc:
+            raise ConfigError(f"--tissue: {exc}") from exc
         params = TileParams.from_kwargs(
             mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue, quality=quality,
             encoding="png" if lossless else "jpeg", allow_upsample=allow_upsample, backend=backend, workers=workers,
+            tissue=tissue_params,
         )  # fmt: skip
         params.validate()
         slides = discover_slides(inputs, slide_mpp=slide_mpp)

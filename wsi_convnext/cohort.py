@@ -232,7 +232,7 @@ def _draw_heatmap(store_path: Path, model_dir: Path, predicted: str, out_dir: Pa
     """Draw the tile scores that :func:`~wsi_convnext.mil.api.predict` wrote for ``model_dir``."""
     import numpy as np
 
-    from .outputs.heatmap import render_heatmap
+    from .outputs.heatmap import heatmap_title, render_heatmap
     from .store import open_store
 
     store = open_store(store_path)
@@ -245,7 +245,8 @@ def _draw_heatmap(store_path: Path, model_dir: Path, predicted: str, out_dir: Pa
     if scores.ndim == 2:  # one column per class: draw the predicted class
         columns = list(attrs.get("columns") or [])
         scores = scores[:, columns.index(predicted) if predicted in columns else 0]
-    paths = render_heatmap(store, scores, out_dir / "heatmaps", label=str(attrs.get("score", "score")))
+    paths = render_heatmap(store, scores, out_dir / "heatmaps", label=str(attrs.get("score", "score")),
+                           title=heatmap_title(store.slide_id, attrs))  # fmt: skip
     return paths.heatmap
 
 

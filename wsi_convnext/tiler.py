@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ._io import cpu_count
-from .errors import NoTissueError, StoreError, StoreExistsError, WsiConvnextError, one_line
+from .errors import MppError, NoTissueError, StoreError, StoreExistsError, WsiConvnextError, one_line
 from .inputs import SlideSpec, slide_stem
 from .store import (
     STORE_SUFFIX,
@@ -228,10 +228,11 @@ def _thumbnail_size(level_dimensions: Sequence[tuple[int, int]]) -> int:
     return min(THUMBNAIL_MAX_SIZE, usable[0] if usable else sides[-1])
 
 
-def _thumbnail_and_mask(reader: Any, slide_mpp: float, tissue: TissueParams) -> tuple[np.ndarray, float, np.ndarray, float]:
+def _thumbnail_and_mask(reader: Any, slide_mpp: float, tissue: TissueParams) -> tuple[np.ndarray, float, Any, float]:
+    """Thumbnail, its downsample, the :class:`~wsi_convnext.tissue.TissueReport` and the mask's downsample."""
     from PIL import Image
 
-    from .tissue import detect_tissue
+    from .tissue import explain_tissue
 
     width, height = reader.dimensions
     thumb = reader.thumbnail(_thumbnail_size(reader.level_dimensions))
@@ -244,8 +245,32 @@ def _thumbnail_and_mask(reader: Any, slide_mpp: float, tissue: TissueParams) -> 
         mask_ds = width / mw
     else:
         small, mask_ds = thumb, thumb_ds
-    mask = detect_tissue(small, mask_ds * slide_mpp, tissue)
-    return thumb, thumb_ds, mask, mask_ds
+    report = explain_tissue(small, mask_ds * slide_mpp, tissue)
+    return thumb, thumb_ds, report, mask_ds
+
+
+def _no_tissue(
+    path: Path, n_grid: int, frac: np.ndarray, params: TileParams, report: Any, qc_path: Path
+) -> NoTissueError:  # fmt: skip
+    """A NoTissueError saying what the mask saw and which option would change the outcome."""
+    best = float(frac.max()) if frac.size else 0.0
+    change = report.suggestion()
+    if change:
+        hint = "pass " + " ".join(f"--tissue {k}={_option_value(v)}" for k, v in change.items()) + " to keep it"
+    elif best > 0:
+        hint = f"lower --min-tissue to {best:.2g} or below"
+    else:
+        hint = "if the slide has faint tissue, lower the thresholds named above with --tissue key=value"
+    err = NoTissueError(
+        f"{path}: no tissue found: 0 of {n_grid} tiles reach --min-tissue {params.min_tissue:g} "
+        f"(largest tile fraction {best:.3f}); the tissue mask {report.describe()}; {hint}; QC picture: {qc_path}"
+    )
+    err.qc_path = qc_path  # type: ignore[attr-defined]
+    return err
+
+
+def _option_value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 @dataclass(frozen=True)
@@ -366,7 +391,15 @@ def tile_slide(
     with ExitStack() as stack:
         reader = stack.enter_context(open_slide(path, backend=params.backend))
         pixels = stack.enter_context(_pixel_reader(reader, params))
-        mpp, mpp_source = resolve_mpp(reader, slide_mpp)
+        try:
+            mpp, mpp_source = resolve_mpp(reader, slide_mpp)
+        except MppError as exc:  # the slide opened: still show what it looks like
+            qc = _write_thumbnail_qc(qc_path, pixels, slide_id, "no usable µm/px")
+            if qc is None:
+                raise
+            err = MppError(f"{exc}; QC picture: {qc}")
+            err.qc_path = qc  # type: ignore[attr-defined]
+            raise err from exc
         fp = fingerprint(path)
         signature = params.signature(mpp)
         existing = _existing_store(final, signature, fp, overwrite)
@@ -378,27 +411,35 @@ def tile_slide(
             )  # fmt: skip
         remove_partials(final)
 
-        grid = plan_grid(
-            reader.dimensions, reader.level_downsamples, mpp, params.mpp, params.tile_size,
-            overlap=params.overlap, allow_upsample=params.allow_upsample,
-        )  # fmt: skip
+        try:
+            grid = plan_grid(
+                reader.dimensions, reader.level_downsamples, mpp, params.mpp, params.tile_size,
+                overlap=params.overlap, allow_upsample=params.allow_upsample,
+            )  # fmt: skip
+        except MppError as exc:
+            raise MppError(f"{path}: {exc}; choose a coarser --mpp or pass --allow-upsample") from exc
         workers = params.workers or cpu_count()
         pool, cut = stack.enter_context(_tile_pool(pixels, len(grid), workers))
-        thumb, thumb_ds, mask, mask_ds = _thumbnail_and_mask(pixels, mpp, params.tissue)
+        thumb, thumb_ds, report, mask_ds = _thumbnail_and_mask(pixels, mpp, params.tissue)
+        mask = report.mask
         if len(grid) == 0:
             w, h = reader.dimensions
-            raise NoTissueError(
-                f"{path}: slide ({w}×{h} px) is smaller than one {params.tile_size}-px tile at {params.mpp:g} µm/px"
+            qc = _write_qc(qc_path, thumb, thumb_ds, mask, grid, slide_id, np.zeros(0), report.removed,
+                           failed="smaller than one tile")  # fmt: skip
+            err = NoTissueError(
+                f"{path}: slide ({w}×{h} px) is smaller than one {params.tile_size}-px tile at {params.mpp:g} µm/px; "
+                f"QC picture: {qc}"
             )
+            err.qc_path = qc  # type: ignore[attr-defined]
+            raise err
         from .tissue import tile_tissue_fraction
 
         frac = tile_tissue_fraction(mask, mask_ds, grid.coords, grid.extent0)
         keep = frac >= params.min_tissue
         if not keep.any():
-            raise NoTissueError(
-                f"{path}: no tissue found (0 of {len(grid)} tiles reach {params.min_tissue:g} tissue); "
-                "check the QC thumbnail or lower --min-tissue"
-            )
+            qc = _write_qc(qc_path, thumb, thumb_ds, mask, grid.select(keep), slide_id, frac[keep], report.removed,
+                           failed="no tissue found")  # fmt: skip
+            raise _no_tissue(path, len(grid), frac, params, report, qc)
         grid = grid.select(keep)
         frac = frac[keep]
         level_size = reader.level_dimensions[grid.read_level]
@@ -419,7 +460,7 @@ def tile_slide(
         writer = TileStoreWriter(final, len(grid), params.tile_size, params.encoding)
         try:
             _write_tiles(pool, cut, jobs, workers, writer, progress)
-            qc_path = _write_qc(qc_path, thumb, thumb_ds, mask, grid, slide_id, frac)
+            qc_path = _write_qc(qc_path, thumb, thumb_ds, mask, grid, slide_id, frac, report.removed)
             attrs = {
                 "slide_id": slide_id,
                 "source": {
@@ -472,10 +513,12 @@ PROCESS_MIN_TILES = 400
 _WORKER_READER: Any = None
 
 
-def _init_worker(path: str, backend: str) -> None:
+def _init_worker(path: str, backend: str, backend_ref: str) -> None:
     global _WORKER_READER
-    from .slide import open_slide
+    from .slide import ensure_backend, open_slide
 
+    # A spawned worker starts from a fresh interpreter: re-register a user's backend there.
+    ensure_backend(backend, backend_ref)
     _WORKER_READER = open_slide(path, backend=backend)
 
 
@@ -500,10 +543,12 @@ def _tile_pool(reader: Any, n_tiles: int, workers: int) -> Iterator[tuple[Any, C
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from .slide import backend_reference
+
     if workers > 1 and n_tiles >= PROCESS_MIN_TILES and not multiprocessing.current_process().daemon:
         pool: Any = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(str(reader.path), reader.backend),
+            initializer=_init_worker, initargs=(str(reader.path), reader.backend, backend_reference(reader.backend)),
         )  # fmt: skip
         for _ in range(workers):
             pool.submit(_ready)
@@ -537,8 +582,9 @@ def _write_tiles(
 
 def _write_qc(
     qc_path: Path, thumb: np.ndarray, thumb_ds: float, mask: np.ndarray, grid: TileGrid, slide_id: str,
-    frac: np.ndarray,
+    frac: np.ndarray, removed: np.ndarray | None = None, *, failed: str | None = None,
 ) -> Path:  # fmt: skip
+    """Write the QC picture: tissue outline, kept tiles, removed objects (orange); ``failed`` titles a failure."""
     from PIL import Image
 
     from .outputs.qc import render_qc, save_png
@@ -549,10 +595,28 @@ def _write_qc(
         thumb_ds *= thumb.shape[1] / size[0]
         thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BILINEAR))
     title = f"{slide_id}: {len(grid)} tiles, {grid.tile_size}px @ {grid.target_mpp:g} µm/px"
-    image = render_qc(thumb, thumb_ds, mask, grid.coords, grid.extent0, tissue_fraction=frac, title=title)
+    if failed:
+        title = f"{slide_id}: FAILED, {failed} ({grid.tile_size}px @ {grid.target_mpp:g} µm/px)"
+    if removed is not None and removed.any():
+        title += "\ngreen: tissue; orange: removed (small pieces, ink)"
+    image = render_qc(thumb, thumb_ds, mask, grid.coords, grid.extent0, tissue_fraction=frac, title=title,
+                      removed=removed)  # fmt: skip
     qc_path.parent.mkdir(parents=True, exist_ok=True)
     save_png(qc_path, image)
     return qc_path
+
+
+def _write_thumbnail_qc(qc_path: Path, reader: Any, slide_id: str, failed: str) -> Path | None:
+    """QC picture of a slide that failed before tissue detection: its thumbnail, titled; None if unreadable."""
+    from .outputs.qc import render_qc, save_png
+
+    try:
+        thumb = reader.thumbnail(QC_MAX_SIZE)
+        image = render_qc(thumb, 1.0, None, np.zeros((0, 2)), 1.0, title=f"{slide_id}: FAILED, {failed}")
+        return save_png(qc_path, image)
+    except (WsiConvnextError, OSError):
+        logger.debug("%s: no QC picture", slide_id, exc_info=True)
+        return None
 
 
 def tile_slides(
@@ -587,7 +651,7 @@ def tile_slides(
             result = TileResult(
                 slide_id=spec.slide_id, store_path=Path(out_dir) / f"{spec.slide_id}{STORE_SUFFIX}",
                 seconds=time.perf_counter() - t0, status="failed", error_type=type(exc).__name__,
-                error=one_line(exc), path=spec.path,
+                error=one_line(exc), path=spec.path, qc_path=getattr(exc, "qc_path", None),
             )  # fmt: skip
         results.append(result)
         if on_result is not None:
@@ -607,4 +671,5 @@ def tile_manifest_row(result: TileResult) -> dict[str, Any]:
         "tiles": result.n_tiles if result.status != "failed" else None,
         "mpp": result.slide_mpp,
         "seconds": result.seconds,
+        "qc": str(result.qc_path) if result.qc_path else "",
     }

@@ -93,8 +93,8 @@ def select_level(
     wanted = target_mpp / slide_mpp  # downsample from level 0 that gives the target
     if wanted < 1.0 - _DOWNSAMPLE_RTOL and not allow_upsample:
         raise MppError(
-            f"target {target_mpp:g} µm/px is finer than the scan ({slide_mpp:g} µm/px); "
-            "choose a coarser --mpp or pass --allow-upsample"
+            f"target {target_mpp:g} µm/px is finer than the scan ({slide_mpp:g} µm/px) "
+            "and upsampling is not allowed (allow_upsample=False)"
         )
     best = 0
     for level, ds in enumerate(level_downsamples):

@@ -33,10 +33,11 @@ optical density as defined below):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,8 @@ from .errors import ConfigError, MppError
 
 __all__ = [
     "TissueParams",
+    "TissueReport",
+    "explain_tissue",
     "TissueFeatures",
     "TissueMethod",
     "detect_tissue",
@@ -194,6 +197,29 @@ class TissueParams:
         return cls.from_kwargs(**dict(data))
 
     @classmethod
+    def from_assignments(cls, items: Sequence[str], base: Mapping[str, Any] | None = None) -> TissueParams:
+        """Build from ``key=value`` strings, e.g. ``["min_object_um2=1000", "remove_black_ink=false"]``.
+
+        Values are parsed by field type: numbers, ``true``/``false`` (also yes/no, 1/0), a hue
+        window as ``low,high`` degrees, or a name. Later items win; ``base`` supplies defaults.
+
+        Raises:
+            ConfigError: A one-line message naming the item, for malformed items, unknown keys or bad values.
+        """
+        kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = dict(base or {})
+        for item in items:
+            key, sep, raw = (part.strip() for part in str(item).partition("="))
+            if not sep or not key:
+                raise ConfigError(f"tissue parameter {item!r} must look like key=value, e.g. min_object_um2=1000")
+            if key not in kinds:
+                raise ConfigError(f"unknown tissue parameter {key!r} in {item!r}; valid names: {', '.join(sorted(kinds))}")
+            values[key] = _parse_value(key, raw, kinds[key], item)
+            if key == "method" and values[key] not in _METHODS:
+                raise ConfigError(f"tissue parameter {item!r}: unknown method; choose one of {', '.join(tissue_methods())}")
+        return cls.from_kwargs(**values)
+
+    @classmethod
     def from_kwargs(cls, **kwargs: Any) -> TissueParams:
         """Build from keyword arguments, ignoring those that are ``None``.
 
@@ -212,6 +238,30 @@ class TissueParams:
                 except TypeError:
                     pass  # __post_init__ reports it
         return cls(**clean)
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _parse_value(key: str, raw: str, kind: str, item: str) -> Any:
+    """One ``key=value`` value as the field type ``kind`` (its annotation string)."""
+    if "bool" in kind:
+        if raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ConfigError(f"tissue parameter {item!r}: {key} must be true or false")
+    if "tuple" in kind:
+        parts = [v for v in raw.replace("(", "").replace(")", "").split(",") if v.strip()]
+        try:
+            return tuple(float(v) for v in parts)
+        except ValueError:
+            raise ConfigError(f"tissue parameter {item!r}: {key} must be low,high in degrees, e.g. 190,235") from None
+    if "float" in kind:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"tissue parameter {item!r}: {key} must be a number") from None
+    return raw
 
 
 # --------------------------------------------------------------------------- methods
@@ -505,7 +555,133 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
         MppError: if ``mpp`` is not a positive finite number.
         ConfigError: if ``rgb`` is not an RGB(A) image or ``params.method`` is unknown.
     """
+    return _detect(rgb, mpp, params or TissueParams(), None)
+
+
+@dataclass(frozen=True)
+class TissueReport:
+    """What :func:`detect_tissue` saw and which rule removed what (for "no tissue" diagnoses).
+
+    Areas are in µm²; masks have the input image's height and width.
+
+    Attributes:
+        mask: The tissue mask (identical to :func:`detect_tissue`'s).
+        removed: Candidate tissue that a rule removed: pieces smaller than
+            ``min_object_um2`` and candidates taken for ink.
+        params: The parameters used.
+        mpp: µm/px of the detection (after block-averaging to about ``mask_mpp``).
+        candidate_um2: Area the candidate method selected (before brightness and ink rules).
+        bright_um2: Candidate area removed as too bright (``max_brightness``) or transparent.
+        ink_um2: Candidate area removed as pen ink.
+        max_saturation: Largest smoothed saturation of a non-background pixel (0–1).
+        max_optical_density: Largest smoothed summed optical density of the image.
+        work_kept: The kept pieces at the detection resolution ``mpp``.
+        work_small: The pieces removed by ``min_object_um2``, at ``mpp``.
+    """
+
+    mask: np.ndarray
+    removed: np.ndarray
+    params: TissueParams
+    mpp: float
+    candidate_um2: float = 0.0
+    bright_um2: float = 0.0
+    ink_um2: float = 0.0
+    max_saturation: float = 0.0
+    max_optical_density: float = 0.0
+    work_kept: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool), repr=False)
+    work_small: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool), repr=False)
+
+    # Labelling costs about as much as the detection: done only when a report is read.
+    @functools.cached_property
+    def kept_um2(self) -> tuple[float, ...]:
+        """Areas of the kept pieces (µm²), largest first."""
+        return _piece_areas(self.work_kept, self.mpp**2)
+
+    @functools.cached_property
+    def small_um2(self) -> tuple[float, ...]:
+        """Areas of the pieces removed by ``min_object_um2`` (µm²), largest first."""
+        return _piece_areas(self.work_small, self.mpp**2)
+
+    def describe(self) -> str:
+        """One clause saying what the mask saw, naming the parameters that decided it."""
+        p = self.params
+        parts = []
+        if self.kept_um2:
+            parts.append(f"kept {_pieces(self.kept_um2)}")
+        if self.small_um2:
+            parts.append(f"removed {_pieces(self.small_um2)} smaller than min_object_um2={p.min_object_um2:g}")
+        if self.ink_um2 > 0:
+            parts.append(f"removed {_area(self.ink_um2)} as pen ink (remove_*_ink)")
+        if self.bright_um2 > 0 and not self.kept_um2:
+            parts.append(f"removed {_area(self.bright_um2)} brighter than max_brightness={p.max_brightness:g}")
+        if self.candidate_um2 == 0:
+            parts.append(
+                f"no candidate pixel (saturation up to {self.max_saturation:.3f}, floor min_saturation="
+                f"{p.min_saturation:g}; optical density up to {self.max_optical_density:.3f}, "
+                f"pale_min_od={p.pale_min_od:g})"
+            )
+        return "; ".join(parts) if parts else "nothing found"
+
+    def suggestion(self) -> dict[str, Any]:
+        """Tissue parameters that would keep more of what was removed (empty: none would help)."""
+        p = self.params
+        if self.kept_um2:
+            return {}
+        if self.small_um2:
+            return {"min_object_um2": _round_down(0.8 * self.small_um2[0])}
+        if self.ink_um2 > 0:
+            return {name: False for name in ("remove_blue_ink", "remove_green_ink", "remove_black_ink")
+                    if getattr(p, name)}  # fmt: skip
+        if self.bright_um2 > 0:
+            return {"max_brightness": min(255.0, p.max_brightness + 10.0)}
+        # No candidate at all: faint tissue and clean glass look alike here, so no guess.
+        return {}
+
+
+def explain_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = None) -> TissueReport:
+    """Like :func:`detect_tissue`, but also report what each rule removed.
+
+    Same arguments and errors as :func:`detect_tissue`; ``report.mask`` equals its result.
+    """
+    trace: dict[str, Any] = {}
     params = params or TissueParams()
+    mask = _detect(rgb, mpp, params, trace)
+    h, w = mask.shape
+    f = trace.get("f", 1)
+    removed = trace.get("removed")
+    if removed is None:
+        removed = np.zeros((h, w), bool)
+    elif f > 1:
+        removed = np.repeat(np.repeat(removed, f, axis=0), f, axis=1)[:h, :w]
+    return TissueReport(
+        mask=mask, removed=removed, params=params, mpp=float(trace.get("mpp", mpp)),
+        candidate_um2=trace.get("candidate_um2", 0.0), bright_um2=trace.get("bright_um2", 0.0),
+        ink_um2=trace.get("ink_um2", 0.0), max_saturation=trace.get("max_saturation", 0.0),
+        max_optical_density=trace.get("max_optical_density", 0.0),
+        work_kept=trace.get("kept", np.zeros((0, 0), bool)), work_small=trace.get("small", np.zeros((0, 0), bool)),
+    )  # fmt: skip
+
+
+def _area(um2: float) -> str:
+    return f"{um2:,.0f} µm²"
+
+
+def _pieces(areas: tuple[float, ...], shown: int = 3) -> str:
+    n = len(areas)
+    listed = ", ".join(_area(a) for a in areas[:shown]) + (", ..." if n > shown else "")
+    return f"{n} piece{'s' if n != 1 else ''} ({listed})"
+
+
+def _round_down(value: float, digits: int = 2) -> float:
+    """``value`` rounded down to ``digits`` significant digits (a readable suggestion)."""
+    if value <= 0:
+        return 0.0
+    scale = 10.0 ** (math.floor(math.log10(value)) - digits + 1)
+    return float(math.floor(value / scale) * scale)
+
+
+def _detect(rgb: np.ndarray, mpp: float, params: TissueParams, trace: dict[str, Any] | None) -> np.ndarray:
+    """:func:`detect_tissue`; records the effect of each rule into ``trace`` when given."""
     try:
         mpp = float(mpp)
     except (TypeError, ValueError):
@@ -537,9 +713,20 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
     mask = np.asarray(method(feats, params), dtype=bool)
     if mask.shape != image.shape[:2]:
         raise ConfigError(f"tissue method {params.method!r} returned shape {mask.shape}, expected {image.shape[:2]}")
+    if trace is not None:
+        candidates = mask.copy()
+        glass = mn > params.max_brightness
+        trace.update(
+            f=f, mpp=work_mpp, candidate_um2=float(mask.sum()) * px_area,
+            max_saturation=float(feats.saturation[~glass].max()) if (~glass).any() else 0.0,
+            max_optical_density=float(feats.optical_density.max()),
+        )  # fmt: skip
     mask &= mn <= params.max_brightness
     if transparent is not None:
         mask &= ~transparent
+    if trace is not None:
+        trace["bright_um2"] = float((candidates & ~mask).sum()) * px_area
+        before_ink = mask.copy()
     if params.remove_blue_ink or params.remove_green_ink or params.remove_black_ink:
         ink = _ink_mask(image, mx, mn, params)
         if ink.any():
@@ -551,18 +738,36 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
             if r_open + r_margin > 0:
                 ink = _dilate(ink, r_open + r_margin)
             mask &= ~ink
+    if trace is not None:
+        inked = before_ink & ~mask
+        trace["ink_um2"] = float(inked.sum()) * px_area
     radius = int(round(params.closing_um / (2.0 * work_mpp)))
     if radius > 0 and mask.any():
         mask = _closing(mask, radius)
     if params.fill_holes_um2 > 0 and mask.any():
         mask = _fill_small_holes(mask, params.fill_holes_um2 / px_area)
+    if trace is not None:
+        before_small = mask.copy()
     if params.min_object_um2 > 0 and mask.any():
         mask = _remove_small_objects(mask, params.min_object_um2 / px_area)
+    if trace is not None:
+        trace["kept"] = mask
+        trace["small"] = before_small & ~mask
+        trace["removed"] = trace["small"] | inked
 
     if f > 1:
         mask = np.repeat(np.repeat(mask, f, axis=0), f, axis=1)[:h, :w]
     logger.debug("tissue: %.1f%% of %dx%d px at %.2f µm/px", 100.0 * mask.mean(), w, h, mpp)
     return mask
+
+
+def _piece_areas(mask: np.ndarray, px_area: float) -> tuple[float, ...]:
+    """Areas (µm²) of the 8-connected pieces of ``mask``, largest first."""
+    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return ()
+    sizes = np.bincount(labels.reshape(-1), minlength=n + 1)[1:]
+    return tuple(float(v) * px_area for v in sorted(sizes.tolist(), reverse=True))
 
 
 def tile_tissue_fraction(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +35,7 @@ def render_heatmap(
     label: str = "attention",
     top_k: int = 16,
     name: str | None = None,
+    title: str | None = None,
 ) -> HeatmapPaths:
     """Draw ``scores`` of a slide's tiles as a heatmap and a montage of the ``top_k`` tiles.
 
@@ -43,6 +46,8 @@ def render_heatmap(
         label: Colour-bar label.
         top_k: Number of tiles in the montage.
         name: File stem; defaults to the slide id.
+        title: Picture title; defaults to the slide id and ``label``. The tissue outline
+            is drawn from the store's mask.
     """
     from .qc import montage, overlay_scores, save_png
 
@@ -52,7 +57,10 @@ def render_heatmap(
     out = Path(out_dir)
     stem = name or store.slide_id
     thumb_ds = float(store.attrs["thumbnail_downsample"])
-    picture = overlay_scores(store.thumbnail, thumb_ds, store.coords, store.extent0, scores, label=label)
+    picture = overlay_scores(
+        store.thumbnail, thumb_ds, store.coords, store.extent0, scores, label=label, mask=store.tissue_mask,
+        title=title or f"{store.slide_id}: {label}",
+    )  # fmt: skip
     heat = save_png(out / f"{stem}.heatmap.png", picture)
     finite = np.where(np.isfinite(scores), scores, -np.inf)
     order = np.argsort(-finite, kind="stable")[: max(1, min(top_k, len(store)))]
@@ -94,8 +102,21 @@ def heatmaps(
         if scores.ndim == 2:
             scores = scores[:, list(attrs["columns"]).index(pred.predicted)]
         label = f"{attrs.get('score', 'score')} ({pred.predicted} {pred.probabilities[pred.predicted]:.2f})"
-        out[pred.slide_id] = render_heatmap(store, scores, out_dir, label=label, top_k=top_k)
+        title = heatmap_title(pred.slide_id, attrs)
+        out[pred.slide_id] = render_heatmap(store, scores, out_dir, label=label, top_k=top_k, title=title)
     return out
+
+
+def heatmap_title(slide_id: str, score_attrs: Mapping[str, Any]) -> str:
+    """``"<slide>: predicted <class> (p = 0.93); attention per tile"`` from a score array's attrs."""
+    score = score_attrs.get("score", "score")
+    predicted = score_attrs.get("predicted_class")
+    probs = score_attrs.get("probabilities") or {}
+    if predicted is None:
+        return f"{slide_id}: {score} per tile"
+    prob = probs.get(predicted)
+    p = f" (p = {float(prob):.2f})" if prob is not None else ""
+    return f"{slide_id}: predicted {predicted}{p}; {score} per tile"
 
 
 def _score_name_for(store: TileStore, model_dir: str | os.PathLike[str]) -> str:

@@ -1,12 +1,12 @@
 """The run manifest ``OUT/manifest.csv``: one row per slide and stage, readable while a run goes.
 
 Columns (:data:`MANIFEST_FIELDS`): ``slide_id, path, stage, status, error_type, error,
-tiles, mpp, seconds, worker, finished``. ``status`` is one of :data:`STATUSES`:
+tiles, mpp, seconds, worker, finished, qc``. ``status`` is one of :data:`STATUSES`:
 ``running`` (submitted, not finished: after a crash it marks interrupted work), ``done``,
 ``skipped`` (already finished by an earlier run) or ``failed`` (``error_type`` is the
 exception class, ``error`` its one-line message). ``mpp`` is the slide's level-0 µm/px,
 ``seconds`` the stage's wall time, ``worker`` ``host/worker-name``, ``finished`` an ISO 8601
-UTC timestamp.
+UTC timestamp, ``qc`` the slide's QC picture (written for failed slides too, when the slide opened).
 
 The file is written by one process (the run's client): rows are appended and flushed as
 they come, so ``tail -f`` or a spreadsheet sees progress; when a slide/stage gets a new
@@ -58,6 +58,7 @@ MANIFEST_FIELDS: tuple[str, ...] = (
     "seconds",
     "worker",
     "finished",
+    "qc",
 )
 STATUSES: tuple[str, ...] = ("running", "done", "skipped", "failed")
 #: Longest error message kept in a manifest cell, in characters.
@@ -91,6 +92,7 @@ class ManifestRow:
     seconds: float | None = None
     worker: str = ""
     finished: str = ""
+    qc: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -132,6 +134,7 @@ class ManifestRow:
             seconds=num("seconds", float),
             worker=raw.get("worker") or "",
             finished=raw.get("finished") or "",
+            qc=raw.get("qc") or "",
         )
 
 

@@ -8,6 +8,7 @@ true position whatever the thumbnail size.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -106,11 +107,45 @@ def _resize_nearest(mask: np.ndarray, h: int, w: int) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
+def font_path() -> Path | None:
+    """DejaVu Sans as bundled with matplotlib (found without importing it), or None.
+
+    Pillow's built-in font has no glyph for "µ" (it draws a box), and titles say µm/px.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("matplotlib")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=32)
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    path = font_path()
     try:
+        if path is not None:
+            return ImageFont.truetype(str(path), size=size)
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # Pillow without FreeType: fixed bitmap font
         return ImageFont.load_default()
+
+
+def _as_mask(mask: Any, name: str, h: int, w: int) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim != 2 or m.size == 0:
+        raise ConfigError(f"{name} must be a non-empty 2-D array, got shape {m.shape}")
+    return _resize_nearest(m.astype(bool), h, w)
+
+
+def _boundary(m: np.ndarray, width: int) -> np.ndarray:
+    """Inner boundary of ``width`` px: mask minus its erosion (complement of dilated background)."""
+    eroded = m
+    for _ in range(max(1, int(width))):
+        eroded = ~_shift_or(~eroded)
+    return m & ~eroded
 
 
 def _font_size(width: int) -> int:
@@ -144,6 +179,8 @@ def render_qc(
     outline_color: Color = (0, 220, 0),
     grid_color: Color = (0, 0, 255),
     outline_width: int | None = None,
+    removed: np.ndarray | None = None,
+    removed_color: Color = (255, 140, 0),
 ) -> np.ndarray:
     """Thumbnail with the tissue outline and the kept tile grid drawn on it.
 
@@ -161,6 +198,9 @@ def render_qc(
         outline_color: RGB of the tissue outline.
         grid_color: RGB of the 1-px tile rectangles.
         outline_width: outline thickness in px (default: about 1/250 of the short side).
+        removed: optional mask (any size, like ``mask``) of what tissue detection removed
+            (small pieces, ink); drawn tinted and outlined in ``removed_color``.
+        removed_color: RGB of the removed objects.
 
     Returns:
         (H', W, 3) uint8 picture; ``H' == H`` without a title.
@@ -193,17 +233,13 @@ def render_qc(
             draw.rectangle((a, b, cc - 1, d - 1), outline=color, width=1)
         out = np.asarray(img).copy()
 
+    width = outline_width if outline_width is not None else max(1, round(min(h, w) / 250))
+    if removed is not None and h and w:
+        r = _as_mask(removed, "removed", h, w)
+        out[r] = (0.5 * out[r] + 0.5 * np.asarray(removed_color, np.float64) + 0.5).astype(np.uint8)
+        out[_boundary(r, width)] = removed_color
     if mask is not None and h and w:
-        m = np.asarray(mask)
-        if m.ndim != 2 or m.size == 0:
-            raise ConfigError(f"mask must be a non-empty 2-D array, got shape {m.shape}")
-        m = _resize_nearest(m.astype(bool), h, w)
-        width = outline_width if outline_width is not None else max(1, round(min(h, w) / 250))
-        # Boundary = mask minus its erosion (erosion = complement of dilated background).
-        eroded = m
-        for _ in range(max(1, int(width))):
-            eroded = ~_shift_or(~eroded)
-        out[m & ~eroded] = outline_color
+        out[_boundary(_as_mask(mask, "mask", h, w), width)] = outline_color
 
     if title:
         out = _title_band(out, title)
@@ -279,6 +315,9 @@ def overlay_scores(
     vmax: float | None = None,
     colorbar: bool = True,
     label: str | None = None,
+    mask: np.ndarray | None = None,
+    outline_color: Color = (0, 200, 0),
+    title: str | None = None,
 ) -> np.ndarray:
     """Heatmap of per-tile scores blended on the thumbnail at the tiles' true positions.
 
@@ -297,9 +336,14 @@ def overlay_scores(
         vmax: score mapped to the top of the colormap (default: finite maximum).
         colorbar: append a colour-bar panel with min/max tick labels on the right.
         label: optional caption of the colour bar (drawn vertically).
+        mask: optional tissue mask covering the thumbnail's area (any size); its outline
+            is drawn in ``outline_color``.
+        outline_color: RGB of the tissue outline.
+        title: optional text drawn in a white band above the picture (e.g. slide id and
+            prediction); the output is then taller.
 
     Returns:
-        (H, W + bar width, 3) uint8 picture (width ``W`` without colour bar).
+        (H, W + bar width, 3) uint8 picture (width ``W`` without colour bar; taller with a title).
 
     Raises:
         ConfigError: on malformed images, geometry, lengths, ``alpha`` or colormap.
@@ -331,8 +375,12 @@ def overlay_scores(
         colors = lut[np.clip((t * 256).astype(np.int64), 0, 255)].astype(np.float64)
         a = float(alpha)
         out[painted] = (out[painted] * (1.0 - a) + colors * a + 0.5).astype(np.uint8)
+    if mask is not None and h and w:
+        out[_boundary(_as_mask(mask, "mask", h, w), max(1, round(min(h, w) / 250)))] = outline_color
     if colorbar and h:
         out = np.concatenate([out, _colorbar(h, lut, lo, hi, label)], axis=1)
+    if title:
+        out = _title_band(out, title)
     return out
 
 

@@ -1,8 +1,9 @@
 """Slide reading: one small, thread-safe interface over OpenSlide and tiffslide.
 
-:func:`open_slide` returns a :class:`BaseSlideReader` (it satisfies the :class:`SlideReader`
-protocol) from the first backend in the registry that can open the file. Everything downstream
-(tissue detection, tiling, embedding) reads pixels only through this interface.
+:func:`open_slide` returns a :class:`BaseSlideReader` from the first backend in the registry
+that can open the file. Everything downstream (tissue detection, tiling, embedding) reads
+pixels only through this interface. A backend is one module: a :class:`BaseSlideReader`
+subclass plus a :func:`register_backend` call (see :mod:`.openslide`, :mod:`.tiffslide`).
 
 Coordinate frames and units:
 
@@ -12,43 +13,28 @@ Coordinate frames and units:
   white (RGBA is composited on white);
 * microns per pixel (``mpp``, µm/px) always refer to level 0.
 
-The resolution comes from slide metadata only; :func:`resolve_mpp` turns it (or a user override)
-into the single isotropic µm/px value the pipeline works with and refuses missing, absurd or
-anisotropic values instead of guessing.
+The resolution comes from slide metadata only (see :mod:`.mpp`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import math
 import os
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import ConfigError, InputNotFoundError, MppError, SlideOpenError, SlideReadError
-
-__all__ = [
-    "SLIDE_EXTENSIONS",
-    "BaseSlideReader",
-    "OpenSlideReader",
-    "SlideMetadata",
-    "SlideReader",
-    "TiffSlideReader",
-    "available_backends",
-    "fingerprint",
-    "open_slide",
-    "register_backend",
-    "resolve_mpp",
-    "slide_info",
-]
+from ..errors import ConfigError, InputNotFoundError, SlideOpenError, SlideReadError
+from .mpp import APERIO_APPMAG, aperio_value, float_or_none, metadata_mpp
+from .tiff import TiffTags
 
 logger = logging.getLogger(__name__)
 
@@ -71,61 +57,8 @@ SLIDE_EXTENSIONS: frozenset[str] = frozenset(
     }
 )
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Pixels read at once when downscaling a whole level for a thumbnail (~48 MB of RGB).
 _THUMBNAIL_BLOCK_PIXELS = 1 << 24
-_RESOLUTION_UNITS: dict[int, tuple[str, float]] = {
-    # TIFF ResolutionUnit -> (label, micrometres per unit). 4/5 are tifffile extensions.
-    2: ("inch", 25400.0),
-    3: ("cm", 10000.0),
-    4: ("mm", 1000.0),
-    5: ("um", 1.0),
-}
-_APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([-+0-9.eE]+)")
-_APERIO_APPMAG = re.compile(r"\|\s*AppMag\s*=\s*([-+0-9.eE]+)")
-
-
-@runtime_checkable
-class SlideReader(Protocol):
-    """What the pipeline needs from an open slide (see :class:`BaseSlideReader` for semantics)."""
-
-    path: Path
-    backend: str
-    level_count: int
-    level_dimensions: tuple[tuple[int, int], ...]
-    level_downsamples: tuple[float, ...]
-    level_tile_sizes: tuple[tuple[int, int] | None, ...]
-    mpp_x: float | None
-    mpp_y: float | None
-    mpp_source: str | None
-    vendor: str | None
-    objective_power: float | None
-    associated_images: tuple[str, ...]
-    properties: Mapping[str, str]
-
-    @property
-    def dimensions(self) -> tuple[int, int]: ...
-
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
-
-    def get_best_level_for_downsample(self, downsample: float) -> int: ...
-
-    def level0_location(self, level: int, location: tuple[int, int]) -> tuple[int, int]: ...
-
-    def thumbnail(self, max_size: int) -> np.ndarray: ...
-
-    def read_associated(self, name: str) -> np.ndarray: ...
-
-    def close(self) -> None: ...
-
-    def __enter__(self) -> SlideReader: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
 
 
 @dataclass
@@ -150,15 +83,7 @@ class SlideMetadata:
     associated_images: tuple[str, ...] = ()
     level_tile_sizes: tuple[tuple[int, int] | None, ...] = ()
     # Page-0 TIFF tags, read with tifffile (None for non-TIFF formats such as DICOM or MRXS).
-    tiff_tags: _TiffTags | None = None
-
-
-@dataclass(frozen=True)
-class _TiffTags:
-    description: str | None = None
-    x_resolution: float | None = None
-    y_resolution: float | None = None
-    resolution_unit: int | None = None
+    tiff_tags: TiffTags | None = None
 
 
 class BaseSlideReader(ABC):
@@ -194,7 +119,7 @@ class BaseSlideReader(ABC):
         except SlideOpenError:
             raise
         except Exception as exc:  # any backend failure means "cannot open"
-            raise _open_error(self.path, self.backend, _short_reason(exc)) from exc
+            raise open_error(self.path, self.backend, short_reason(exc)) from exc
         try:
             self._init_from(meta)
         except BaseException:
@@ -206,7 +131,7 @@ class BaseSlideReader(ABC):
         self.level_downsamples = tuple(float(d) for d in meta.level_downsamples)
         self.level_count = len(self.level_dimensions)
         if self.level_count == 0 or min(min(d) for d in self.level_dimensions) < 1:
-            raise _open_error(self.path, self.backend, f"no image data (levels {self.level_dimensions})")
+            raise open_error(self.path, self.backend, f"no image data (levels {self.level_dimensions})")
         tiles = tuple(meta.level_tile_sizes) or (None,) * self.level_count
         self.level_tile_sizes = tiles + (None,) * (self.level_count - len(tiles))
         self.properties: Mapping[str, str] = MappingProxyType(dict(meta.properties))
@@ -214,8 +139,8 @@ class BaseSlideReader(ABC):
         self.associated_images = tuple(meta.associated_images)
         self.objective_power = meta.objective_power
         if self.objective_power is None:
-            self.objective_power = _aperio_value(meta, _APERIO_APPMAG, "aperio.AppMag")
-        self.mpp_x, self.mpp_y, self.mpp_source = _metadata_mpp(self.backend, meta)
+            self.objective_power = aperio_value(meta, APERIO_APPMAG, "aperio.AppMag")
+        self.mpp_x, self.mpp_y, self.mpp_source = metadata_mpp(self.backend, meta)
 
     # ----------------------------------------------------------------- backend hooks
     @abstractmethod
@@ -269,9 +194,9 @@ class BaseSlideReader(ABC):
         except Exception as exc:
             raise SlideReadError(
                 f"{self.path}: cannot read region (x={x}, y={y}, level={level}, size={w}x{h}) "
-                f"with {self.backend}: {_short_reason(exc)}; the file may be corrupt or truncated"
+                f"with {self.backend}: {short_reason(exc)}; the file may be corrupt or truncated"
             ) from exc
-        return _to_rgb(raw, self.path)
+        return to_rgb(raw, self.path)
 
     def get_best_level_for_downsample(self, downsample: float, *, tolerance: float = 1e-3) -> int:
         """Return the coarsest level whose downsample does not exceed ``downsample``.
@@ -339,9 +264,9 @@ class BaseSlideReader(ABC):
             raw = self._read_associated_raw(name)
         except Exception as exc:
             raise SlideReadError(
-                f"{self.path}: cannot read associated image {name!r} with {self.backend}: {_short_reason(exc)}"
+                f"{self.path}: cannot read associated image {name!r} with {self.backend}: {short_reason(exc)}"
             ) from exc
-        return _to_rgb(raw, self.path)
+        return to_rgb(raw, self.path)
 
     def close(self) -> None:
         """Release the backend handle (call only once no read is in flight). Idempotent."""
@@ -409,152 +334,10 @@ class BaseSlideReader(ABC):
         return np.asarray(img)
 
 
-# --------------------------------------------------------------------------- OpenSlide
-class OpenSlideReader(BaseSlideReader):
-    """OpenSlide backend (Aperio, Hamamatsu, Leica, MIRAX, Philips, Sakura, Ventana, DICOM, tiled TIFF).
-
-    Thread safety: OpenSlide handles are thread-safe and openslide-python releases the GIL
-    while decoding, so concurrent :meth:`read_region` calls need no lock.
-    """
-
-    backend = "openslide"
-
-    def _open(self) -> SlideMetadata:
-        import openslide
-
-        self._osr = openslide.OpenSlide(str(self.path))
-        props = {str(k): str(v) for k, v in self._osr.properties.items()}
-        n = self._osr.level_count
-        return SlideMetadata(
-            level_dimensions=tuple(self._osr.level_dimensions),
-            level_downsamples=tuple(self._osr.level_downsamples),
-            properties=props,
-            vendor=props.get("openslide.vendor") or None,
-            objective_power=_float_or_none(props.get("openslide.objective-power")),
-            associated_images=tuple(self._osr.associated_images.keys()),
-            level_tile_sizes=tuple(_tile_size(props, "openslide", i) for i in range(n)),
-            tiff_tags=_read_tiff_tags_from_file(self.path),
-        )
-
-    def _read_raw(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        return _pil_to_rgb(self._osr.read_region(location, level, size))
-
-    def _read_associated_raw(self, name: str) -> np.ndarray:
-        return _pil_to_rgb(self._osr.associated_images[name])
-
-    def _close(self) -> None:
-        osr = getattr(self, "_osr", None)
-        if osr is not None:
-            osr.close()
-
-
-# --------------------------------------------------------------------------- tiffslide
-class TiffSlideReader(BaseSlideReader):
-    """tiffslide backend (tifffile + imagecodecs): any TIFF, including plain stripped ones.
-
-    Thread safety: tiffslide keeps one zarr view per thread and tifffile serialises the file
-    seeks/reads behind a re-entrant lock, so concurrent :meth:`read_region` calls are safe
-    without a lock of ours (decoding runs in parallel). Everything tiffslide computes lazily
-    (properties, series, level info) is computed once here at open time, before any thread
-    can race on it.
-
-    At open, every pyramid level's compression is checked against the codecs tifffile can
-    decode, so an exotic file that tiffslide would "open" but could only turn into garbage or
-    errors (e.g. compression 52479) is refused with :class:`SlideOpenError`.
-    """
-
-    backend = "tiffslide"
-
-    def _open(self) -> SlideMetadata:
-        import tiffslide
-
-        self._ts = tiffslide.TiffSlide(str(self.path))
-        try:
-            if len(self._ts.ts_tifffile.pages) == 0:
-                raise _open_error(self.path, self.backend, "no readable TIFF directory (truncated or corrupt)")
-            raw_props = dict(self._ts.properties)
-            self._check_decodable(raw_props)
-            props = {str(k): str(v) for k, v in raw_props.items() if v is not None}
-            n = self._ts.level_count
-            tiff_tags = self._page0_tags(raw_props)
-            return SlideMetadata(
-                level_dimensions=tuple(self._ts.level_dimensions),
-                level_downsamples=tuple(self._ts.level_downsamples),
-                properties=props,
-                vendor=raw_props.get("tiffslide.vendor") or "generic-tiff",
-                objective_power=_float_or_none(raw_props.get("tiffslide.objective-power")),
-                associated_images=tuple(self._ts.associated_images.keys()),
-                level_tile_sizes=tuple(_tile_size(props, "tiffslide", i) for i in range(n)),
-                tiff_tags=tiff_tags,
-            )
-        except BaseException:
-            self._ts.close()
-            raise
-
-    def _level_pages(self, raw_props: Mapping[str, Any]) -> list[Any]:
-        tf = self._ts.ts_tifffile
-        if raw_props.get("tiffslide.series-composition"):
-            series_list = [tf.series[int(i)] for i in raw_props["tiffslide.series-composition"]["located_series"]]
-        else:
-            series_list = [tf.series[int(raw_props.get("tiffslide.series-index") or 0)]]
-        return [lvl.keyframe for s in series_list for lvl in s.levels]
-
-    def _check_decodable(self, raw_props: Mapping[str, Any]) -> None:
-        from tifffile import TIFF
-
-        problem = _tiff_truncation(self._ts.ts_tifffile, self._level_pages(raw_props))
-        if problem:
-            raise _open_error(self.path, self.backend, problem)
-        for page in self._level_pages(raw_props):
-            comp = int(page.compression)
-            if comp != 1 and comp not in TIFF.DECOMPRESSORS:
-                raise _open_error(
-                    self.path,
-                    self.backend,
-                    f"TIFF compression {comp} has no decoder in tifffile/imagecodecs",
-                )
-            if np.dtype(page.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(bool)):
-                raise _open_error(self.path, self.backend, f"unsupported sample type {page.dtype}")
-
-    def _page0_tags(self, raw_props: Mapping[str, Any]) -> _TiffTags | None:
-        try:
-            return _tiff_tags_from_page(self._level_pages(raw_props)[0])
-        except Exception:
-            logger.debug("%s: cannot read TIFF tags of the base level", self.path, exc_info=True)
-            return None
-
-    def _read_raw(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        w, h = size
-        lw, lh = self.level_dimensions[level]
-        ds = self.level_downsamples[level]
-        # Same level-coordinate transform as tiffslide; we pad with white instead of black.
-        x0, y0 = int(location[0] / ds), int(location[1] / ds)
-        ix0, iy0 = min(max(x0, 0), lw), min(max(y0, 0), lh)
-        ix1, iy1 = min(max(x0 + w, 0), lw), min(max(y0 + h, 0), lh)
-        if ix0 == x0 and iy0 == y0 and ix1 == x0 + w and iy1 == y0 + h:
-            return self._ts.read_region(location, level, size, as_array=True, padding=False)
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
-        if ix1 > ix0 and iy1 > iy0:
-            arr = self._ts.read_region(location, level, size, as_array=True, padding=False)
-            out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = _to_rgb(arr, self.path)
-        return out
-
-    def _read_associated_raw(self, name: str) -> np.ndarray:
-        img = self._ts.associated_images[name]
-        return np.asarray(img.convert("RGBA") if img.mode not in ("RGB", "RGBA", "L") else img)
-
-    def _close(self) -> None:
-        ts = getattr(self, "_ts", None)
-        if ts is not None:
-            ts.close()
-
-
 # --------------------------------------------------------------------------- registry
-_BACKENDS: dict[str, Callable[[Path], BaseSlideReader]] = {
-    "openslide": OpenSlideReader,
-    "tiffslide": TiffSlideReader,
-}
-_AUTO_ORDER: list[str] = ["openslide", "tiffslide"]
+# Filled by the backend modules (openslide, then tiffslide) when the package is imported.
+_BACKENDS: dict[str, Callable[[Path], BaseSlideReader]] = {}
+_AUTO_ORDER: list[str] = []
 
 
 def register_backend(name: str, cls: Callable[[Path], BaseSlideReader], *, auto: bool = True) -> None:
@@ -577,6 +360,48 @@ def register_backend(name: str, cls: Callable[[Path], BaseSlideReader], *, auto:
 def available_backends() -> tuple[str, ...]:
     """Names of the registered backends, in ``"auto"`` order first."""
     return tuple(_AUTO_ORDER) + tuple(n for n in _BACKENDS if n not in _AUTO_ORDER)
+
+
+def backend_reference(name: str) -> str:
+    """Import path ``"module:qualname"`` of the registered backend ``name``.
+
+    Handed to worker processes (which start from a fresh interpreter) so that they can
+    re-register a backend that user code registered at run time; see :func:`ensure_backend`.
+
+    Raises:
+        ConfigError: Unknown backend name.
+    """
+    try:
+        obj = _BACKENDS[name]
+    except KeyError:
+        raise ConfigError(f"unknown slide backend {name!r}; choose one of: {', '.join(available_backends())}") from None
+    return f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
+
+
+def ensure_backend(name: str, reference: str) -> None:
+    """Register backend ``name`` from its :func:`backend_reference` unless it is registered already.
+
+    Importing the module usually registers it (the module calls :func:`register_backend`);
+    otherwise the named object is registered here, outside the ``"auto"`` order.
+
+    Raises:
+        ConfigError: The reference cannot be imported.
+    """
+    if name in _BACKENDS:
+        return
+    module_name, _, qualname = reference.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        if name in _BACKENDS:
+            return
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"slide backend {name!r} ({reference}) cannot be imported in a worker process: {short_reason(exc)}; "
+            "define it in an importable module, not interactively"
+        ) from exc
+    register_backend(name, obj, auto=False)
 
 
 def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> BaseSlideReader:
@@ -610,7 +435,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> BaseSlide
         try:
             reader = _BACKENDS[name](p)
         except Exception as exc:
-            reasons[name] = getattr(exc, "reason", None) or _short_reason(exc)
+            reasons[name] = getattr(exc, "reason", None) or short_reason(exc)
             last = exc
             logger.debug("%s: backend %s cannot open it: %s", p, name, reasons[name])
             continue
@@ -623,111 +448,6 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> BaseSlide
     )
     err.backend_errors = reasons  # type: ignore[attr-defined]
     raise err from last
-
-
-# --------------------------------------------------------------------------- mpp
-def resolve_mpp(
-    reader: SlideReader,
-    override: float | None = None,
-    *,
-    max_mpp: float = 100.0,
-    min_mpp: float = 0.05,
-    anisotropy_tolerance: float = 0.02,
-) -> tuple[float, str]:
-    """Return the slide's isotropic level-0 resolution in µm/px and where it came from.
-
-    An explicit ``override`` wins (source ``"override"``) and is the way to accept a slide whose
-    metadata is missing or absurd. Otherwise the metadata value is used. Nothing is ever guessed.
-
-    Args:
-        reader: An open slide.
-        override: User-supplied level-0 µm/px (``--slide-mpp`` or the manifest's ``mpp`` column).
-        max_mpp, min_mpp: Plausible range for microscopy, µm/px.
-        anisotropy_tolerance: Largest accepted relative difference between x and y µm/px; within
-            it the mean is used.
-
-    Raises:
-        MppError: Override outside the range; metadata missing, outside the range, or anisotropic.
-    """
-    name = reader.path
-    if override is not None:
-        value = float(override)
-        if not (math.isfinite(value) and min_mpp <= value <= max_mpp):
-            raise MppError(
-                f"{name}: mpp override {override} µm/px is outside the plausible range "
-                f"[{min_mpp:g}, {max_mpp:g}]; give the level-0 resolution in micrometres per pixel "
-                f"(about 0.25 for 40x, 0.5 for 20x scans)"
-            )
-        if reader.mpp_x is not None and not math.isclose(value, reader.mpp_x, rel_tol=anisotropy_tolerance):
-            logger.info(
-                "%s: using mpp override %g instead of metadata %g (%s)", name, value, reader.mpp_x, reader.mpp_source
-            )
-        return value, "override"
-    mx, my, source = reader.mpp_x, reader.mpp_y, reader.mpp_source
-    if mx is None or my is None:
-        raise MppError(
-            f"{name}: no microns-per-pixel in the slide metadata; "
-            "pass --slide-mpp X or add an `mpp` column to the CSV manifest"
-        )
-    for v in (mx, my):
-        if not (math.isfinite(v) and min_mpp <= v <= max_mpp):
-            raise MppError(
-                f"{name}: metadata mpp {v:.6g} µm/px (from {source}) is implausible for microscopy "
-                f"(expected {min_mpp:g} to {max_mpp:g}); if you know the true resolution pass --slide-mpp X "
-                "or add an `mpp` column to the CSV manifest"
-            )
-    if abs(mx - my) > anisotropy_tolerance * min(mx, my):
-        raise MppError(
-            f"{name}: non-square pixels (mpp x {mx:.6g}, y {my:.6g} µm/px from {source}) are not supported; "
-            "resample the slide to square pixels or pass --slide-mpp X to override"
-        )
-    return (mx + my) / 2.0, str(source)
-
-
-def _metadata_mpp(backend: str, meta: SlideMetadata) -> tuple[float | None, float | None, str | None]:
-    """Level-0 (mpp_x, mpp_y, source): backend property, then Aperio MPP, then TIFF resolution tags."""
-    props = meta.properties
-    tag_mpp = _mpp_from_resolution_tags(meta.tiff_tags)
-    mx = _positive_or_none(props.get(f"{backend}.mpp-x"))
-    my = _positive_or_none(props.get(f"{backend}.mpp-y"))
-    if mx is not None or my is not None:
-        mx, my = (mx if mx is not None else my), (my if my is not None else mx)
-        source = f"{backend}.mpp-x"
-        # OpenSlide 4 and tiffslide derive their mpp from the resolution tags for generic TIFFs;
-        # name the tag so that a user seeing "352.78 µm/px" knows where it comes from.
-        if tag_mpp is not None and math.isclose(tag_mpp[0], mx, rel_tol=1e-6):
-            source = tag_mpp[2]
-        return mx, my, source
-    aperio = _aperio_value(meta, _APERIO_MPP, "aperio.MPP")
-    if aperio is not None and aperio > 0:
-        return aperio, aperio, "aperio.MPP"
-    if tag_mpp is not None:
-        return tag_mpp
-    return None, None, None
-
-
-def _mpp_from_resolution_tags(tags: _TiffTags | None) -> tuple[float, float, str] | None:
-    if tags is None or tags.resolution_unit not in _RESOLUTION_UNITS:
-        return None
-    if not tags.x_resolution or not tags.y_resolution:
-        return None
-    label, um_per_unit = _RESOLUTION_UNITS[int(tags.resolution_unit)]
-    mx, my = um_per_unit / tags.x_resolution, um_per_unit / tags.y_resolution
-    if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
-        return None
-    return mx, my, f"tiff.XResolution({label})"
-
-
-def _aperio_value(meta: SlideMetadata, pattern: re.Pattern[str], prop: str) -> float | None:
-    value = _positive_or_none(meta.properties.get(prop))
-    if value is not None:
-        return value
-    for desc in (meta.properties.get("tiff.ImageDescription"), meta.tiff_tags.description if meta.tiff_tags else None):
-        if desc and desc.lstrip().startswith("Aperio"):
-            m = pattern.search(desc)
-            if m:
-                return _positive_or_none(m.group(1))
-    return None
 
 
 # --------------------------------------------------------------------------- info / fingerprint
@@ -814,13 +534,13 @@ def _companion_files(p: Path) -> Iterator[tuple[str, int]]:
 
 
 # --------------------------------------------------------------------------- small helpers
-def _open_error(path: Path, backend: str, reason: str) -> SlideOpenError:
+def open_error(path: Path, backend: str, reason: str) -> SlideOpenError:
     err = SlideOpenError(f"{path}: {backend} cannot open it: {reason}")
     err.reason = reason  # type: ignore[attr-defined]
     return err
 
 
-def _short_reason(exc: BaseException, limit: int = 160) -> str:
+def short_reason(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, ImportError):
         text = f"not installed ({text})"
@@ -829,7 +549,7 @@ def _short_reason(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _to_rgb(arr: np.ndarray, path: Path) -> np.ndarray:
+def to_rgb(arr: np.ndarray, path: Path) -> np.ndarray:
     """Any backend pixel array -> (h, w, 3) uint8 RGB, alpha composited on white."""
     a = np.asarray(arr)
     if a.ndim == 2:
@@ -865,7 +585,7 @@ def _to_level0(v: int, downsample: float) -> int:
     return x
 
 
-def _pil_to_rgb(img: Any) -> np.ndarray:
+def pil_to_rgb(img: Any) -> np.ndarray:
     """PIL image -> RGB array, compositing alpha on white; all in C (fast for big blocks)."""
     from PIL import Image
 
@@ -879,100 +599,11 @@ def _pil_to_rgb(img: Any) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def _tile_size(props: Mapping[str, str], prefix: str, level: int) -> tuple[int, int] | None:
-    tw = _float_or_none(props.get(f"{prefix}.level[{level}].tile-width"))
-    th = _float_or_none(props.get(f"{prefix}.level[{level}].tile-height"))
+
+def level_tile_size(props: Mapping[str, str], prefix: str, level: int) -> tuple[int, int] | None:
+    tw = float_or_none(props.get(f"{prefix}.level[{level}].tile-width"))
+    th = float_or_none(props.get(f"{prefix}.level[{level}].tile-height"))
     if tw and th and tw > 0 and th > 0:
         return int(tw), int(th)
     return None
 
-
-def _float_or_none(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _positive_or_none(value: Any) -> float | None:
-    f = _float_or_none(value)
-    return f if f is not None and f > 0 else None
-
-
-def _tiff_truncation(tf: Any, level_pages: list[Any]) -> str | None:
-    """Return why a TIFF looks truncated, or None.
-
-    tifffile tolerates a broken file: it stops at an IFD pointer past the end of the file (logging
-    it) and would decode missing tiles as zeros or fail only at read time. Checked: the pixel data
-    of every level lies inside the file and the IFD chain ends with a 0 pointer.
-    """
-    import struct
-
-    fh = tf.filehandle
-    size = fh.size
-    for page in level_pages:
-        counts = np.asarray(page.databytecounts, dtype=np.int64)
-        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-        used = counts > 0
-        if used.any() and int((offsets[used] + counts[used]).max()) > size:
-            return f"pixel data of a {page.shape[1]}x{page.shape[0]} level extends past the end of the file (truncated)"
-    try:
-        last = tf.pages[len(tf.pages) - 1]
-        t = tf.tiff
-        with fh.lock:
-            fh.seek(last.offset)
-            tagno = struct.unpack(t.tagnoformat, fh.read(t.tagnosize))[0]
-            fh.seek(last.offset + t.tagnosize + tagno * t.tagsize)
-            raw = fh.read(t.offsetsize)
-        nxt = struct.unpack(t.offsetformat, raw)[0] if len(raw) == t.offsetsize else size
-    except Exception:  # an unreadable chain end is as bad as a dangling one
-        logger.debug("cannot follow the IFD chain", exc_info=True)
-        return "the TIFF directory chain cannot be followed (truncated or corrupt)"
-    if nxt >= size:
-        return "the TIFF directory chain points past the end of the file (truncated)"
-    return None
-
-
-def _read_tiff_tags_from_file(path: Path) -> _TiffTags | None:
-    """Page-0 description and resolution tags via tifffile, or None if not a (readable) TIFF."""
-    try:
-        with path.open("rb") as fh:
-            if fh.read(4) not in _TIFF_MAGIC:
-                return None
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            return _tiff_tags_from_page(tf.pages.first)
-    except Exception:
-        logger.debug("%s: cannot read TIFF tags", path, exc_info=True)
-        return None
-
-
-def _tiff_tags_from_page(page: Any) -> _TiffTags:
-    tags = page.tags
-
-    def rational(name: str) -> float | None:
-        tag = tags.get(name)
-        if tag is None:
-            return None
-        v = tag.value
-        try:
-            num, den = (v[0], v[1]) if isinstance(v, tuple) and len(v) == 2 else (v, 1)
-            return float(num) / float(den) if float(den) else None
-        except (TypeError, ValueError, IndexError):
-            return None
-
-    unit_tag = tags.get("ResolutionUnit")
-    desc_tag = tags.get("ImageDescription")
-    desc = desc_tag.value if desc_tag is not None else None
-    if isinstance(desc, bytes):
-        desc = desc.decode("latin-1", "replace")
-    return _TiffTags(
-        description=desc if isinstance(desc, str) else None,
-        x_resolution=rational("XResolution"),
-        y_resolution=rational("YResolution"),
-        resolution_unit=int(unit_tag.value) if unit_tag is not None else None,
-    )
