@@ -210,8 +210,8 @@ def test_two_concurrent_tile_processes_on_one_slide(tmp_path):
     assert len(store.read_tiles(slice(0, len(store)))) == len(store)
     with (out / "manifest.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["slide_id"], r["status"]) for r in rows] == [("big", "skipped")] or [r["status"] for r in rows] == ["done"]
-    assert all(r["status"] != "failed" for r in rows)
+    # One row, merged from both runs (the later one, which found the store finished, wins); never "failed".
+    assert [(r["slide_id"], r["status"]) for r in rows] == [("big", "skipped")]
     assert not list(out.glob(".big.zarr.*"))  # no partial, no lock file left
 
 

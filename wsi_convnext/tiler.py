@@ -536,7 +536,7 @@ def tile_slide(
             if writer is not None:
                 writer.abort()
             if isinstance(exc, OSError) and not isinstance(exc, WsiConvnextError) and exc.errno in _WRITE_ERRNOS:
-                raise write_error(getattr(exc, "filename", None) or final, exc) from exc
+                raise write_error(final, exc) from exc
             raise
     seconds = time.perf_counter() - t0
     logger.info("%s: %d tiles in %.1f s", slide_id, len(grid), seconds)
