@@ -317,7 +317,8 @@ def test_predict_stage_feeds_predictions_and_report(reference: dict[str, Any], c
     with (reference["out"] / "predictions.csv").open() as fh:
         rows = {r["slide_id"]: r for r in csv.DictReader(fh)}
     assert set(rows) == {"gen0", "gen1", "gen2"}
-    assert float(rows["gen1"]["p_tumor"]) == pytest.approx(pred["probabilities"]["tumor"], abs=1e-6)
+    assert float(rows["gen1"]["prob_tumor"]) == pytest.approx(pred["probabilities"]["tumor"], abs=1e-6)
+    assert rows["gen1"]["predicted"] == pred["label"] and "label" not in rows["gen1"]  # one dialect (issue 8)
     assert (reference["out"] / "heatmaps" / "gen1.heatmap.png").is_file()
     from wsi_convnext.store import open_store
 

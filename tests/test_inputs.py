@@ -22,7 +22,7 @@ def test_folder_recursive_and_collisions_are_deterministic(tmp_path):
     _touch(tmp_path / "d" / "level0.dcm")
     _touch(tmp_path / "d" / "level1.dcm")  # same DICOM series: one slide
     specs = discover_slides([tmp_path])
-    assert [s.slide_id for s in specs] == ["s1", "s1-2", "x", "level0"]
+    assert [s.slide_id for s in specs] == ["a-s1", "b-s1", "x", "level0"]  # colliding stems: by relative path
     assert discover_slides([tmp_path]) == specs
 
 

@@ -4,19 +4,39 @@ There is one way to write a file or a directory so that a reader never sees it h
 written: build it under a hidden temporary sibling, then rename it into place. The
 temporary name carries the pid and a random suffix, so two runs writing the same target
 never share a temporary file.
+
+Two runs that write the *same* output serialise on :func:`path_lock`, an OS file lock
+(``fcntl.flock``) on a hidden ``.<name>.lock`` sibling held for the life of the write. The
+kernel drops the lock when its holder dies, so a lock left by a killed process is never
+"stale" in the sense of blocking anyone; :func:`path_lock` recognises such leftovers (the
+pid written in them is dead), logs that it breaks them, and takes them over.
+
+Every output path a user-controlled name flows into is checked with :func:`inside` to
+resolve inside its output folder.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import logging
 import os
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import BusyError, ConfigError, OutputWriteError, UnsafePathError
+
+logger = logging.getLogger(__name__)
+
 TMP_MARK = ".partial-"
+LOCK_SUFFIX = ".lock"
+"""Suffix of lock files (``.<name>.lock`` next to the locked path)."""
 """Marker in the names of temporary siblings (``.<name>.partial-<pid>-<hex>``)."""
 
 _HASH_CHUNK = 1 << 22
@@ -142,3 +162,176 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- output paths ---------------------------------------------------------------------------
+
+
+def inside(folder: str | os.PathLike[str], *parts: str) -> Path:
+    """``folder / parts...``, checked to resolve (symlinks and ``..`` followed) inside ``folder``.
+
+    Every output path built from a name that a user, a manifest or a store supplied goes
+    through here, so a crafted name can never write (or, with ``--overwrite``, delete)
+    anything outside the output folder.
+
+    Raises:
+        UnsafePathError: The path would leave ``folder`` (or is ``folder`` itself).
+    """
+    base = Path(folder)
+    child = base.joinpath(*parts)
+    root = base.resolve()
+    try:
+        resolved = child.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise UnsafePathError(f"{child}: cannot resolve the output path ({exc})") from exc
+    if resolved == root or not resolved.is_relative_to(root):
+        raise UnsafePathError(f"{child}: output path resolves to {resolved}, outside the output folder {root}; refusing to write")
+    return child
+
+
+def ensure_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Create the output folder ``path`` (and parents); returns it.
+
+    Raises:
+        ConfigError: ``path`` (or a parent) exists and is not a folder.
+        OutputWriteError: The folder cannot be created (permissions, full disk).
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{p}: {option} must be a folder but is a file; choose another {option}")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        raise ConfigError(f"{p}: {option} lies under a file, not a folder; choose another {option}") from exc
+    except OSError as exc:
+        raise write_error(p, exc) from exc
+    return p
+
+
+def write_error(path: str | os.PathLike[str], exc: OSError) -> OutputWriteError:
+    """A one-line :class:`OutputWriteError` for an OS error while writing ``path`` (the path is named)."""
+    what = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = "free some space and re-run" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the folder and re-run"
+    err = OutputWriteError(f"{path}: cannot write ({what}); {hint}")
+    err.errno = exc.errno
+    return err
+
+
+# --- processes and locks --------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a zombie counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_partials(final: str | os.PathLike[str]) -> int:
+    """Delete the temporary siblings of ``final`` whose writer process is dead. Returns how many.
+
+    A partial whose pid is alive (another run writing right now, or this process) is left
+    alone. Call it while holding :func:`path_lock` on ``final``.
+    """
+    p = Path(final)
+    if not p.parent.is_dir():
+        return 0
+    prefix = f".{p.name}{TMP_MARK}"
+    n = 0
+    for entry in p.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid = partial_pid(entry)
+        if pid is None or pid == os.getpid() or pid_alive(pid):
+            continue
+        logger.info("%s: removing a partial write left by dead process %d", entry, pid)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def lock_path(target: str | os.PathLike[str]) -> Path:
+    """The lock file of ``target``: ``.<name>.lock`` in the same folder."""
+    p = Path(target)
+    return p.with_name(f".{p.name}{LOCK_SUFFIX}")
+
+
+def _lock_holder(path: Path) -> tuple[str, int] | None:
+    try:
+        host, _, pid = path.read_text(encoding="utf-8").strip().rpartition(" ")
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def path_lock(
+    target: str | os.PathLike[str], *, wait: bool = True, timeout: float | None = None, poll: float = 0.2
+) -> Iterator[Path]:
+    """Hold an exclusive OS lock on ``target`` (a file or folder that need not exist yet).
+
+    The lock is ``fcntl.flock`` on ``.<name>.lock`` next to ``target``; it is released when
+    the block ends or the process dies. Inside one process the lock is not re-entrant.
+
+    Args:
+        target: The path to be written.
+        wait: Wait for another holder; False raises :class:`BusyError` at once.
+        timeout: Most seconds to wait (None: no limit).
+        poll: Seconds between attempts while waiting.
+
+    Yields:
+        The lock file.
+
+    Raises:
+        BusyError: Another live process holds the lock and ``wait`` is false or ``timeout`` passed.
+    """
+    lock = lock_path(target)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    told = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _lock_holder(lock)
+            who = f"process {holder[1]} on {holder[0]}" if holder else "another process"
+            if not wait or (deadline is not None and time.monotonic() >= deadline):
+                raise BusyError(f"{target}: {who} is writing it; wait for it to finish or use another output folder") from None
+            if not told:
+                logger.warning("%s: %s is writing it; waiting", target, who)
+                told = True
+            time.sleep(poll)
+            continue
+        # The file may have been unlinked by its previous holder between open and flock:
+        # only a lock on the file the path names now counts.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        break
+    holder = _lock_holder(lock)
+    if holder is not None and holder[0] == socket.gethostname() and not pid_alive(holder[1]):
+        logger.info("%s: breaking a stale lock of dead process %d", target, holder[1])
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        yield lock
+    finally:
+        try:
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # closing drops the flock

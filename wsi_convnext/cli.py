@@ -111,6 +111,7 @@ def tile(
     backend: Annotated[str, typer.Option(help="Slide reader: auto, openslide or tiffslide.")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Parallel readers per slide (processes for large slides) [default: all cores].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Re-tile slides whose store was made with other parameters.")] = False,
+    fingerprint: Annotated[str, typer.Option(help="Slide change detection: quick (size + first/last MiB) or full (hash every byte).")] = "quick",
 ) -> None:
     """Find tissue and cut tiles at an exact µm/px into one zarr store per slide."""
     with _errors():
@@ -127,11 +128,13 @@ def tile(
         params = TileParams.from_kwargs(
             mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue, quality=quality,
             encoding="png" if lossless else "jpeg", allow_upsample=allow_upsample, backend=backend, workers=workers,
-            tissue=tissue_params,
+            tissue=tissue_params, fingerprint=fingerprint,
         )  # fmt: skip
         params.validate()
         slides = discover_slides(inputs, slide_mpp=slide_mpp)
-        out.mkdir(parents=True, exist_ok=True)
+        from ._io import ensure_dir
+
+        ensure_dir(out)
         with RunManifest(out / "manifest.csv") as manifest, _progress_bar("tiling", total=len(slides)) as update:
             done = {"n": 0}
 
@@ -243,6 +246,26 @@ def export(
         typer.echo(f"wrote {len(paths)} file(s) to {out}")
 
 
+@app.command()
+def verify(
+    stores: Annotated[list[Path], typer.Argument(help="Stores or folders of stores.")],
+) -> None:
+    """Re-hash every chunk of each store against the checksums recorded when it was written."""
+    with _errors():
+        from .store import verify_stores
+
+        def on_result(r: Any) -> None:
+            typer.echo(f"{r.status:>12}  {r.path}  ({r.files} chunk files)")
+            for line in r.problems[:20]:
+                (_err if r.status in ("damaged", "invalid") else typer.echo)(line)
+
+        results = verify_stores(stores, on_result=on_result)
+        bad = sum(r.status in ("damaged", "invalid") for r in results)
+        typer.echo(f"{len(results) - bad} of {len(results)} stores verified without damage")
+        if bad:
+            raise typer.Exit(1)
+
+
 # --- MIL: train / evaluate / predict / heatmap ----------------------------------------------
 
 
@@ -311,17 +334,25 @@ def predict(
 
         paths = find_stores(stores)
         with _progress_bar("predicting", total=len(paths)) as update:
-            preds = predict_mil(model_dir, paths, out_csv=out, write_scores=True, progress=_mil_progress(update))
+            preds = predict_mil(
+                model_dir, paths, out_csv=out, write_scores=True, progress=_mil_progress(update), on_error="record"
+            )
         _print_table(
-            "predictions", ["slide", "predicted", "probabilities", "tiles"],
-            [[p.slide_id, p.predicted, " ".join(f"{c}={v:.3f}" for c, v in p.probabilities.items()), p.n_tiles] for p in preds],
+            "predictions", ["slide", "predicted", "probabilities", "tiles", "error"],
+            [[p.slide_id, p.predicted, " ".join(f"{c}={v:.3f}" for c, v in p.probabilities.items()), p.n_tiles, p.error] for p in preds],
         )  # fmt: skip
+        for p in preds:
+            if p.status == "failed":
+                _err(p.error or "")
         typer.echo(f"predictions: {out}")
         if heatmaps is not None:
             from .outputs.heatmap import heatmaps as draw
 
-            drawn = draw(model_dir, paths, heatmaps)
+            good = [path for path, p in zip(paths, preds) if p.status != "failed"]
+            drawn = draw(model_dir, good, heatmaps) if good else {}
             typer.echo(f"heatmaps: {len(drawn)} slide(s) in {heatmaps}")
+        if any(p.status == "failed" for p in preds):
+            raise typer.Exit(1)
 
 
 @app.command()

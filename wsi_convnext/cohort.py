@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
@@ -838,23 +837,10 @@ def _drive(
 
 
 def write_predictions(path: Path, predictions: Mapping[str, Mapping[str, Any]]) -> None:
-    """Merge ``predictions`` into the CSV ``path`` (``slide_id, label, p_<class>...``), atomically."""
-    import csv
+    """Merge ``predictions`` into the CSV ``path`` in the one predictions dialect, atomically."""
+    from .outputs.predictions import prediction_rows, write_predictions as write
 
-    rows: dict[str, dict[str, str]] = {}
-    if path.is_file():
-        with path.open(newline="") as fh:
-            rows = {r["slide_id"]: r for r in csv.DictReader(fh) if r.get("slide_id")}
-    for sid, pred in predictions.items():
-        row = {"slide_id": sid, "label": str(pred.get("label", ""))}
-        row.update({f"p_{k}": f"{float(v):.6f}" for k, v in (pred.get("probabilities") or {}).items()})
-        rows[sid] = row
-    columns = ["slide_id", "label"] + sorted({k for r in rows.values() for k in r} - {"slide_id", "label"})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", restval="")
-    w.writeheader()
-    w.writerows(rows[k] for k in sorted(rows))
-    atomic_write_text(path, buf.getvalue())
+    write(path, prediction_rows(predictions), merge=True)
 
 
 def run_cohort(

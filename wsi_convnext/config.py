@@ -118,6 +118,7 @@ class TileConfig:
     backend: str | None = _opt(_non_empty, "slide reader: auto, openslide or tiffslide")
     workers: int | None = _opt(_positive, "read/resample/encode threads per slide")
     region_size: int | None = _opt(_positive, "side of one aligned read in read-level pixels")
+    fingerprint: str | None = _opt(_non_empty, "slide change detection: quick (size + first/last MiB) or full (every byte)")
     tissue: dict[str, Any] = field(default_factory=dict, metadata={"doc": "TissueParams keyword arguments"})
 
 
@@ -247,7 +248,7 @@ class RunConfig:
         t = self.tile
         names = (
             "mpp", "tile_size", "overlap", "min_tissue", "encoding", "quality", "allow_upsample", "backend",
-            "region_size",
+            "region_size", "fingerprint",
         )  # fmt: skip
         kwargs = {n: getattr(t, n) for n in names if getattr(t, n) is not None}
         kwargs["workers"] = t.workers if t.workers is not None else 1  # slides are the unit of parallelism

@@ -41,6 +41,22 @@ class StoreExistsError(WsiConvnextError, FileExistsError):
     """A finished store or feature set exists with different parameters; pass ``overwrite``."""
 
 
+class StoreDamagedError(StoreError):
+    """A finished store's arrays are missing chunks or fail their checksums; re-tile / re-embed."""
+
+
+class BusyError(WsiConvnextError, BlockingIOError):
+    """Another live process is writing the same output (it holds the output's lock)."""
+
+
+class UnsafePathError(WsiConvnextError, ValueError):
+    """A name (slide id, file stem) would make an output path leave its output folder."""
+
+
+class OutputWriteError(WsiConvnextError, OSError):
+    """An output could not be written (full disk, permissions); nothing half-written is left."""
+
+
 class ConfigError(WsiConvnextError, ValueError):
     """A configuration value or option is invalid."""
 
@@ -62,7 +78,7 @@ class LabelsError(WsiConvnextError, ValueError):
 
 
 USAGE_ERRORS: tuple[type[WsiConvnextError], ...] = (
-    ConfigError, InputNotFoundError, DeviceError, EncoderError, WeightsError, LabelsError,
+    ConfigError, InputNotFoundError, DeviceError, EncoderError, WeightsError, LabelsError, UnsafePathError,
 )
 """Errors that mean "called it wrong" (CLI exit code 2) rather than "a slide or step failed" (1)."""
 

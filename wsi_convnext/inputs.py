@@ -1,8 +1,17 @@
-"""Turning user inputs (files, folders, CSV manifests) into a list of slides to process."""
+"""Turning user inputs (files, folders, CSV manifests) into a list of slides to process.
+
+This module owns the slide-id policy (:func:`check_slide_id`): a slide id names files and
+folders (``OUT/<slide_id>.zarr``, ``OUT/qc/<slide_id>.png``, heatmaps, exports), so it is
+a plain file stem: letters, digits, ``_``, ``.`` and ``-``, starting with a letter or digit,
+without a ``.zarr`` suffix. Ids derived from file names are sanitised into that form; an
+explicit id from a manifest that is not of that form is refused, naming the manifest row.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -13,7 +22,45 @@ from .errors import ConfigError, InputNotFoundError
 from .slide import SLIDE_EXTENSIONS
 
 
+logger = logging.getLogger(__name__)
+
 _ID_SAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
+#: What a slide id looks like (see the module docstring).
+SLIDE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")
+_STORE_SUFFIX = ".zarr"
+
+
+def sanitise_slide_id(name: str) -> str:
+    """Turn any text into a valid slide id, like a file stem (``"TCGA 01.zarr"`` → ``"TCGA_01"``)."""
+    name = _ID_SAFE.sub("_", name)
+    while name.lower().endswith(_STORE_SUFFIX):
+        name = name[: -len(_STORE_SUFFIX)]
+    name = name.strip("._-")[:200].rstrip("._-")
+    return name or "slide"
+
+
+def is_slide_id(slide_id: str) -> bool:
+    """Whether ``slide_id`` follows the slide-id policy (safe as a file and folder name)."""
+    return (
+        isinstance(slide_id, str)
+        and SLIDE_ID_PATTERN.fullmatch(slide_id) is not None
+        and not slide_id.lower().endswith(_STORE_SUFFIX)
+    )
+
+
+def check_slide_id(slide_id: str, where: str) -> str:
+    """Return ``slide_id`` if it follows the slide-id policy, else raise naming ``where``.
+
+    Raises:
+        ConfigError: The id is empty, holds a path separator, ``..``, starts with a dot, is
+            absolute, ends in ``.zarr``, or has other characters than letters, digits, ``_.-``.
+    """
+    if is_slide_id(slide_id):
+        return slide_id
+    raise ConfigError(
+        f"{where}: slide_id {slide_id!r} is not a safe name (letters, digits, '_', '.', '-'; no '/', "
+        f"no leading dot, no .zarr suffix); use e.g. {sanitise_slide_id(str(slide_id))!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -47,7 +94,7 @@ def slide_stem(path: Path) -> str:
             break
     else:
         name = path.stem
-    return _ID_SAFE.sub("_", name).strip("._") or "slide"
+    return sanitise_slide_id(name)
 
 
 def _dicom_series_key(path: Path) -> Path | None:
@@ -66,6 +113,12 @@ def _walk(folder: Path) -> list[Path]:
             p = Path(root) / name
             if not is_slide_file(p):
                 continue
+            if p.is_symlink():
+                try:
+                    p.resolve(strict=True)
+                except (OSError, RuntimeError) as exc:  # a loop or a dangling link
+                    logger.warning("%s: skipping a symlink that leads nowhere (%s)", p, exc)
+                    continue
             series = _dicom_series_key(p)
             if series is not None:
                 if series in seen_dicom:
@@ -75,15 +128,30 @@ def _walk(folder: Path) -> list[Path]:
     return found
 
 
-def _read_manifest(path: Path) -> list[tuple[Path, str | None, float | None]]:
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    slide_id: str | None
+    mpp: float | None
+    rel: Path  # path relative to the input it came from; names colliding stems
+
+
+def _read_manifest(path: Path) -> list[_Entry]:
     try:
-        with path.open(newline="") as fh:
+        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             fields = [f.strip().lower() for f in (reader.fieldnames or [])]
             if "path" not in fields:
                 raise ConfigError(f"{path}: manifest needs a 'path' column (optional: slide_id, mpp)")
             rows = []
-            for lineno, raw in enumerate(reader, start=2):
+            for raw in reader:
+                lineno = reader.line_num
+                if None in raw:
+                    raise ConfigError(
+                        f"{path}:{lineno}: row has {len(fields) + len(raw[None])} fields but the header has "
+                        f"{len(fields)}; quote values that contain commas"
+                    )
                 row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
                 if not row.get("path"):
                     raise ConfigError(f"{path}:{lineno}: empty 'path'")
@@ -96,20 +164,42 @@ def _read_manifest(path: Path) -> list[tuple[Path, str | None, float | None]]:
                         mpp = float(row["mpp"])
                     except ValueError as exc:
                         raise ConfigError(f"{path}:{lineno}: mpp {row['mpp']!r} is not a number") from exc
-                    if not mpp > 0:
-                        raise ConfigError(f"{path}:{lineno}: mpp must be positive, got {mpp}")
-                rows.append((slide, row.get("slide_id") or None, mpp))
+                    if not 0 < mpp < float("inf"):
+                        raise ConfigError(f"{path}:{lineno}: mpp must be positive and finite, got {mpp}")
+                sid = row.get("slide_id") or None
+                if sid is not None:
+                    check_slide_id(sid, f"{path}:{lineno}")
+                rel = Path(row["path"])
+                rel = Path(*rel.parts[-2:]) if rel.is_absolute() else rel
+                rows.append(_Entry(slide, sid, mpp, rel))
             return rows
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: manifest is not a text CSV file") from exc
+    except csv.Error as exc:
+        raise ConfigError(f"{path}: malformed CSV ({exc})") from exc
+
+
+def _path_id(rel: Path) -> str:
+    """A slide id from a relative path: its folders and stem joined by ``-`` (``a/b/x.svs`` → ``a-b-x``)."""
+    parts = [p for p in rel.parts[:-1] if p not in ("", ".", "..", "/")] + [slide_stem(rel)]
+    return sanitise_slide_id("-".join(sanitise_slide_id(p) for p in parts))
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()
 
 
 def discover_slides(inputs: Sequence[str | os.PathLike[str]], *, slide_mpp: float | None = None) -> list[SlideSpec]:
     """Expand files, folders (searched recursively) and CSV manifests into slides.
 
-    Slide ids are file stems. Colliding stems are made unique deterministically: slides
-    are sorted by path and every slide after the first of a stem gets ``-2``, ``-3``, ...
-    An explicit ``slide_id`` from a manifest is kept as given and must be unique.
+    Slide ids are file stems. Ids are stable when slides are added: slides whose stems
+    collide all get an id from their path relative to the input folder (``a/x.svs`` and
+    ``b/x.svs`` become ``a-x`` and ``b-x``; a slide added later never renames them), and a
+    warning names the colliding files. An explicit ``slide_id`` from a manifest is checked
+    against the slide-id policy (:func:`check_slide_id`) and must be unique.
 
     Args:
         inputs: Slide files, folders or ``.csv`` manifests (columns ``path``, optional ``slide_id``, ``mpp``).
@@ -117,9 +207,11 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]], *, slide_mpp: floa
 
     Raises:
         InputNotFoundError: A path does not exist, or nothing slide-like was found.
-        ConfigError: A malformed manifest or duplicate explicit slide ids.
+        ConfigError: A malformed manifest, an unsafe or duplicate slide id.
     """
-    entries: list[tuple[Path, str | None, float | None]] = []
+    if slide_mpp is not None and not 0 < slide_mpp < float("inf"):
+        raise ConfigError(f"--slide-mpp must be positive and finite, got {slide_mpp}")
+    entries: list[_Entry] = []
     for raw in inputs:
         p = Path(raw)
         if not p.exists():
@@ -130,33 +222,55 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]], *, slide_mpp: floa
                 raise InputNotFoundError(
                     f"{p}: no slides found (looked for {', '.join(sorted(SLIDE_EXTENSIONS))})"
                 )
-            entries += [(f, None, None) for f in files]
+            entries += [_Entry(f, None, None, f.relative_to(p)) for f in files]
         elif p.suffix.lower() == ".csv":
             rows = _read_manifest(p)
             if not rows:
                 raise InputNotFoundError(f"{p}: manifest lists no slides")
             entries += rows
         else:
-            entries.append((p, None, None))
+            entries.append(_Entry(p, None, None, Path(p.parent.name, p.name) if p.parent.name else Path(p.name)))
 
     # De-duplicate the same file given twice; keep the first mention.
-    unique: dict[Path, tuple[Path, str | None, float | None]] = {}
-    for path, sid, mpp in entries:
-        unique.setdefault(path.resolve(), (path, sid, mpp))
-    ordered = sorted(unique.values(), key=lambda e: str(e[0]))
+    unique: dict[Path, _Entry] = {}
+    for e in entries:
+        unique.setdefault(_resolved(e.path), e)
+    ordered = sorted(unique.values(), key=lambda e: str(e.path))
 
-    explicit = [sid for _, sid, _ in ordered if sid]
-    dupes = sorted({s for s in explicit if explicit.count(s) > 1})
-    if dupes:
-        raise ConfigError(f"duplicate slide_id in manifest: {', '.join(dupes)}")
-    taken: set[str] = set(explicit)
+    explicit: dict[str, Path] = {}
+    for e in ordered:
+        if e.slide_id is None:
+            continue
+        if e.slide_id in explicit:
+            raise ConfigError(f"duplicate slide_id in manifest: {e.slide_id} ({explicit[e.slide_id]} and {e.path})")
+        explicit[e.slide_id] = e.path
+
+    by_stem: dict[str, list[_Entry]] = {}
+    for e in ordered:
+        if e.slide_id is None:
+            by_stem.setdefault(slide_stem(e.path), []).append(e)
+    ids: dict[Path, str] = {}
+    for stem, group in by_stem.items():
+        if len(group) == 1 and stem not in explicit:
+            ids[group[0].path] = stem
+            continue
+        logger.warning(
+            "slide id %r is shared by %s; naming them by their relative paths (%s)",
+            stem, " and ".join(str(e.path) for e in group), ", ".join(_path_id(e.rel) for e in group),
+        )  # fmt: skip
+        for e in group:
+            ids[e.path] = _path_id(e.rel)
+    # A path-derived id can still collide (``a-b/x`` vs ``a/b-x``): add a hash of the path.
+    owners: dict[str, Path] = dict(explicit)
     specs: list[SlideSpec] = []
-    for path, sid, mpp in ordered:
-        if sid is None:
-            base = slide_stem(path)
-            sid, k = base, 2
-            while sid in taken:
-                sid, k = f"{base}-{k}", k + 1
-            taken.add(sid)
-        specs.append(SlideSpec(path=path, slide_id=sid, mpp=mpp if mpp is not None else slide_mpp))
+    for e in ordered:
+        sid = e.slide_id or ids[e.path]
+        if e.slide_id is None and sid in owners:
+            other = owners[sid]
+            sid = f"{sid}-{hashlib.sha1(str(e.rel).encode()).hexdigest()[:8]}"
+            logger.warning("slide id collision: %s and %s; the latter is named %r", other, e.path, sid)
+            if sid in owners:
+                raise ConfigError(f"slide id collision: {owners[sid]} and {e.path} both map to {sid!r}; list them in a manifest with explicit slide_id")
+        owners[sid] = e.path
+        specs.append(SlideSpec(path=e.path, slide_id=sid, mpp=e.mpp if e.mpp is not None else slide_mpp))
     return specs

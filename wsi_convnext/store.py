@@ -16,6 +16,12 @@ Layout of ``<slide_id>.zarr``::
 Writes are atomic: a store is built under a hidden ``.<slide_id>.zarr.partial-*`` name
 and renamed when complete; feature and score arrays are built under a hidden name inside
 their folder and renamed. A store or array without ``complete: true`` is never valid.
+
+Writes are checked: with ``complete`` the writer records every chunk file it wrote (size
+and sha256, attr ``integrity``). :func:`open_store` checks that those files are there with
+their sizes (cheap, always); readers check the chunks they touch and never let zarr turn a
+missing chunk into fill values; :func:`verify_store` re-hashes everything. Damage is a
+one-line :class:`~wsi_convnext.errors.StoreDamagedError`.
 """
 
 from __future__ import annotations
@@ -28,14 +34,15 @@ import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from . import __version__
-from ._io import TMP_MARK, replace_dir, temp_sibling
-from .errors import InputNotFoundError, StoreError, StoreExistsError
+from ._io import TMP_MARK, file_sha256, path_lock, remove_dead_partials, replace_dir, temp_sibling
+from .errors import InputNotFoundError, StoreDamagedError, StoreError, StoreExistsError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -122,17 +129,124 @@ def _json_default(obj: Any) -> Any:
 
 
 def remove_partials(final: Path) -> int:
-    """Delete leftovers of killed writes of ``final`` (hidden ``.partial-*`` siblings). Returns how many."""
-    parent = final.parent
-    if not parent.is_dir():
-        return 0
-    prefix = f".{final.name}{_PARTIAL}"
-    n = 0
-    for entry in parent.iterdir():
-        if entry.name.startswith(prefix):
-            shutil.rmtree(entry, ignore_errors=True)
-            n += 1
-    return n
+    """Delete leftovers of killed writes of ``final`` whose writer is dead. Returns how many.
+
+    A partial of a live process (another run writing right now) is left alone; see
+    :func:`wsi_convnext._io.remove_dead_partials`.
+    """
+    return remove_dead_partials(final)
+
+
+def is_store_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder holding a wsi-convnext store's group metadata (finished or not)."""
+    meta_file = Path(path) / "zarr.json"
+    if Path(path).is_symlink() or not meta_file.is_file():
+        return False
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("node_type") == "group" and meta.get("attributes", {}).get("kind") == STORE_KIND
+
+
+# --- integrity records ------------------------------------------------------------------
+
+INTEGRITY_ALGORITHM = "sha256"
+#: Group arrays that can never legitimately hold an all-fill chunk; in stores without an
+#: integrity record (older schema-1 stores) their chunk files are checked by name.
+_NEVER_EMPTY = ("tiles", "coords")
+_warned_unverified: set[str] = set()
+
+
+def _chunk_files(array_dir: Path) -> dict[str, list[Any]]:
+    """``{relative path: [size, sha256]}`` of every chunk file under ``array_dir``."""
+    files: dict[str, list[Any]] = {}
+    for root, _dirs, names in os.walk(array_dir):
+        for name in names:
+            f = Path(root) / name
+            rel = f.relative_to(array_dir).as_posix()
+            if rel == "zarr.json":
+                continue
+            files[rel] = [f.stat().st_size, file_sha256(f)]
+    return dict(sorted(files.items()))
+
+
+def _array_record(array_dir: Path) -> dict[str, Any]:
+    meta = json.loads((array_dir / "zarr.json").read_text())
+    files = _chunk_files(array_dir)
+    return {"chunk_grid": int(np.prod(_grid_shape(meta))), "n_files": len(files), "files": files}
+
+
+def _grid_shape(meta: Mapping[str, Any]) -> list[int]:
+    shape = list(meta.get("shape", []))
+    chunks = list(meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", shape))
+    return [-(-int(n) // max(1, int(c))) for n, c in zip(shape, chunks)]
+
+
+def _chunk_key(meta: Mapping[str, Any], index: Sequence[int]) -> str:
+    enc = meta.get("chunk_key_encoding", {})
+    sep = enc.get("configuration", {}).get("separator", "/" if enc.get("name", "default") == "default" else ".")
+    key = sep.join(str(i) for i in index) if index else "0"
+    return key if enc.get("name", "default") == "v2" else f"c{sep}{key}" if index else "c"
+
+
+class _ArrayGuard:
+    """Checks that the chunk files of one array exist (with their recorded sizes) before a read."""
+
+    def __init__(self, store_path: Path, name: str, array_dir: Path, record: Mapping[str, Any] | None, strict: bool) -> None:
+        self.store_path, self.name, self.dir = store_path, name, array_dir
+        self.meta = json.loads((array_dir / "zarr.json").read_text())
+        self.files: Mapping[str, Any] | None = record.get("files") if record else None
+        self.strict = strict  # without a record: is a missing chunk damage (never-empty arrays)?
+        self.grid = _grid_shape(self.meta)
+        shape = self.meta.get("shape", [])
+        self.rows_per_chunk = int(self.meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", shape or [1])[0] or 1) if shape else 1
+
+    def damaged(self, what: str) -> StoreDamagedError:
+        return damaged_error(self.store_path, f"{self.name}: {what}")
+
+    def check_all(self) -> None:
+        if self.files is not None:
+            for rel, (size, _sha) in self.files.items():
+                self._check_file(rel, size)
+        elif self.strict:
+            for index in np.ndindex(*self.grid):
+                self._check_file(_chunk_key(self.meta, index), None)
+
+    def check_rows(self, rows: slice | np.ndarray | None) -> None:
+        """Check the chunks that a read of ``rows`` (along axis 0; None: all) touches."""
+        if rows is None or not self.grid:
+            return self.check_all()
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(int(self.meta["shape"][0]))
+            first, last = start // self.rows_per_chunk, (max(start, stop - 1)) // self.rows_per_chunk
+            ids: Any = range(first, last + 1) if stop > start else ()
+        else:
+            ids = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1) // self.rows_per_chunk)
+        if self.files is None and not self.strict:
+            return
+        for i in ids:
+            for rest in np.ndindex(*self.grid[1:]):
+                key = _chunk_key(self.meta, (int(i), *rest))
+                rec = self.files.get(key) if self.files is not None else None
+                if self.files is not None and rec is None:
+                    continue  # never written (all fill), as recorded
+                self._check_file(key, rec[0] if rec else None)
+
+    def _check_file(self, rel: str, size: int | None) -> None:
+        f = self.dir / rel
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            raise self.damaged(f"chunk {rel} is missing") from None
+        if size is not None and st.st_size != size:
+            raise self.damaged(f"chunk {rel} has {st.st_size} bytes, {size} were written (truncated?)")
+
+
+def damaged_error(store_path: Path, what: str) -> StoreDamagedError:
+    """The one-line error for a damaged store: what is wrong and what to redo."""
+    redo = "re-embed it (`wsi-convnext embed --overwrite`)" if "features/" in what else "re-tile the slide (`wsi-convnext tile --overwrite`)"
+    return StoreDamagedError(f"{store_path}: store damaged: {what}; {redo}")
 
 
 def commit_dir(partial: Path, final: Path, *, overwrite: bool) -> None:
@@ -144,6 +258,9 @@ def commit_dir(partial: Path, final: Path, *, overwrite: bool) -> None:
 
 
 # --- writing ----------------------------------------------------------------------------
+
+#: Write every chunk, even all-fill ones, so that a missing chunk file always means damage.
+_FULL_CHUNKS = {"write_empty_chunks": True}
 
 
 class TileStoreWriter:
@@ -178,6 +295,7 @@ class TileStoreWriter:
             dtype=_vlen_bytes_dtype(),
             compressors=None,  # JPEG/PNG bytes do not compress further
             attributes={"encoding": encoding, "tile_size": self.tile_size, "channels": 3},
+            config=_FULL_CHUNKS,
         )
         self._group.create_group("features")
         self._group.create_group("scores")
@@ -224,14 +342,19 @@ class TileStoreWriter:
         coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         if coords.shape[0] != self.n_tiles:
             raise StoreError(f"{self.final_path}: {coords.shape[0]} coords for {self.n_tiles} tiles")
+        if overwrite and (self.final_path.exists() or self.final_path.is_symlink()) and not is_store_dir(self.final_path):
+            raise StoreExistsError(
+                f"{self.final_path}: exists and is not a wsi-convnext store; --overwrite only replaces stores"
+            )
         g = self._group
         chunk_rows = max(1, min(self.n_tiles, 65536))
-        g.create_array("coords", data=coords, chunks=(chunk_rows, 2))
+        g.create_array("coords", data=coords, chunks=(chunk_rows, 2), config=_FULL_CHUNKS)
         g.create_array(
-            "tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32).reshape(-1), chunks=(chunk_rows,)
+            "tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32).reshape(-1), chunks=(chunk_rows,),
+            config=_FULL_CHUNKS,
         )
-        g.create_array("thumbnail", data=np.ascontiguousarray(thumbnail, dtype=np.uint8))
-        g.create_array("tissue_mask", data=np.ascontiguousarray(tissue_mask, dtype=bool))
+        g.create_array("thumbnail", data=np.ascontiguousarray(thumbnail, dtype=np.uint8), config=_FULL_CHUNKS)
+        g.create_array("tissue_mask", data=np.ascontiguousarray(tissue_mask, dtype=bool), config=_FULL_CHUNKS)
         meta = dict(_jsonable(dict(attrs)))
         meta.update(
             kind=STORE_KIND,
@@ -242,6 +365,10 @@ class TileStoreWriter:
             package_version=__version__,
             created=_now(),
         )
+        meta["integrity"] = {
+            "algorithm": INTEGRITY_ALGORITHM,
+            "arrays": {name: _array_record(self.path / name) for name in _REQUIRED_ARRAYS},
+        }
         meta["complete"] = True  # last: a store without it is never valid
         g.attrs.update(meta)
         commit_dir(self.path, self.final_path, overwrite=overwrite)
@@ -273,6 +400,51 @@ class TileStore:
         self._coords: np.ndarray | None = None
         self._tiles = group["tiles"]
         self._decode = TILE_CODECS[self.attrs["tile_encoding"]][1]
+        self._guards: dict[str, _ArrayGuard] = {}
+
+    @property
+    def verifiable(self) -> bool:
+        """Whether the store holds an integrity record (stores written before it existed do not)."""
+        return isinstance(self.attrs.get("integrity"), dict)
+
+    def _guard(self, name: str) -> _ArrayGuard:
+        guard = self._guards.get(name)
+        if guard is None:
+            array_dir = self.path / name
+            if name.startswith(("features/", "scores/")):
+                try:
+                    record = json.loads((array_dir / "zarr.json").read_text()).get("attributes", {}).get("integrity")
+                except (OSError, ValueError) as exc:
+                    raise damaged_error(self.path, f"{name}: unreadable zarr.json ({one_line(exc, 120)})") from exc
+                strict = name.startswith("features/")
+            else:
+                record = (self.attrs.get("integrity") or {}).get("arrays", {}).get(name)
+                strict = name in _NEVER_EMPTY
+            try:
+                guard = _ArrayGuard(self.path, name, array_dir, record, strict)
+            except (OSError, ValueError) as exc:
+                raise damaged_error(self.path, f"{name}: unreadable zarr.json ({one_line(exc, 120)})") from exc
+            self._guards[name] = guard
+        return guard
+
+    def _read(self, name: str, read: Callable[[], Any], rows: slice | np.ndarray | None = None) -> Any:
+        """Run ``read`` on array ``name`` after checking the chunks it touches; damage becomes one line."""
+        self._guard(name).check_rows(rows)
+        try:
+            return read()
+        except StoreError:
+            raise
+        except Exception as exc:  # codec errors (a truncated zstd frame, a short vlen chunk) and the like
+            raise damaged_error(self.path, f"{name}: cannot read ({one_line(exc, 200)})") from exc
+
+    def check_presence(self) -> None:
+        """Check that every recorded chunk file of the group arrays exists with its size (cheap).
+
+        Raises:
+            StoreDamagedError: A chunk file is missing or has another size than was written.
+        """
+        for name in _REQUIRED_ARRAYS:
+            self._guard(name).check_all()
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, n_tiles={len(self)}, mpp={self.mpp}, tile_size={self.tile_size})"
@@ -309,29 +481,30 @@ class TileStore:
     def coords(self) -> np.ndarray:
         """(N, 2) int64 level-0 (x, y) of each tile's top-left corner."""
         if self._coords is None:
-            self._coords = np.asarray(self._group["coords"][...], dtype=np.int64).reshape(-1, 2)
+            self._coords = np.asarray(self._read("coords", lambda: self._group["coords"][...]), dtype=np.int64).reshape(-1, 2)
         return self._coords
 
     @property
     def tissue_fraction(self) -> np.ndarray:
         """(N,) float32 tissue fraction per tile."""
-        return np.asarray(self._group["tissue_fraction"][...], dtype=np.float32)
+        return np.asarray(self._read("tissue_fraction", lambda: self._group["tissue_fraction"][...]), dtype=np.float32)
 
     @property
     def thumbnail(self) -> np.ndarray:
         """(h, w, 3) uint8 overview; ``attrs['thumbnail_downsample']`` level-0 px per pixel."""
-        return np.asarray(self._group["thumbnail"][...])
+        return np.asarray(self._read("thumbnail", lambda: self._group["thumbnail"][...]))
 
     @property
     def tissue_mask(self) -> np.ndarray:
         """(h, w) bool tissue mask; ``attrs['mask_downsample']`` level-0 px per pixel."""
-        return np.asarray(self._group["tissue_mask"][...], dtype=bool)
+        return np.asarray(self._read("tissue_mask", lambda: self._group["tissue_mask"][...]), dtype=bool)
 
     def tile_bytes(self, index: slice | np.ndarray) -> np.ndarray:
         """Encoded tile bytes (1-D object array of ``bytes``) for a slice or an index array."""
         if isinstance(index, slice):
-            return self._tiles[index]
-        return self._tiles.get_orthogonal_selection(np.asarray(index, dtype=np.int64))
+            return self._read("tiles", lambda: self._tiles[index], index)
+        rows = np.asarray(index, dtype=np.int64)
+        return self._read("tiles", lambda: self._tiles.get_orthogonal_selection(rows), rows)
 
     def tile(self, i: int) -> np.ndarray:
         """Tile ``i`` as (T, T, 3) uint8 RGB."""
@@ -339,7 +512,13 @@ class TileStore:
         if not -n <= i < n:
             raise IndexError(f"tile index {i} out of range for {n} tiles")
         i = int(i) % n
-        return self._decode(bytes(self.tile_bytes(slice(i, i + 1))[0]))
+        return self._decode_one(bytes(self.tile_bytes(slice(i, i + 1))[0]))
+
+    def _decode_one(self, data: bytes) -> np.ndarray:
+        try:
+            return self._decode(data)
+        except Exception as exc:  # a damaged tile image
+            raise damaged_error(self.path, f"tiles: cannot decode a tile ({one_line(exc, 120)})") from exc
 
     def read_tiles(
         self, index: slice | Sequence[int] | np.ndarray, *, executor: ThreadPoolExecutor | None = None
@@ -358,7 +537,7 @@ class TileStore:
         out = np.empty((len(raw), t, t, 3), dtype=np.uint8)
 
         def _one(i: int) -> None:
-            out[i] = self._decode(bytes(raw[i]))
+            out[i] = self._decode_one(bytes(raw[i]))
 
         if executor is None:
             for i in range(len(raw)):
@@ -400,11 +579,25 @@ class TileStore:
         if key not in self._sub_keys(folder):
             have = self._sub_keys(folder)
             raise StoreError(f"{self.path}: no {folder} {key!r} (available: {', '.join(have) or 'none'})")
-        return _zarr().open_array(str(self.path / folder / key), mode="r")
+        try:
+            return _zarr().open_array(str(self.path / folder / key), mode="r")
+        except Exception as exc:
+            raise damaged_error(self.path, f"{folder}/{key}: cannot open ({one_line(exc, 200)})") from exc
+
+    def _read_sub(self, folder: str, key: str) -> np.ndarray:
+        arr = self._open_sub(folder, key)
+        data = np.asarray(self._read(f"{folder}/{key}", lambda: arr[...]))
+        if data.shape[:1] != (len(self),):
+            raise damaged_error(self.path, f"{folder}/{key}: {data.shape[0]} rows for {len(self)} tiles")
+        return data
 
     def features(self, key: str | None = None) -> np.ndarray:
-        """(N, D) tile embeddings of encoder configuration ``key`` (may be omitted if only one exists)."""
-        return np.asarray(self._open_sub("features", self.resolve_feature_key(key))[...])
+        """(N, D) tile embeddings of encoder configuration ``key`` (may be omitted if only one exists).
+
+        Raises:
+            StoreDamagedError: A chunk is missing or truncated, or the row count is not N.
+        """
+        return self._read_sub("features", self.resolve_feature_key(key))
 
     def feature_attrs(self, key: str | None = None) -> dict[str, Any]:
         """Attributes of a feature array (model, stem, weights_sha256, preprocessing, dtype, ...)."""
@@ -437,7 +630,7 @@ class TileStore:
 
     def scores(self, name: str) -> np.ndarray:
         """(N,) or (N, C) float32 per-tile scores written under ``scores/<name>``."""
-        return np.asarray(self._open_sub("scores", name)[...])
+        return self._read_sub("scores", name)
 
     def score_attrs(self, name: str) -> dict[str, Any]:
         """Attributes of a score array."""
@@ -458,24 +651,29 @@ class TileStore:
         root = self.path / folder
         root.mkdir(exist_ok=True)
         final = root / key
-        if final.exists() and not overwrite:
-            raise StoreExistsError(f"{final}: already exists; pass --overwrite to replace it")
-        remove_partials(final)
-        partial = temp_sibling(final)
-        rows = max(1, min(data.shape[0], max(1, (8 << 20) // max(1, data[:1].nbytes))))
-        try:
-            arr = zarr.create_array(
-                str(partial), shape=data.shape, dtype=data.dtype, chunks=(rows,) + data.shape[1:], zarr_format=3
-            )
-            arr[...] = data
-            meta = dict(_jsonable(dict(attrs)))
-            meta.update(dtype=str(data.dtype), package_version=__version__, created=_now())
-            meta["complete"] = True
-            arr.attrs.update(meta)
-            commit_dir(partial, final, overwrite=overwrite)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+        # One writer per array at a time; a second one waits, then finds the array written.
+        with path_lock(final):
+            if final.exists() and not overwrite:
+                raise StoreExistsError(f"{final}: already exists (maybe written by another run meanwhile); pass --overwrite to replace it")
+            remove_dead_partials(final)
+            partial = temp_sibling(final)
+            rows = max(1, min(data.shape[0], max(1, (8 << 20) // max(1, data[:1].nbytes))))
+            try:
+                arr = zarr.create_array(
+                    str(partial), shape=data.shape, dtype=data.dtype, chunks=(rows,) + data.shape[1:], zarr_format=3,
+                    config=_FULL_CHUNKS,
+                )
+                arr[...] = data
+                meta = dict(_jsonable(dict(attrs)))
+                meta.update(dtype=str(data.dtype), package_version=__version__, created=_now())
+                meta["integrity"] = {"algorithm": INTEGRITY_ALGORITHM, **_array_record(partial)}
+                meta["complete"] = True
+                arr.attrs.update(meta)
+                commit_dir(partial, final, overwrite=overwrite)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+        self._guards.pop(f"{folder}/{key}", None)
 
 
 def _check_key(key: str) -> None:
@@ -488,10 +686,17 @@ def _check_key(key: str) -> None:
 def open_store(path: str | os.PathLike[str]) -> TileStore:
     """Open and validate a slide's tile store.
 
+    Checks, cheaply, that every chunk file the writer recorded is there with its size (a
+    store without an integrity record opens with a logged warning that it cannot be verified;
+    its ``tiles`` and ``coords`` chunk files are still checked by name).
+
     Raises:
         InputNotFoundError: ``path`` does not exist.
         StoreError: ``path`` is not a complete wsi-convnext store of a supported schema.
+        StoreDamagedError: A chunk file is missing or truncated.
     """
+    from .inputs import is_slide_id
+
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"{path}: no such store")
@@ -527,7 +732,100 @@ def open_store(path: str | os.PathLike[str]) -> TileStore:
     n = len(store)
     if group["tiles"].shape != (n,) or group["coords"].shape != (n, 2):
         raise StoreError(f"{path}: array shapes disagree with n_tiles={n}; re-tile the slide")
+    sid = attrs.get("slide_id")
+    if sid is not None and not is_slide_id(str(sid)):
+        raise StoreError(f"{path}: store holds an unsafe slide_id {sid!r}; re-tile the slide with a safe id")
+    if not store.verifiable and str(path.resolve()) not in _warned_unverified:
+        _warned_unverified.add(str(path.resolve()))
+        logger.warning("%s: store has no integrity record (written by an older wsi-convnext); it cannot be verified", path)
+    store.check_presence()
     return store
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of :func:`verify_store`.
+
+    Attributes:
+        path: The store folder.
+        status: ``ok`` (every recorded chunk re-hashed and matched), ``damaged``,
+            ``unverifiable`` (no integrity record: an older store) or ``invalid`` (not a store).
+        problems: One line per problem found.
+        files: Number of chunk files hashed.
+    """
+
+    path: Path
+    status: str
+    problems: list[str] = field(default_factory=list)
+    files: int = 0
+
+
+def _verify_record(array_dir: Path, name: str, record: Mapping[str, Any]) -> tuple[list[str], int]:
+    problems: list[str] = []
+    files = record.get("files") or {}
+    for rel, (size, sha) in files.items():
+        f = array_dir / rel
+        if not f.is_file():
+            problems.append(f"{name}: chunk {rel} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{name}: chunk {rel} has {f.stat().st_size} bytes, {size} were written")
+        elif file_sha256(f) != sha:
+            problems.append(f"{name}: chunk {rel} fails its sha256 checksum")
+    return problems, len(files)
+
+
+def verify_store(path: str | os.PathLike[str]) -> VerifyResult:
+    """Re-hash every chunk file of a store (group arrays, features, scores) against its record.
+
+    Unlike :func:`open_store`, which only checks presence and sizes, this reads every byte.
+    """
+    p = Path(path)
+    try:
+        store = open_store(p)
+    except StoreDamagedError as exc:
+        return VerifyResult(p, "damaged", [one_line(exc)])
+    except (StoreError, InputNotFoundError) as exc:
+        return VerifyResult(p, "invalid", [one_line(exc)])
+    problems: list[str] = []
+    n = 0
+    record = store.attrs.get("integrity")
+    unverified = [] if isinstance(record, dict) else ["group arrays"]
+    for name, rec in (record or {}).get("arrays", {}).items() if isinstance(record, dict) else ():
+        found, k = _verify_record(p / name, name, rec)
+        problems += found
+        n += k
+    for folder, keys in (("features", store.feature_keys), ("scores", store.score_keys)):
+        for key in keys:
+            name = f"{folder}/{key}"
+            try:
+                attrs = json.loads((p / name / "zarr.json").read_text()).get("attributes", {})
+            except (OSError, ValueError) as exc:
+                problems.append(f"{name}: unreadable zarr.json ({one_line(exc, 120)})")
+                continue
+            if isinstance(attrs.get("integrity"), dict):
+                found, k = _verify_record(p / name, name, attrs["integrity"])
+                problems += found
+                n += k
+            else:
+                unverified.append(name)
+    if problems:
+        return VerifyResult(p, "damaged", [f"{p}: store damaged: {x}" for x in problems], n)
+    if unverified:
+        return VerifyResult(p, "unverifiable", [f"{p}: no integrity record for {', '.join(unverified)} (older store)"], n)
+    return VerifyResult(p, "ok", [], n)
+
+
+def verify_stores(
+    inputs: Sequence[str | os.PathLike[str]], *, on_result: Callable[[VerifyResult], None] | None = None
+) -> list[VerifyResult]:
+    """:func:`verify_store` on every store of ``inputs`` (stores or folders of stores, see :func:`find_stores`)."""
+    results = []
+    for path in find_stores(inputs):
+        r = verify_store(path)
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+    return results
 
 
 def find_stores(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:

@@ -10,8 +10,10 @@ number of regions in flight, not by the slide size.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import logging
 import os
 import time
@@ -25,16 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from ._io import cpu_count
+from ._io import atomic_path, cpu_count, ensure_dir, file_sha256, inside, path_lock, remove_dead_partials, write_error
 from .errors import MppError, NoTissueError, StoreError, StoreExistsError, WsiConvnextError, one_line
-from .inputs import SlideSpec, slide_stem
+from .inputs import SlideSpec, check_slide_id, slide_stem
 from .store import (
     STORE_SUFFIX,
     TILES_PER_CHUNK,
     TileStoreWriter,
     encode_tile,
+    is_store_dir,
     open_store,
-    remove_partials,
 )
 from .tiling import Region, TileGrid, group_regions, plan_grid, tile_box
 from .tissue import TissueParams
@@ -49,6 +51,13 @@ THUMBNAIL_MIN_SIZE = 1024
 QC_MAX_SIZE = 1280
 
 ProgressFn = Callable[[int, int], None]
+
+#: Slide fingerprint modes (``--fingerprint``): ``quick`` hashes the size and the first and
+#: last MiB (misses a same-size edit in the middle of the file); ``full`` hashes every byte.
+FINGERPRINTS = ("quick", "full")
+
+#: OS errors that mean "the output cannot be written" (reported as one line naming the path).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ class TileParams:
         tissue: Tissue-detection parameters.
         workers: Parallel readers (threads, or processes for large slides); None means all cores.
         region_size: Side of one aligned read, in read-level pixels.
+        fingerprint: How the slide file is fingerprinted for change detection, one of
+            :data:`FINGERPRINTS` (``quick`` by default).
     """
 
     mpp: float = 0.5
@@ -80,6 +91,7 @@ class TileParams:
     tissue: TissueParams = field(default_factory=TissueParams)
     workers: int | None = None
     region_size: int = 2048
+    fingerprint: str = "quick"
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> TileParams:
@@ -90,8 +102,12 @@ class TileParams:
         """Raise :class:`ValueError` subclasses for out-of-range values."""
         from .errors import ConfigError
 
-        if not self.mpp > 0:
-            raise ConfigError(f"--mpp must be positive, got {self.mpp}")
+        if not 0 < self.mpp < math.inf:
+            raise ConfigError(f"--mpp must be positive and finite, got {self.mpp}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.fingerprint not in FINGERPRINTS:
+            raise ConfigError(f"unknown --fingerprint {self.fingerprint!r}; choose one of {', '.join(FINGERPRINTS)}")
         if self.tile_size < 8:
             raise ConfigError(f"--tile-size must be at least 8, got {self.tile_size}")
         if not 0 <= self.overlap < self.tile_size:
@@ -162,10 +178,38 @@ def _params_hash(signature: dict[str, Any], fingerprint: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _existing_store(final: Path, signature: dict[str, Any], fingerprint: str, overwrite: bool) -> Any | None:
-    """The finished store to reuse, None to (re)build, or raise when a rerun conflicts."""
-    if not final.exists():
+def slide_fingerprint(path: str | os.PathLike[str], mode: str = "quick") -> str:
+    """Content fingerprint of a slide file (hex sha256) in ``mode`` (one of :data:`FINGERPRINTS`).
+
+    ``quick`` is :func:`wsi_convnext.slide.fingerprint` (size, first and last MiB, companion
+    files). ``full`` adds the sha256 of every byte of the file: it notices any edit, at the
+    cost of reading the whole slide once more.
+    """
+    from .slide import fingerprint
+
+    quick = fingerprint(path)
+    if mode == "quick":
+        return quick
+    if mode == "full":
+        return hashlib.sha256(f"wsi-convnext-fingerprint-full-v1\0{quick}\0{file_sha256(path)}".encode()).hexdigest()
+    raise StoreError(f"unknown fingerprint mode {mode!r}; choose one of {', '.join(FINGERPRINTS)}")
+
+
+def _existing_store(
+    final: Path, signature: dict[str, Any], path: Path, fingerprints: dict[str, str], mode: str, overwrite: bool
+) -> Any | None:
+    """The finished store to reuse, None to (re)build, or raise when a rerun conflicts.
+
+    ``fingerprints`` caches the slide's fingerprint by mode (filled on demand): a store is
+    compared in the mode it was written with.
+    """
+    if not (final.exists() or final.is_symlink()):
         return None
+    if not is_store_dir(final):
+        raise StoreExistsError(
+            f"{final}: exists and is not a wsi-convnext store; --overwrite only replaces stores, "
+            "so move it away or choose another --out"
+        )
     try:
         store = open_store(final)
     except StoreError as exc:
@@ -174,9 +218,22 @@ def _existing_store(final: Path, signature: dict[str, Any], fingerprint: str, ov
         raise StoreExistsError(f"{final}: exists but is not a usable store ({exc}); pass --overwrite to replace it") from exc
     if overwrite:
         return None
+    source = store.attrs.get("source", {}) or {}
+    stored_mode = source.get("fingerprint_mode", "quick")
+    if stored_mode not in fingerprints:
+        fingerprints[stored_mode] = slide_fingerprint(path, stored_mode)
+    same_file = source.get("fingerprint") == fingerprints[stored_mode]
     old_sig = store.attrs.get("tiling_params", {})
-    if old_sig == signature and store.attrs.get("source", {}).get("fingerprint") == fingerprint:
+    if old_sig == signature and same_file:
+        if mode == "full" and stored_mode != "full":
+            logger.warning("%s: store was fingerprinted %s; pass --overwrite to re-tile with --fingerprint full", final, stored_mode)
         return store
+    old_path = source.get("path")
+    if not same_file and old_path and Path(old_path) != path.resolve():
+        raise StoreExistsError(
+            f"{final}: slide id {store.slide_id!r} already names a store tiled from {old_path}, not from {path}: "
+            "a slide id collision; give one of them another slide_id in a manifest, or use another --out"
+        )
     diff = sorted(k for k in set(old_sig) | set(signature) if old_sig.get(k) != signature.get(k))
     what = f"parameters differ ({', '.join(diff)})" if diff else "the slide file changed"
     raise StoreExistsError(f"{final}: already tiled but {what}; pass --overwrite to re-tile")
@@ -358,37 +415,48 @@ def tile_slide(
     slide_mpp: float | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    wait: bool = True,
 ) -> TileResult:
     """Tile one slide into ``out_dir/<slide_id>.zarr`` and write ``out_dir/qc/<slide_id>.png``.
+
+    The store is written under a per-slide lock (:func:`~wsi_convnext._io.path_lock`): a
+    second run on the same slide and ``out_dir`` waits for the first (logging that it
+    waits) and then finds the finished store.
 
     Args:
         path: The slide file.
         out_dir: Output folder.
         params: Tiling parameters (defaults: 224 px at 0.5 µm/px).
-        slide_id: Store name; defaults to the file stem.
+        slide_id: Store name; defaults to the file stem. Must follow the slide-id policy
+            (:func:`~wsi_convnext.inputs.check_slide_id`).
         slide_mpp: Level-0 resolution override, µm/px (wins over the metadata).
-        overwrite: Replace an existing store built with other parameters.
+        overwrite: Replace an existing store built with other parameters (only ever a
+            wsi-convnext store inside ``out_dir``).
         progress: Called as ``progress(tiles_done, tiles_total)``.
+        wait: Wait for another process tiling the same slide; False fails at once with
+            :class:`~wsi_convnext.errors.BusyError`.
 
     Returns:
         The result; ``skipped`` is True when an identical store already existed.
 
     Raises:
-        WsiConvnextError: Any failure (missing/corrupt slide, no mpp, no tissue, read errors).
-            Nothing is left at the final store path in that case.
+        WsiConvnextError: Any failure (missing/corrupt slide, no mpp, no tissue, read errors,
+            full disk). Nothing is left at the final store path in that case.
     """
-    from .slide import fingerprint, open_slide, resolve_mpp
+    from .slide import open_slide, resolve_mpp
 
     t0 = time.perf_counter()
     params = params or TileParams()
     params.validate()
     path = Path(path)
     out_dir = Path(out_dir)
-    slide_id = slide_id or slide_stem(path)
-    final = out_dir / f"{slide_id}{STORE_SUFFIX}"
-    qc_path = out_dir / "qc" / f"{slide_id}.png"
+    slide_id = check_slide_id(slide_id, "slide_id") if slide_id is not None else slide_stem(path)
+    final = inside(out_dir, f"{slide_id}{STORE_SUFFIX}")
+    qc_path = inside(out_dir, "qc", f"{slide_id}.png")
+    ensure_dir(out_dir)
 
     with ExitStack() as stack:
+        stack.enter_context(path_lock(final, wait=wait))
         reader = stack.enter_context(open_slide(path, backend=params.backend))
         pixels = stack.enter_context(_pixel_reader(reader, params))
         try:
@@ -400,16 +468,19 @@ def tile_slide(
             err = MppError(f"{exc}; QC picture: {qc}")
             err.qc_path = qc  # type: ignore[attr-defined]
             raise err from exc
-        fp = fingerprint(path)
+        fingerprints: dict[str, str] = {}
         signature = params.signature(mpp)
-        existing = _existing_store(final, signature, fp, overwrite)
+        existing = _existing_store(final, signature, path, fingerprints, params.fingerprint, overwrite)
         if existing is not None:
             logger.info("%s: already tiled with the same parameters, skipping", slide_id)
             return TileResult(
                 slide_id=slide_id, store_path=final, n_tiles=len(existing), seconds=time.perf_counter() - t0,
                 skipped=True, slide_mpp=mpp, qc_path=qc_path if qc_path.exists() else None, status="skipped", path=path,
             )  # fmt: skip
-        remove_partials(final)
+        if params.fingerprint not in fingerprints:
+            fingerprints[params.fingerprint] = slide_fingerprint(path, params.fingerprint)
+        fp = fingerprints[params.fingerprint]
+        remove_dead_partials(final)
 
         try:
             grid = plan_grid(
@@ -457,16 +528,18 @@ def tile_slide(
             for r in regions
         ]
 
-        writer = TileStoreWriter(final, len(grid), params.tile_size, params.encoding)
+        writer: TileStoreWriter | None = None
         try:
+            writer = TileStoreWriter(final, len(grid), params.tile_size, params.encoding)
             _write_tiles(pool, cut, jobs, workers, writer, progress)
-            qc_path = _write_qc(qc_path, thumb, thumb_ds, mask, grid, slide_id, frac, report.removed)
+            qc_image = _render_qc(thumb, thumb_ds, mask, grid, slide_id, frac, report.removed)
             attrs = {
                 "slide_id": slide_id,
                 "source": {
                     "path": str(path.resolve()),
                     "size_bytes": path.stat().st_size if path.is_file() else None,
                     "fingerprint": fp,
+                    "fingerprint_mode": params.fingerprint,
                     "backend": reader.backend,
                     "pixel_backend": pixels.backend,
                     "vendor": reader.vendor,
@@ -491,12 +564,20 @@ def tile_slide(
                 "tiling_params": signature,
                 "params_hash": _params_hash(signature, fp),
             }
-            writer.commit(
-                coords=grid.coords, tissue_fraction=frac, thumbnail=thumb, tissue_mask=mask,
-                attrs=attrs, overwrite=overwrite,
-            )  # fmt: skip
-        except BaseException:
-            writer.abort()
+            # The QC picture and the store appear together: a failed commit leaves neither.
+            with atomic_path(qc_path) as qc_tmp:
+                from .outputs.qc import save_png
+
+                save_png(qc_tmp, qc_image)
+                writer.commit(
+                    coords=grid.coords, tissue_fraction=frac, thumbnail=thumb, tissue_mask=mask,
+                    attrs=attrs, overwrite=overwrite,
+                )  # fmt: skip
+        except BaseException as exc:
+            if writer is not None:
+                writer.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, WsiConvnextError) and exc.errno in _WRITE_ERRNOS:
+                raise write_error(final, exc) from exc
             raise
     seconds = time.perf_counter() - t0
     logger.info("%s: %d tiles in %.1f s", slide_id, len(grid), seconds)
@@ -584,10 +665,20 @@ def _write_qc(
     qc_path: Path, thumb: np.ndarray, thumb_ds: float, mask: np.ndarray, grid: TileGrid, slide_id: str,
     frac: np.ndarray, removed: np.ndarray | None = None, *, failed: str | None = None,
 ) -> Path:  # fmt: skip
-    """Write the QC picture: tissue outline, kept tiles, removed objects (orange); ``failed`` titles a failure."""
+    """Write the QC picture of a slide (see :func:`_render_qc`); returns its path."""
+    from .outputs.qc import save_png
+
+    return save_png(qc_path, _render_qc(thumb, thumb_ds, mask, grid, slide_id, frac, removed, failed=failed))
+
+
+def _render_qc(
+    thumb: np.ndarray, thumb_ds: float, mask: np.ndarray, grid: TileGrid, slide_id: str, frac: np.ndarray,
+    removed: np.ndarray | None = None, *, failed: str | None = None,
+) -> np.ndarray:  # fmt: skip
+    """The QC picture: tissue outline, kept tiles, removed objects (orange); ``failed`` titles a failure."""
     from PIL import Image
 
-    from .outputs.qc import render_qc, save_png
+    from .outputs.qc import render_qc
 
     scale = QC_MAX_SIZE / max(thumb.shape[:2])
     if scale < 1:
@@ -599,11 +690,8 @@ def _write_qc(
         title = f"{slide_id}: FAILED, {failed} ({grid.tile_size}px @ {grid.target_mpp:g} µm/px)"
     if removed is not None and removed.any():
         title += "\ngreen: tissue; orange: removed (small pieces, ink)"
-    image = render_qc(thumb, thumb_ds, mask, grid.coords, grid.extent0, tissue_fraction=frac, title=title,
-                      removed=removed)  # fmt: skip
-    qc_path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(qc_path, image)
-    return qc_path
+    return render_qc(thumb, thumb_ds, mask, grid.coords, grid.extent0, tissue_fraction=frac, title=title,
+                     removed=removed)  # fmt: skip
 
 
 def _write_thumbnail_qc(qc_path: Path, reader: Any, slide_id: str, failed: str) -> Path | None:
@@ -635,6 +723,7 @@ def tile_slides(
     """
     params = params or TileParams()
     params.validate()
+    ensure_dir(out_dir)
     results: list[TileResult] = []
     for spec in slides:
         t0 = time.perf_counter()

@@ -5,7 +5,6 @@ Torch, scikit-learn and matplotlib are imported inside the functions.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -59,13 +58,20 @@ class TrainReport:
 
 @dataclass
 class SlidePrediction:
-    """Prediction for one slide: class probabilities (by class name), predicted class, tile count."""
+    """Prediction for one slide: class probabilities (by class name), predicted class, tile count.
+
+    A failed slide (only with ``predict(..., on_error="record")``) has ``status == "failed"``,
+    empty ``probabilities`` and ``predicted``, and the one-line ``error``.
+    """
 
     slide_id: str
     probabilities: dict[str, float]
     predicted: str
     n_tiles: int
     store: str | None = None
+    status: str = "done"
+    error_type: str | None = None
+    error: str | None = None
 
 
 def _labeled_bags(
@@ -100,29 +106,26 @@ def _write_predictions_csv(
     path: Path, bags_ids: Sequence[str], table: LabelTable | None, probs: np.ndarray, classes: Sequence[str],
     fold_of: np.ndarray | None = None,
 ) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        head = ["slide_id"]
+    """Slide predictions in the one dialect (:mod:`wsi_convnext.outputs.predictions`); extras ``patient_id``, ``fold``."""
+    from ..outputs.predictions import PredictionRow, write_predictions
+
+    rows = []
+    for i, sid in enumerate(bags_ids):
+        p = probs[i]
+        ok = bool(np.isfinite(p).all())
+        extra: dict[str, Any] = {}
         if table is not None:
-            head += ["patient_id", "label"]
+            extra["patient_id"] = table.patient_ids[i]
         if fold_of is not None:
-            head += ["fold"]
-        head += ["predicted"] + [f"prob_{c}" for c in classes]
-        w.writerow(head)
-        for i, sid in enumerate(bags_ids):
-            row: list[object] = [sid]
-            if table is not None:
-                row += [table.patient_ids[i], table.labels[i]]
-            if fold_of is not None:
-                row += [int(fold_of[i]) if fold_of[i] >= 0 else ""]
-            p = probs[i]
-            if np.isfinite(p).all():
-                row += [classes[int(np.argmax(p))]] + [f"{v:.6f}" for v in p]
-            else:
-                row += [""] + [""] * len(classes)
-            w.writerow(row)
-    return path
+            extra["fold"] = int(fold_of[i]) if fold_of[i] >= 0 else ""
+        rows.append(
+            PredictionRow(
+                key={"slide_id": sid}, predicted=classes[int(np.argmax(p))] if ok else None,
+                probabilities={c: float(v) for c, v in zip(classes, p)} if ok else {},
+                true_label=table.labels[i] if table is not None else None, extra=extra,
+            )  # fmt: skip
+        )
+    return write_predictions(path, rows, classes=classes)
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -295,70 +298,102 @@ def predict(
     write_scores: bool = True,
     name: str | None = None,
     progress: ProgressFn | None = None,
+    on_error: str = "raise",
 ) -> list[SlidePrediction]:
     """Predict slides with a saved model, one store at a time.
 
     Args:
         model_dir: Folder written by :func:`train` / :func:`save_model`.
         stores: Zarr store paths.
-        out_csv: Write ``slide_id,predicted,prob_<class>...,n_tiles,store`` rows here.
+        out_csv: Write the predictions here, in the one dialect of
+            :mod:`wsi_convnext.outputs.predictions` (``slide_id, predicted, prob_<class>...``
+            plus ``n_tiles, store, error``), atomically, after all slides. It is checked before
+            any store is touched.
         write_scores: Write per-tile scores into each store with ``store.write_scores(name, scores,
             attrs)``: (N,) float32 (positive class for binary models), or (N, C) for multi-class
             aggregators with per-class scores. ``attrs`` describe the model, score kind
             (``attention``/``instance_logit``), classes and the slide's probabilities.
         name: Score name in the stores (default: the model's name from its config).
         progress: ``progress(description, done, total)`` callback.
+        on_error: ``"raise"`` stops at the first bad store; ``"record"`` records it as a failed
+            prediction (``status == "failed"``) and goes on, like ``tile`` and ``embed``.
 
     Raises:
-        StoreError: A store lacks the model's feature set or has a different feature dimension.
+        StoreError: A store lacks the model's feature set or has a different feature dimension
+            (with ``on_error="raise"``).
+        ConfigError: ``out_csv`` cannot be written (a folder, under a file), or a bad ``on_error``.
     """
     from .. import __version__
+    from ..errors import WsiConvnextError, one_line
+    from ..outputs.predictions import PredictionRow, check_output_file, write_predictions
     from .checkpoint import load_model
-    from .data import _open, resolve_feature_key
 
+    if on_error not in ("raise", "record"):
+        raise ConfigError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+    if out_csv is not None:
+        check_output_file(out_csv)
     model = load_model(model_dir)
     score_name = _score_name(name or model.info.get("name") or Path(model_dir).resolve().name)
     results: list[SlidePrediction] = []
     for i, path in enumerate(stores):
-        store = _open(path)
-        key = resolve_feature_key(store, model.feature_key, f"store {path}")
-        bag = Bag(str(store.slide_id), store.features(key), np.asarray(store.coords), source=str(path), feature_key=key)
-        if bag.features.shape[1] != model.in_dim:
-            raise StoreError(
-                f"store {path}: feature set {key!r} has dimension {bag.features.shape[1]} but the model expects "
-                f"{model.in_dim}; use the encoder the model was trained with"
-            )
-        out = model.forward(bag)
-        import torch
-
-        probs = torch.softmax(out.logits.float(), -1).cpu().numpy()
-        pred = model.classes[int(np.argmax(probs))]
-        if write_scores:
-            multi = model.n_classes > 2 and out.class_tile_scores is not None
-            scores = (out.class_tile_scores if multi else out.tile_scores).float().cpu().numpy().astype(np.float32)
-            attrs = {
-                "kind": "mil_tile_scores",
-                "model": score_name,
-                "model_dir": str(Path(model_dir).resolve()),
-                "aggregator": model.aggregator,
-                "score": model.module.aggregator.score_kind,
-                "classes": list(model.classes),
-                "columns": list(model.classes) if multi else [model.positive_class or "predicted"],
-                "feature_key": key,
-                "predicted_class": pred,
-                "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
-                "package_version": __version__,
-            }
-            store.write_scores(score_name, scores, attrs)
-        results.append(SlidePrediction(bag.slide_id, {c: float(p) for c, p in zip(model.classes, probs)}, pred, len(bag), str(path)))
+        try:
+            results.append(_predict_one(model, model_dir, path, score_name, write_scores, __version__))
+        except Exception as exc:
+            if on_error == "raise":
+                raise
+            if isinstance(exc, WsiConvnextError):
+                log.debug("%s failed", path, exc_info=True)
+            else:
+                log.warning("%s failed unexpectedly", path, exc_info=True)
+            sid = Path(path).name.removesuffix(".zarr")
+            results.append(SlidePrediction(sid, {}, "", 0, str(path), "failed", type(exc).__name__, one_line(exc)))
         if progress is not None:
             progress("predict", i + 1, len(stores))
     if out_csv is not None:
-        p = Path(out_csv)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["slide_id", "predicted"] + [f"prob_{c}" for c in model.classes] + ["n_tiles", "store"])
-            for r in results:
-                w.writerow([r.slide_id, r.predicted] + [f"{r.probabilities[c]:.6f}" for c in model.classes] + [r.n_tiles, r.store])
+        rows = [
+            PredictionRow(
+                key={"slide_id": r.slide_id}, predicted=r.predicted or None, probabilities=r.probabilities,
+                extra={"n_tiles": r.n_tiles if r.status != "failed" else "", "store": r.store, "error": r.error or ""},
+            )  # fmt: skip
+            for r in results
+        ]
+        write_predictions(out_csv, rows, classes=list(model.classes))
     return results
+
+
+def _predict_one(
+    model: Any, model_dir: PathLike, path: PathLike, score_name: str, write_scores: bool, version: str
+) -> SlidePrediction:
+    from .data import _open, resolve_feature_key
+
+    store = _open(path)
+    key = resolve_feature_key(store, model.feature_key, f"store {path}")
+    bag = Bag(str(store.slide_id), store.features(key), np.asarray(store.coords), source=str(path), feature_key=key)
+    if bag.features.shape[1] != model.in_dim:
+        raise StoreError(
+            f"store {path}: feature set {key!r} has dimension {bag.features.shape[1]} but the model expects "
+            f"{model.in_dim}; use the encoder the model was trained with"
+        )
+    out = model.forward(bag)
+    import torch
+
+    probs = torch.softmax(out.logits.float(), -1).cpu().numpy()
+    pred = model.classes[int(np.argmax(probs))]
+    if write_scores:
+        multi = model.n_classes > 2 and out.class_tile_scores is not None
+        scores = (out.class_tile_scores if multi else out.tile_scores).float().cpu().numpy().astype(np.float32)
+        attrs = {
+            "kind": "mil_tile_scores",
+            "model": score_name,
+            "model_dir": str(Path(model_dir).resolve()),
+            "aggregator": model.aggregator,
+            "score": model.module.aggregator.score_kind,
+            "classes": list(model.classes),
+            "columns": list(model.classes) if multi else [model.positive_class or "predicted"],
+            "feature_key": key,
+            "predicted_class": pred,
+            "probabilities": {c: float(p) for c, p in zip(model.classes, probs)},
+            "package_version": version,
+        }
+        store.write_scores(score_name, scores, attrs)
+    return SlidePrediction(bag.slide_id, {c: float(p) for c, p in zip(model.classes, probs)}, pred, len(bag), str(path))

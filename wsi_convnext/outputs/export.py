@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from .._io import atomic_path
+from .._io import atomic_path, ensure_dir, inside
 from ..errors import ConfigError, StoreError, StoreExistsError
 from ..store import TileStore, find_stores, open_store
 
@@ -150,7 +150,13 @@ def _slide_export(store: TileStore, key: str, dtype: np.dtype) -> SlideExport:
     feature_attrs["store_dtype"] = feature_attrs.pop("dtype", None)
     feature_attrs["dtype"] = dtype.name
     features = store.features(key).astype(dtype, copy=False)
-    return SlideExport(store.slide_id, features, store.coords, coords_attrs, feature_attrs)
+    coords = store.coords
+    if features.shape[0] != coords.shape[0]:
+        raise StoreError(
+            f"{store.path}: store damaged: features/{key} has {features.shape[0]} rows but coords has "
+            f"{coords.shape[0]}; re-embed it (`wsi-convnext embed --overwrite`)"
+        )
+    return SlideExport(store.slide_id, features, coords, coords_attrs, feature_attrs)
 
 
 def export_features(
@@ -205,20 +211,18 @@ def export_features(
         if key not in store.feature_keys:
             have = ", ".join(store.feature_keys) or "none"
             raise StoreError(f"{store.path}: no embeddings {key!r} (available: {have}); run `wsi-convnext embed` first")
-        sid = store.slide_id
-        if not sid or Path(sid).name != sid or sid.startswith("."):
-            raise StoreError(f"{store.path}: slide id {sid!r} cannot be used as a file name")
+        sid = store.slide_id  # open_store refuses stores whose slide_id breaks the id policy
         if sid in owners:
             raise ConfigError(
                 f"stores {owners[sid]} and {store.path} share the slide id {sid!r}; export them separately"
             )
         owners[sid] = store.path
-        target = out / f"{sid}{spec.suffix}"
+        target = inside(out, f"{sid}{spec.suffix}")
         if target.exists() and not overwrite:
             raise StoreExistsError(f"{target}: already exists; pass --overwrite to replace it")
         plan.append((store, key, target))
 
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     written: list[Path] = []
     for i, (store, key, target) in enumerate(plan):
         item = _slide_export(store, key, EXPORT_DTYPES[dtype])

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
+from .._io import inside
+from ..errors import ConfigError, StoreError
 from ..store import TileStore
 
 
@@ -44,31 +45,40 @@ def render_heatmap(
         scores: (N,) one score per tile, in store order. NaN tiles are not painted.
         out_dir: Folder for ``<name>.heatmap.png`` and ``<name>.topk.png``.
         label: Colour-bar label.
-        top_k: Number of tiles in the montage.
-        name: File stem; defaults to the slide id.
+        top_k: Number of tiles in the montage (at least 1).
+        name: File stem; defaults to the store's folder name without ``.zarr``. It must follow
+            the slide-id policy, and the pictures must land inside ``out_dir``.
         title: Picture title; defaults to the slide id and ``label``. The tissue outline
             is drawn from the store's mask.
+
+    Raises:
+        ConfigError: ``top_k`` < 1, or an unsafe ``name``.
+        UnsafePathError: A picture path would leave ``out_dir``.
     """
+    from ..inputs import check_slide_id
     from .qc import montage, overlay_scores, save_png
+
+    _check_top_k(top_k)
 
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     if scores.shape[0] != len(store):
         raise StoreError(f"{store.path}: {scores.shape[0]} scores for {len(store)} tiles")
     out = Path(out_dir)
-    stem = name or store.slide_id
+    # The folder name, not the slide_id attr: a store's attrs are input, never trusted as a path.
+    stem = check_slide_id(name or store.path.name.removesuffix(".zarr"), f"heatmap name for {store.path}")
     thumb_ds = float(store.attrs["thumbnail_downsample"])
     picture = overlay_scores(
         store.thumbnail, thumb_ds, store.coords, store.extent0, scores, label=label, mask=store.tissue_mask,
-        title=title or f"{store.slide_id}: {label}",
+        title=title or f"{stem}: {label}",
     )  # fmt: skip
-    heat = save_png(out / f"{stem}.heatmap.png", picture)
+    heat = save_png(inside(out, f"{stem}.heatmap.png"), picture)
     finite = np.where(np.isfinite(scores), scores, -np.inf)
     order = np.argsort(-finite, kind="stable")[: max(1, min(top_k, len(store)))]
     tiles = store.read_tiles(np.sort(order))
     rank = {int(i): k for k, i in enumerate(np.sort(order))}
     tiles = tiles[[rank[int(i)] for i in order]]
     labels = [f"#{k + 1} {scores[i]:.3g}" for k, i in enumerate(order)]
-    mont = save_png(out / f"{stem}.topk.png", montage(tiles, labels=labels))
+    mont = save_png(inside(out, f"{stem}.topk.png"), montage(tiles, labels=labels))
     return HeatmapPaths(heatmap=heat, montage=mont)
 
 
@@ -91,10 +101,13 @@ def heatmaps(
     from ..mil.api import predict
     from ..store import find_stores, open_store
 
+    _check_top_k(top_k)
     paths = find_stores(stores)
     preds = predict(model_dir, paths, write_scores=True)
     out: dict[str, HeatmapPaths] = {}
     for pred in preds:
+        if pred.status == "failed":
+            continue
         store = open_store(pred.store)
         name = _score_name_for(store, model_dir)
         scores = store.scores(name)
@@ -117,6 +130,11 @@ def heatmap_title(slide_id: str, score_attrs: Mapping[str, Any]) -> str:
     prob = probs.get(predicted)
     p = f" (p = {float(prob):.2f})" if prob is not None else ""
     return f"{slide_id}: predicted {predicted}{p}; {score} per tile"
+
+
+def _check_top_k(top_k: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ConfigError(f"--top-k must be a whole number of at least 1, got {top_k}")
 
 
 def _score_name_for(store: TileStore, model_dir: str | os.PathLike[str]) -> str:

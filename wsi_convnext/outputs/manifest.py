@@ -8,11 +8,13 @@ exception class, ``error`` its one-line message). ``mpp`` is the slide's level-0
 ``seconds`` the stage's wall time, ``worker`` ``host/worker-name``, ``finished`` an ISO 8601
 UTC timestamp, ``qc`` the slide's QC picture (written for failed slides too, when the slide opened).
 
-The file is written by one process (the run's client): rows are appended and flushed as
-they come, so ``tail -f`` or a spreadsheet sees progress; when a slide/stage gets a new
-row, the last row wins. The file is compacted (rewritten atomically through a temporary
-file and :func:`os.replace`, one row per slide and stage) when opened, every so often
-while growing, and when closed. Sharded runs (job arrays) each write their own
+Rows are appended as they come, so ``tail -f`` or a spreadsheet sees progress; when a
+slide/stage gets a new row, the last row wins. The file is compacted (rewritten atomically
+through a temporary file and :func:`os.replace`, one row per slide and stage) when opened,
+every so often while growing, and when closed. Several processes may share one manifest
+(two ``tile`` runs on one ``--out``): every append and rewrite happens under the file's
+:func:`~wsi_convnext._io.path_lock`, and a rewrite first merges the rows other processes
+wrote (per slide and stage, the row that finished last wins), so no row is ever lost. Sharded runs (job arrays) each write their own
 ``manifest-shard-I-of-N.csv``; :func:`read_manifests` merges them.
 """
 
@@ -29,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, path_lock
 from ..errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -194,8 +196,17 @@ def read_manifests(out_dir: str | os.PathLike[str]) -> list[ManifestRow]:
     return list(merged.values())
 
 
+def _newer(mine: ManifestRow, recorded: str, theirs: ManifestRow) -> bool:
+    """Whether this process's ``mine`` (recorded at ``recorded``) replaces ``theirs`` from the file.
+
+    A finished row is dated by ``finished``, a ``running`` one by when it was recorded;
+    the later one wins, ties going to this process.
+    """
+    return (mine.finished or recorded) >= (theirs.finished or "")
+
+
 class RunManifest:
-    """Appendable, crash-safe manifest of one run (single writer).
+    """Appendable, crash-safe manifest of one run; safe to share between processes.
 
     Args:
         path: The CSV file; existing rows are loaded (a rerun keeps and updates them).
@@ -210,11 +221,11 @@ class RunManifest:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._fh: io.TextIOWrapper | None = None
-        self._writer: Any = None
-        self._rows, self._lines, dirty = _parse(self.path)
-        if dirty or self._lines > len(self._rows):
-            self._rewrite()
+        self._mine: dict[tuple[str, str], tuple[ManifestRow, str]] = {}  # rows this object recorded, and when
+        self._rows: dict[tuple[str, str], ManifestRow] = {}
+        self._lines = 0
+        with self._lock:
+            self._sync(rewrite=False)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -260,14 +271,18 @@ class RunManifest:
             row = replace(row, **updates)
         with self._lock:
             self._rows[row.key] = row
-            if self._fh is None:
-                self._open_append()
-            assert self._writer is not None and self._fh is not None
-            self._writer.writerow(row.to_csv())
-            self._fh.flush()
-            self._lines += 1
+            self._mine[row.key] = (row, _now())
+            with path_lock(self.path):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                new = not self.path.exists() or self.path.stat().st_size == 0
+                with open(self.path, "a", encoding="utf-8", newline="") as fh:
+                    writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+                    if new:
+                        writer.writeheader()
+                    writer.writerow(row.to_csv())
+                self._lines += 1
             if self._lines > max(1000, 2 * len(self._rows)):
-                self._rewrite()
+                self._sync(rewrite=True)
         return row
 
     def update(self, rows: Iterable[ManifestRow | Mapping[str, Any]]) -> None:
@@ -276,14 +291,14 @@ class RunManifest:
             self.record(r)
 
     def compact(self) -> None:
-        """Rewrite the file atomically with one row per slide and stage."""
+        """Rewrite the file atomically with one row per slide and stage (merged with other writers)."""
         with self._lock:
-            self._rewrite()
+            self._sync(rewrite=True)
 
     def close(self) -> None:
-        """Compact and close the file. Recording again reopens it."""
+        """Merge with the file and compact it. Recording again is allowed."""
         with self._lock:
-            self._rewrite()
+            self._sync(rewrite=True)
 
     def __enter__(self) -> RunManifest:
         return self
@@ -291,30 +306,27 @@ class RunManifest:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- internals (lock held) -------------------------------------------------------------
+    # --- internals (self._lock held) -------------------------------------------------------
 
-    def _open_append(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self._fh = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115 - kept open while running
-        self._writer = csv.DictWriter(self._fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-        if new:
-            self._writer.writeheader()
-
-    def _close_fh(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-            self._writer = None
-
-    def _rewrite(self) -> None:
-        self._close_fh()
-        if not self._rows and not self.path.exists():
+    def _sync(self, *, rewrite: bool) -> None:
+        """Under the file lock: read the file, merge this object's rows in, rewrite if needed."""
+        if not rewrite and not self.path.exists():
             return
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for r in self._rows.values():
-            writer.writerow(r.to_csv())
-        atomic_write_text(self.path, buf.getvalue())
-        self._lines = len(self._rows)
+        with path_lock(self.path):
+            disk, lines, dirty = _parse(self.path)
+            merged = dict(disk)
+            for key, (mine, recorded) in self._mine.items():
+                theirs = disk.get(key)
+                if theirs is None or _newer(mine, recorded, theirs):
+                    merged[key] = mine
+            changed = any(merged.get(k) != v for k, v in disk.items()) or len(merged) != len(disk)
+            self._rows = merged
+            self._lines = lines
+            if (rewrite or dirty or lines > len(disk) or changed) and (merged or self.path.exists()):
+                buf = io.StringIO()
+                writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+                writer.writeheader()
+                for r in merged.values():
+                    writer.writerow(r.to_csv())
+                atomic_write_text(self.path, buf.getvalue())
+                self._lines = len(merged)

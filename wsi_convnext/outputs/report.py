@@ -15,7 +15,6 @@ MB for large cohorts; the table always lists every slide.
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as _dt
 import html
 import io
@@ -138,22 +137,17 @@ def _png_data_uri(path: Path, max_size: int = THUMB_SIZE) -> str | None:
 
 
 def _read_predictions(path: Path) -> dict[str, dict[str, Any]]:
+    from .predictions import read_predictions
+
     if not path.is_file():
         return {}
     out: dict[str, dict[str, Any]] = {}
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            sid = row.get("slide_id")
-            if not sid:
-                continue
-            probs = {}
-            for k, v in row.items():
-                if k and k.startswith("p_") and v:
-                    try:
-                        probs[k[2:]] = float(v)
-                    except ValueError:
-                        pass
-            out[sid] = {"label": row.get("label", ""), "probabilities": probs}
+    for row in read_predictions(path):
+        if row.slide_id:
+            pred: dict[str, Any] = {"label": row.predicted or "", "probabilities": row.probabilities}
+            if row.extra.get("heatmap"):
+                pred["heatmap"] = row.extra["heatmap"]
+            out[row.slide_id] = pred
     return out
 
 
