@@ -14,7 +14,7 @@ import zarr
 
 from cmu_stores import read_cmu_tiles, write_store
 from wsi_convnext import __version__
-from wsi_convnext.embed import TileBatchLoader, embed_store, embed_stores
+from wsi_convnext.embed import embed_store, embed_stores
 from wsi_convnext.encoder import build_encoder
 from wsi_convnext.errors import ConfigError, DeviceError, InputNotFoundError
 from wsi_convnext.store import open_store
@@ -219,18 +219,4 @@ def test_error_inside_the_loop_leaves_nothing(store_path: Path, encoders) -> Non
     store = open_store(store_path)
     assert store.feature_keys == []
     assert _feature_entries(store_path) == []
-    assert not _decode_threads()
-
-
-@pytest.mark.parametrize("num_workers", [0, 3])
-def test_loader_yields_every_tile_in_order(template_store: Path, num_workers: int) -> None:
-    store = open_store(template_store)
-    with TileBatchLoader(store, 12, num_workers=num_workers, prefetch=2, pad=True) as loader:
-        spans = []
-        for start, stop, batch in loader:
-            assert batch.shape == (12, 224, 224, 3) and batch.dtype == torch.uint8
-            np.testing.assert_array_equal(batch[: stop - start].numpy(), store.read_tiles(slice(start, stop)))
-            assert not batch[stop - start :].any()  # padding rows are zero
-            spans.append((start, stop))
-    assert spans == [(0, 12), (12, 24), (24, 36), (36, 40)] and len(loader) == 4
     assert not _decode_threads()
