@@ -886,7 +886,7 @@ def _embed_on_devices(
             if not shard:
                 continue
             proc = ctx.Process(
-                target=_device_worker, name=f"wsi-convnext-embed-{dev}", daemon=True,
+                target=_device_worker, name=f"wsi-convnext-embed-{rank}-{dev}", daemon=True,
                 args=(rank, [paths[i] for i in shard], str(dev), options, cpu_threads if dev.type == "cpu" else None,
                       messages),
             )  # fmt: skip
