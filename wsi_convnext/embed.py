@@ -707,8 +707,9 @@ def embed_stores(
     stem: str | None = None,
     weights: str | os.PathLike[str] | None = None,
     pretrained: bool = False,
+    encoder: Encoder | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str | None = "auto",
+    device: str | torch.device | None = "auto",
     devices: Sequence[str] | None = None,
     dtype: str = DEFAULT_DTYPE,
     overwrite: bool = False,
@@ -732,6 +733,8 @@ def embed_stores(
     Args:
         stores: Store folders and/or folders of stores (see :func:`~wsi_convnext.store.find_stores`).
         model, stem, weights, pretrained: See :func:`~wsi_convnext.encoder.build_encoder`.
+        encoder: A prebuilt encoder to use instead (then ``model`` ... ``pretrained`` are
+            ignored), e.g. to reuse a compiled model; one device only.
         device: One device for everything (ignored when ``devices`` is given).
         devices: Several devices (e.g. ``["cuda:0", "cuda:1"]``): the stores are split among
             them, one process per device, each building its own encoder. CPU devices share
@@ -760,11 +763,16 @@ def embed_stores(
         transform=transform, decode_on=decode_on,
     )  # fmt: skip
     if devices is not None and len(devices) > 1:
+        if encoder is not None:
+            raise ConfigError("a prebuilt encoder runs on one device; pass model/stem/weights to use several devices")
         return _embed_on_devices(paths, list(devices), options, progress=progress, on_result=on_result)
     if devices:
         device = devices[0]
-    dev = resolve_device(device)
-    encoder = build_encoder(model, stem=stem, weights=weights, pretrained=pretrained)
+    import torch
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if encoder is None:
+        encoder = build_encoder(model, stem=stem, weights=weights, pretrained=pretrained)
     settings = _Settings(batch_size, _check_dtype(dtype), overwrite, num_workers, compile, decode_on, progress)
     out = _embed_many(
         paths, encoder, dev, settings, amp=amp, channels_last=channels_last, transform=transform, on_result=on_result
