@@ -536,7 +536,7 @@ def _embed_many(
         event = None
         if dev.type == "cuda":
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(dev))  # the stream the copies ran on
         elif dev.type == "mps":
             torch.mps.synchronize()
         writer.submit(lambda: write(slide, event))
