@@ -14,7 +14,7 @@ import zarr
 
 from cmu_stores import read_cmu_tiles, write_store
 from wsi_convnext import __version__
-from wsi_convnext.embed import TileBatchLoader, embed_store, embed_stores
+from wsi_convnext.embed import embed_store, embed_stores
 from wsi_convnext.encoders import build_encoder
 from wsi_convnext.errors import ConfigError, DeviceError, InputNotFoundError
 from wsi_convnext.store import open_store
@@ -222,15 +222,167 @@ def test_error_inside_the_loop_leaves_nothing(store_path: Path, encoders) -> Non
     assert not _decode_threads()
 
 
-@pytest.mark.parametrize("num_workers", [0, 3])
-def test_loader_yields_every_tile_in_order(template_store: Path, num_workers: int) -> None:
-    store = open_store(template_store)
-    with TileBatchLoader(store, 12, num_workers=num_workers, prefetch=2, pad=True) as loader:
-        spans = []
-        for start, stop, batch in loader:
-            assert batch.shape == (12, 224, 224, 3) and batch.dtype == torch.uint8
-            np.testing.assert_array_equal(batch[: stop - start].numpy(), store.read_tiles(slice(start, stop)))
-            assert not batch[stop - start :].any()  # padding rows are zero
-            spans.append((start, stop))
-    assert spans == [(0, 12), (12, 24), (24, 36), (36, 40)] and len(loader) == 4
+@pytest.fixture(scope="module")
+def cohort_folder(template_store: Path, cmu_tiles, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three real stores of 40, 7 and 40 tiles: batches of 16 cross both store boundaries."""
+    folder = tmp_path_factory.mktemp("cohort3")
+    shutil.copytree(template_store, folder / "a.zarr")
+    tiles, coords = cmu_tiles
+    write_store(folder / "b.zarr", tiles[5:12], coords[5:12])
+    shutil.copytree(template_store, folder / "c.zarr")
+    return folder
+
+
+def _copy(folder: Path, dst: Path) -> Path:
+    shutil.copytree(folder, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def weights_file(encoders, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The patch encoder's random weights as a file, so other processes build the same encoder."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "atto.safetensors"
+    save_file({k: v.contiguous() for k, v in encoders["patch"].model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def embedded_alone(cohort_folder: Path, weights_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three stores embedded one by one (float32), the reference for the stream tests."""
+    alone = _copy(cohort_folder, tmp_path_factory.mktemp("alone") / "stores")
+    enc = build_encoder(MODEL, stem="patch", weights=weights_file)
+    for name in ("a", "b", "c"):
+        embed_store(alone / f"{name}.zarr", enc, batch_size=BATCH, device="cpu", dtype="float32")
+    return alone
+
+
+def _assert_same_features(folder: Path, reference: Path, key: str, tol: float = 1e-5) -> None:
+    for name in ("a", "b", "c"):
+        got, want = open_store(folder / f"{name}.zarr"), open_store(reference / f"{name}.zarr")
+        np.testing.assert_allclose(got.features(key), want.features(key), atol=tol, rtol=tol)
+
+
+def test_many_stores_stream_through_one_loader(
+    cohort_folder: Path, embedded_alone: Path, weights_file: Path, tmp_path: Path
+) -> None:
+    """Cross-store batches give each slide the rows that embedding it alone gives, in store order."""
+    together = _copy(cohort_folder, tmp_path / "together")
+    got, seen = [], []
+    results = embed_stores(
+        [together], model=MODEL, stem="patch", weights=weights_file, batch_size=BATCH, device="cpu",
+        dtype="float32", num_workers=2, on_result=lambda r: got.append(r.store_path.stem),
+        progress=lambda d, t: seen.append((d, t)),
+    )  # fmt: skip
+    assert [r.store_path.stem for r in results] == got == ["a", "b", "c"]
+    assert [(r.status, r.n_tiles) for r in results] == [("done", 40), ("done", 7), ("done", 40)]
+    # batch 3 holds a's last 8 tiles, all 7 of b and c's first one: no partial batch in between
+    assert seen[:5] == [(16, 40), (32, 40), (40, 40), (7, 7), (1, 40)] and seen[-1] == (40, 40)
+    (key,) = {r.key for r in results}
+    _assert_same_features(together, embedded_alone, key)
     assert not _decode_threads()
+
+
+def test_auto_thread_budget_is_measured_and_restored(cohort_folder: Path, embedded_alone: Path,
+                                                     weights_file: Path, tmp_path: Path) -> None:  # fmt: skip
+    from wsi_convnext.embed import _THREAD_PLANS
+
+    folder = _copy(cohort_folder, tmp_path / "auto")
+    threads = torch.get_num_threads()
+    enc = build_encoder(MODEL, stem="patch", weights=weights_file)
+    _THREAD_PLANS.clear()
+    results = embed_stores([folder], model=MODEL, stem="patch", weights=weights_file, batch_size=BATCH,
+                           device="cpu", dtype="float32")  # fmt: skip
+    assert [r.status for r in results] == ["done"] * 3
+    (plan,) = _THREAD_PLANS.values()  # decided after a warm-up and two timed full batches
+    assert sum(plan) <= threads and plan[1] >= 1
+    assert torch.get_num_threads() == threads  # restored
+    _assert_same_features(folder, embedded_alone, enc.key)
+    assert not _decode_threads()
+
+
+class _Invert:
+    """A trivial tile transform (float RGB in [0, 1] -> 1 - x) with the TileTransform interface."""
+
+    key = "invert-0001"
+    attrs = {"name": "invert", "reference": None}
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.dtype == torch.float32 and x.shape[1] == 3 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        self.calls += 1
+        return 1.0 - x
+
+    def stats(self) -> dict[str, int]:
+        return {"batches": self.calls}
+
+
+def test_tile_transform_is_applied_before_normalisation(store_path: Path, encoders) -> None:
+    enc = encoders["patch"]
+    res = embed_store(store_path, enc, batch_size=BATCH, device="cpu", dtype="float32", transform=_Invert())
+    assert res.status == "done" and res.key == f"{enc.key}-invert-0001"
+    store = open_store(store_path)
+    assert store.feature_keys == [res.key]
+    attrs = store.feature_attrs(res.key)
+    assert attrs["transform"] == {"key": "invert-0001", "attrs": {"name": "invert", "reference": None},
+                                  "stats": {"batches": 3}}  # fmt: skip
+    assert attrs["key"] == res.key and attrs["model"] == MODEL
+    feats = store.features(res.key)
+    for i in (0, 39):
+        inverted = enc((255 - store.tile(i))[None]).numpy()[0]
+        np.testing.assert_allclose(feats[i], inverted, atol=1e-4, rtol=1e-4)
+    assert np.abs(feats[0] - enc(store.tile(0)[None]).numpy()[0]).max() > 1e-2  # not the plain embedding
+
+
+def test_tiles_too_small_for_the_model(cmu_tiles, template_store: Path, tmp_path: Path) -> None:
+    """A store tiled at 8 px fails with one line naming the store and the minimum; the others go on."""
+    from typer.testing import CliRunner
+
+    from wsi_convnext.cli import app
+
+    tiles, coords = cmu_tiles
+    folder = tmp_path / "stores"
+    write_store(folder / "tiny.zarr", np.ascontiguousarray(tiles[:5, :8, :8]), coords[:5])
+    shutil.copytree(template_store, folder / "ok.zarr")
+    res = CliRunner().invoke(app, ["embed", str(folder), "--model", MODEL, "--device", "cpu", "--batch-size", "16"])
+    assert res.exit_code == 1, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert str(folder / "tiny.zarr") in line and "8 px" in line and "at least 32 px" in line and "--tile-size 32" in line
+    assert "Traceback" not in res.output
+    assert open_store(folder / "ok.zarr").feature_keys and not open_store(folder / "tiny.zarr").feature_keys
+
+
+def test_split_stores_balances_tiles() -> None:
+    from wsi_convnext.embed import split_stores
+
+    assert split_stores([40, 7, 40], 2) == [[0, 1], [2]]
+    assert split_stores([5, 5, 5, 5], 2) == [[0, 2], [1, 3]]
+    assert split_stores([3], 3) == [[0], [], []]
+    shards = split_stores([100, 1, 1, 1, 90, 10], 2)
+    assert sorted(i for s in shards for i in s) == list(range(6))
+    assert [sum([100, 1, 1, 1, 90, 10][i] for i in s) for s in shards] == [102, 101]
+
+
+@pytest.mark.slow
+def test_devices_split_stores_over_processes(cohort_folder: Path, embedded_alone: Path, weights_file: Path,
+                                             tmp_path: Path) -> None:  # fmt: skip
+    """`--devices cpu,cpu` runs two real processes; the stores get the single-process features."""
+    import multiprocessing
+
+    folder = _copy(cohort_folder, tmp_path / "two")
+    children: list[list[str]] = []
+
+    def progress(done: int, total: int) -> None:
+        children.append(sorted(p.name for p in multiprocessing.active_children()))
+
+    results = embed_stores(
+        [folder], model=MODEL, stem="patch", weights=weights_file, batch_size=BATCH, devices=["cpu", "cpu"],
+        dtype="float32", progress=progress,
+    )  # fmt: skip
+    assert [(r.store_path.stem, r.status) for r in results] == [("a", "done"), ("b", "done"), ("c", "done")]
+    assert children[0] == ["wsi-convnext-embed-0-cpu", "wsi-convnext-embed-1-cpu"]
+    assert not multiprocessing.active_children()
+    _assert_same_features(folder, embedded_alone, results[0].key, tol=1e-4)

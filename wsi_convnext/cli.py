@@ -192,6 +192,9 @@ def _stems() -> str:
     return ", ".join(STEMS)
 
 
+def _device_list(devices: str | None) -> list[str] | None:
+    return None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
+
 
 @app.command()
 def embed(
@@ -202,8 +205,13 @@ def embed(
     pretrained: Annotated[bool, typer.Option(help="timm pretrained weights via the Hugging Face cache (downloaded when online unless HF_HUB_OFFLINE=1).")] = False,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    devices: Annotated[
+        Optional[str], typer.Option(help="Several devices, e.g. cuda:0,cuda:1: the stores are split, one process each.")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
-    num_workers: Annotated[Optional[int], typer.Option(help="JPEG decoding threads.")] = None,
+    num_workers: Annotated[
+        Optional[int], typer.Option(help="JPEG decoding threads (default: measured on CPU, cores - 1 on GPU).")
+    ] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Recompute embeddings that already exist.")] = False,
 ) -> None:
@@ -219,8 +227,8 @@ def embed(
 
             results = embed_stores(
                 stores, model=model, stem=stem, weights=weights, pretrained=pretrained, batch_size=batch_size,
-                device=device, dtype=dtype, overwrite=overwrite, num_workers=num_workers, compile=compile,
-                progress=update, on_result=on_result,
+                device=device, devices=_device_list(devices), dtype=dtype, overwrite=overwrite,
+                num_workers=num_workers, compile=compile, progress=update, on_result=on_result,
             )  # fmt: skip
         _print_table(
             "embeddings", ["slide", "status", "tiles", "seconds", "key / error"],

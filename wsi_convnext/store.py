@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +62,11 @@ def _jpeg_encode(tile: np.ndarray, quality: int) -> bytes:
     return bytes(imagecodecs.jpeg_encode(tile, level=quality, colorspace="rgb", outcolorspace="ycbcr"))
 
 
-def _jpeg_decode(data: bytes) -> np.ndarray:
+def _jpeg_decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
     import imagecodecs
 
-    return imagecodecs.jpeg_decode(data)
+    # libjpeg-turbo (imagecodecs' jpeg8 codec), decoding straight into ``out`` when given.
+    return imagecodecs.jpeg8_decode(data, out=out)
 
 
 def _png_encode(tile: np.ndarray, quality: int) -> bytes:
@@ -74,14 +75,16 @@ def _png_encode(tile: np.ndarray, quality: int) -> bytes:
     return bytes(imagecodecs.png_encode(tile, level=6))
 
 
-def _png_decode(data: bytes) -> np.ndarray:
+def _png_decode(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
     import imagecodecs
 
-    return imagecodecs.png_decode(data)
+    return imagecodecs.png_decode(data, out=out)
 
 
-#: Tile encodings by name: (encode(tile, quality) -> bytes, decode(bytes) -> (T, T, 3) uint8).
-TILE_CODECS: dict[str, tuple[Callable[[np.ndarray, int], bytes], Callable[[bytes], np.ndarray]]] = {
+#: Tile encodings by name: (encode(tile, quality) -> bytes, decode(bytes, out=None) -> (T, T, 3) uint8);
+#: ``decode`` writes into ``out`` (a C-contiguous (T, T, 3) uint8 array) when given and raises
+#: on a shape mismatch.
+TILE_CODECS: dict[str, tuple[Callable[[np.ndarray, int], bytes], Callable[..., np.ndarray]]] = {
     "jpeg": (_jpeg_encode, _jpeg_decode),
     "png": (_png_encode, _png_decode),
 }
@@ -520,6 +523,35 @@ class TileStore:
         except Exception as exc:  # a damaged tile image
             raise damaged_error(self.path, f"tiles: cannot decode a tile ({one_line(exc, 120)})") from exc
 
+    def decode_into(self, raw: Sequence[bytes], out: np.ndarray, *, first: int = 0) -> None:
+        """Decode encoded tiles ``raw`` into ``out[: len(raw)]``, checking each one.
+
+        Args:
+            raw: Encoded tiles (from :meth:`tile_bytes`).
+            out: C-contiguous (>= len(raw), T, T, 3) uint8 array (e.g. a pinned batch's numpy view).
+            first: Store index of ``raw[0]``, for error messages (assumes consecutive tiles).
+
+        Raises:
+            StoreError: A tile cannot be decoded or does not decode to (T, T, 3).
+        """
+        decode = self._decode
+        for i in range(len(raw)):
+            data = bytes(raw[i])
+            try:
+                decode(data, out=out[i])
+            except Exception as exc:  # codec errors have no common base class
+                raise self._tile_error(first + i, data, exc) from exc
+
+    def _tile_error(self, index: int, data: bytes, exc: Exception) -> StoreError:
+        t = self.tile_size
+        try:
+            shape = tuple(self._decode(data).shape)
+        except Exception:  # not decodable at all
+            return damaged_error(self.path, f"tiles: tile {index} cannot be decoded ({one_line(exc, 120)})")
+        return StoreError(
+            f"{self.path}: tile {index} decodes to shape {shape}, expected {(t, t, 3)}; re-tile the slide"
+        )
+
     def read_tiles(
         self, index: slice | Sequence[int] | np.ndarray, *, executor: ThreadPoolExecutor | None = None
     ) -> np.ndarray:
@@ -531,13 +563,25 @@ class TileStore:
 
         Returns:
             (n, T, T, 3) uint8 RGB.
+
+        Raises:
+            StoreError: A tile cannot be decoded or has the wrong shape.
         """
-        raw = self.tile_bytes(index if isinstance(index, slice) else np.asarray(index, dtype=np.int64))
+        if isinstance(index, slice):
+            positions = np.arange(len(self))[index]
+            raw = self.tile_bytes(index)
+        else:
+            positions = np.asarray(index, dtype=np.int64).reshape(-1)
+            raw = self.tile_bytes(positions)
         t = self.tile_size
         out = np.empty((len(raw), t, t, 3), dtype=np.uint8)
 
         def _one(i: int) -> None:
-            out[i] = self._decode_one(bytes(raw[i]))
+            data = bytes(raw[i])
+            try:
+                self._decode(data, out=out[i])
+            except Exception as exc:  # codec errors have no common base class
+                raise self._tile_error(int(positions[i]), data, exc) from exc
 
         if executor is None:
             for i in range(len(raw)):
@@ -545,12 +589,6 @@ class TileStore:
         else:
             list(executor.map(_one, range(len(raw))))
         return out
-
-    def iter_batches(self, batch_size: int) -> Iterator[tuple[slice, np.ndarray]]:
-        """Yield ``(slice, tiles)`` over the whole store in order, ``batch_size`` tiles at a time."""
-        for start in range(0, len(self), batch_size):
-            sl = slice(start, min(start + batch_size, len(self)))
-            yield sl, self.read_tiles(sl)
 
     # features and scores
 
