@@ -215,19 +215,26 @@ def embed(
             raise typer.Exit(1)
 
 
+def _export_formats_help() -> str:
+    from .outputs.exports import FORMATS  # stdlib-only registry: --help stays instant
+
+    return "Output format: " + "; ".join(f"{f.name} = {f.description}" for f in FORMATS.values()) + "."
+
+
 @app.command()
 def export(
     stores: Annotated[list[Path], typer.Argument(help="Stores or folders of stores.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("features"),
-    fmt: Annotated[str, typer.Option("--format", help="Output format: h5 (CLAM/TRIDENT layout).")] = "h5",
+    fmt: Annotated[str, typer.Option("--format", help=_export_formats_help())] = "h5",
     features: Annotated[Optional[str], typer.Option(help="Feature key (needed when a store holds several).")] = None,
+    cohort: Annotated[bool, typer.Option("--cohort", help="One file for all slides (OUT/cohort.h5ad; anndata).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
 ) -> None:
-    """Write each slide's embeddings and coords for other tools (HDF5 with features and coords)."""
+    """Write each slide's embeddings, coords and scores for other tools (CLAM/TRIDENT, QuPath, scverse)."""
     with _errors():
         from .outputs.export import export_features
 
-        paths = export_features(stores, out, fmt=fmt, feature_key=features, overwrite=overwrite)
+        paths = export_features(stores, out, fmt=fmt, feature_key=features, cohort=cohort, overwrite=overwrite)
         typer.echo(f"wrote {len(paths)} file(s) to {out}")
 
 
