@@ -190,11 +190,19 @@ def embed(
     dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
     num_workers: Annotated[Optional[int], typer.Option(help="JPEG decoding threads.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA).")] = False,
+    stain: Annotated[str, typer.Option(help="Stain normalisation: none, macenko or reinhard (features/<key>-<stain key>).")] = "none",
+    stain_reference: Annotated[Optional[Path], typer.Option(help="Reference H&E tile/image for --stain [default: built-in].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute embeddings that already exist.")] = False,
 ) -> None:
     """Stream tiles through a ConvNeXt and store one embedding per tile."""
     with _errors():
         from .embed import embed_stores
+        from .errors import ConfigError
+        from .transforms import build_transform, stain_names
+
+        if stain not in stain_names():
+            raise ConfigError(f"unknown --stain {stain!r}: choose one of {', '.join(stain_names())}")
+        transform = build_transform(stain, reference=stain_reference)
 
         with _progress_bar("embedding") as update:
 
@@ -205,7 +213,7 @@ def embed(
             results = embed_stores(
                 stores, model=model, stem=stem, weights=weights, pretrained=pretrained, batch_size=batch_size,
                 device=device, dtype=dtype, overwrite=overwrite, num_workers=num_workers, compile=compile,
-                progress=update, on_result=on_result,
+                transform=transform, progress=update, on_result=on_result,
             )  # fmt: skip
         _print_table(
             "embeddings", ["slide", "status", "tiles", "seconds", "key / error"],

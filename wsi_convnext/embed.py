@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import torch
 
     from .encoder import Encoder
+    from .transforms import TileTransform
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -371,6 +372,21 @@ def prepare_forward(
     return forward, prec
 
 
+def _preprocess(encoder: Encoder, tiles: torch.Tensor, dev: torch.device, transform: TileTransform | None) -> torch.Tensor:
+    """``encoder.preprocess`` with ``transform`` applied to the [0, 1] float batch on ``dev`` first.
+
+    Stands in for the agreed ``Encoder.preprocess(tiles, device=, transform=)`` (the transformed
+    batch is re-quantised to uint8, well below any stain difference, before the encoder's own
+    preprocessing).
+    """
+    if transform is None:
+        return encoder.preprocess(tiles, device=dev)
+    import torch
+
+    x = transform(tiles.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0))
+    return encoder.preprocess(x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1), device=dev)
+
+
 def _check_dtype(dtype: str) -> np.dtype:
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"unknown feature dtype {dtype!r} (--dtype): choose one of {', '.join(OUTPUT_DTYPES)}")
@@ -389,6 +405,7 @@ def embed_store(
     amp: bool | None = None,
     channels_last: bool | None = None,
     compile: bool = False,
+    transform: TileTransform | None = None,
     progress: ProgressFn | None = None,
 ) -> EmbedResult:
     """Embed every tile of one store and write ``features/<encoder.key>`` into it.
@@ -408,6 +425,10 @@ def embed_store(
         channels_last: Override the device's default memory layout (channels-last on CUDA).
         compile: Run the model through ``torch.compile`` (compiled once per model and device;
             batches are padded to ``batch_size`` so only one shape is compiled).
+        transform: A tile transform (:func:`wsi_convnext.transforms.build_transform`, e.g. stain
+            normalisation) applied to the [0, 1] tiles before the encoder's normalisation; the
+            feature key becomes ``<encoder key>-<transform key>`` and the array attrs get
+            ``transform`` (its attrs plus this store's ``stats``).
         progress: Called as ``progress(tiles_done, tiles_total)`` after each batch.
 
     Returns:
@@ -431,7 +452,7 @@ def embed_store(
         raise ConfigError(f"batch size must be at least 1, got {batch_size} (--batch-size)")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     store = store_path if isinstance(store_path, TileStore) else open_store(store_path)
-    key = encoder.key
+    key = encoder.key if transform is None else f"{encoder.key}-{transform.key}"
     n = len(store)
     if key in store.feature_keys and not overwrite:
         logger.info("%s: features/%s already exist, skipping", store.slide_id, key)
@@ -441,6 +462,7 @@ def embed_store(
         )  # fmt: skip
 
     forward, prec = prepare_forward(encoder, dev, amp=amp, channels_last=channels_last, compile=compile)
+    stats_before = transform.stats() if transform is not None else {}
     workers = default_num_workers(dev.type) if num_workers is None else int(num_workers)
     d = encoder.num_features
 
@@ -453,7 +475,7 @@ def embed_store(
         store, batch_size, num_workers=workers, pin_memory=prec.pin_memory, pad=compile
     ) as loader:
         for start, stop, tiles in loader:
-            y = forward(encoder.preprocess(tiles, device=dev))
+            y = forward(_preprocess(encoder, tiles, dev, transform))
             host[start:stop].copy_(y[: stop - start].to(host.dtype), non_blocking=non_blocking)
             if progress is not None:
                 progress(stop, n)
@@ -470,6 +492,9 @@ def embed_store(
             f"(precision {prec.name}, dtype {out_dtype.name}); try --dtype float32 or check the weights"
         )
     attrs = dict(encoder.attrs())
+    if transform is not None:
+        after = transform.stats()
+        attrs["transform"] = {**transform.attrs, "stats": {k: v - stats_before.get(k, 0) for k, v in after.items()}}
     attrs.update(
         compute_precision=prec.name,
         device_type=dev.type,
@@ -502,6 +527,7 @@ def embed_stores(
     amp: bool | None = None,
     channels_last: bool | None = None,
     compile: bool = False,
+    transform: TileTransform | None = None,
     progress: ProgressFn | None = None,
     on_result: Callable[[EmbedResult], None] | None = None,
 ) -> list[EmbedResult]:
@@ -514,7 +540,7 @@ def embed_stores(
     Args:
         stores: Store folders and/or folders of stores (see :func:`~wsi_convnext.store.find_stores`).
         model, stem, weights, pretrained: See :func:`~wsi_convnext.encoder.build_encoder`.
-        batch_size, device, dtype, overwrite, num_workers, amp, channels_last, compile:
+        batch_size, device, dtype, overwrite, num_workers, amp, channels_last, compile, transform:
             See :func:`embed_store`.
         progress: Per-slide tile progress, ``progress(tiles_done, tiles_total)``.
         on_result: Called with each slide's result as soon as it is known.
@@ -540,7 +566,8 @@ def embed_stores(
         try:
             result = embed_store(
                 path, encoder, batch_size=batch_size, device=dev, dtype=dtype, overwrite=overwrite,
-                num_workers=num_workers, amp=amp, channels_last=channels_last, compile=compile, progress=progress,
+                num_workers=num_workers, amp=amp, channels_last=channels_last, compile=compile, transform=transform,
+                progress=progress,
             )  # fmt: skip
         except Exception as exc:  # one bad store must never stop the others
             if isinstance(exc, WsiConvnextError):
@@ -548,7 +575,8 @@ def embed_stores(
             else:
                 logger.warning("%s failed unexpectedly", path, exc_info=True)
             result = EmbedResult(
-                slide_id=path.name.removesuffix(STORE_SUFFIX), store_path=path, key=encoder.key,
+                slide_id=path.name.removesuffix(STORE_SUFFIX), store_path=path,
+                key=encoder.key if transform is None else f"{encoder.key}-{transform.key}",
                 seconds=time.perf_counter() - t0, status="failed", error_type=type(exc).__name__,
                 error=one_line(exc), device=str(dev),
             )  # fmt: skip
