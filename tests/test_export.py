@@ -239,7 +239,9 @@ def _embedded_copy(cmu_tiled: Path, root: Path, name: str, seed: int) -> Path:
     store = open_store(dst)
     store.write_features("enc", np.random.default_rng(seed).normal(size=(len(store), 8)).astype(np.float16),
                          {"model": "convnext_atto", "stem": "patch", "weights_sha256": "random",
-                          "preprocessing": {"mean": [0.485, 0.456, 0.406], "resize": "never"}, "weights_path": None})  # fmt: skip
+                          "preprocessing": {"mean": [0.485, 0.456, 0.406], "resize": "never"}, "weights_path": None,
+                          "transform": {"name": "macenko", "stain_matrix": [[0.56, 0.22], [0.72, 0.8], [0.41, 0.56]],
+                                        "stats": {"tiles": len(store), "identity_fallbacks": 0}}})  # fmt: skip
     return dst
 
 
@@ -262,6 +264,7 @@ def test_anndata_round_trip(tmp_path: Path, cmu_tiled: Path) -> None:
         assert meta["feature_key"] == "enc" and meta["encoder"]["model"] == "convnext_atto"
         assert meta["mpp"] == store.mpp and meta["slides"][store.slide_id]["level0_mpp"] == store.slide_mpp
         assert list(meta["encoder"]["preprocessing"]["mean"]) == [0.485, 0.456, 0.406]
+        assert np.asarray(meta["encoder"]["transform"]["stain_matrix"]).shape == (3, 2)  # nested provenance kept
 
     (cohort,) = export_features([a, b], tmp_path / "cohort", fmt="anndata", cohort=True)
     assert cohort.name == "cohort.h5ad"

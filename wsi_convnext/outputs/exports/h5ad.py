@@ -44,9 +44,13 @@ def _uns_value(value: Any) -> Any:
     if isinstance(value, (bool, int, float, str, np.generic)):
         return value
     if isinstance(value, (list, tuple)):
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and value:
-            return np.asarray(value)
-        if all(isinstance(v, str) for v in value) and value:
+        try:
+            arr = np.asarray(value)
+        except ValueError:  # ragged
+            arr = np.asarray([], dtype=object)
+        if value and arr.dtype.kind in "iuf":  # numbers, or equal-length rows of numbers (a matrix)
+            return arr
+        if value and all(isinstance(v, str) for v in value):
             return np.asarray(value, dtype=object)
         return {str(i): _uns_value(v) for i, v in enumerate(value) if v is not None}
     return str(value)
