@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -386,3 +387,48 @@ def test_devices_split_stores_over_processes(cohort_folder: Path, embedded_alone
     assert children[0] == ["wsi-convnext-embed-0-cpu", "wsi-convnext-embed-1-cpu"]
     assert not multiprocessing.active_children()
     _assert_same_features(folder, embedded_alone, results[0].key, tol=1e-4)
+
+
+@pytest.fixture
+def small_store(cmu_tiles, tmp_path: Path) -> Path:
+    """12 real tiles: 8 blank ones and 4 with tissue."""
+    tiles, coords = cmu_tiles
+    return write_store(tmp_path / "small" / "cmu12.zarr", tiles[:12], coords[:12])
+
+
+def test_stain_normalised_embeddings_coexist_with_raw_ones(small_store: Path, encoders) -> None:
+    from wsi_convnext.transforms import build_transform
+
+    store_path, enc = small_store, encoders["patch"]
+    raw = embed_store(store_path, enc, batch_size=BATCH, device="cpu")
+    macenko = build_transform("macenko")
+    normed = embed_store(store_path, enc, batch_size=BATCH, device="cpu", transform=macenko)
+    assert normed.key == f"{enc.key}-{macenko.key}" != raw.key
+    store = open_store(store_path)
+    assert set(store.feature_keys) == {raw.key, normed.key}
+    a, b = store.features(raw.key).astype(np.float32), store.features(normed.key).astype(np.float32)
+    assert np.abs(a - b).mean() > 0.05 * np.abs(a).mean()  # measurably different
+    attrs = store.feature_attrs(normed.key)["transform"]
+    assert attrs["attrs"]["name"] == "macenko" and attrs["key"] == macenko.key and attrs["attrs"]["reference"] == "built-in"
+    assert attrs["stats"] == {"tiles": 12, "identity_fallbacks": 8}  # the blank tiles are left as they are
+    again = embed_store(store_path, enc, batch_size=BATCH, device="cpu", transform=build_transform("macenko"),
+                        overwrite=True)  # fmt: skip
+    assert again.key == normed.key
+    np.testing.assert_array_equal(open_store(store_path).features(normed.key).astype(np.float32), b)  # deterministic
+
+
+def test_cli_embed_with_stain(small_store: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_convnext.cli import app
+
+    runner, store_path = CliRunner(), small_store
+    args = ["embed", str(store_path), "--model", MODEL, "--device", "cpu", "--batch-size", "20"]
+    res = runner.invoke(app, [*args, "--stain", "reinhard"])
+    assert res.exit_code == 0, res.output
+    (key,) = open_store(store_path).feature_keys
+    assert re.fullmatch(rf"{MODEL}-patch-random-reinhard-[0-9a-f]{{8}}", key)
+    res = runner.invoke(app, [*args, "--stain", "none", "--stain-reference", str(tmp_path / "ref.png")])
+    assert res.exit_code == 2 and "--stain-reference" in res.output
+    res = runner.invoke(app, [*args, "--stain", "hed_jitter"])
+    assert res.exit_code == 2 and "none, macenko, reinhard" in res.output

@@ -213,11 +213,19 @@ def embed(
         Optional[int], typer.Option(help="JPEG decoding threads (default: measured on CPU, cores - 1 on GPU).")
     ] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA).")] = False,
+    stain: Annotated[str, typer.Option(help="Stain normalisation: none, macenko or reinhard (features/<key>-<stain key>).")] = "none",
+    stain_reference: Annotated[Optional[Path], typer.Option(help="Reference H&E tile/image for --stain [default: built-in].")] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute embeddings that already exist.")] = False,
 ) -> None:
     """Stream tiles through a ConvNeXt and store one embedding per tile."""
     with _errors():
         from .embed import embed_stores
+        from .errors import ConfigError
+        from .transforms import build_transform, stain_names
+
+        if stain not in stain_names():
+            raise ConfigError(f"unknown --stain {stain!r}: choose one of {', '.join(stain_names())}")
+        transform = build_transform(stain, reference=stain_reference)
 
         with _progress_bar("embedding") as update:
 
@@ -228,7 +236,7 @@ def embed(
             results = embed_stores(
                 stores, model=model, stem=stem, weights=weights, pretrained=pretrained, batch_size=batch_size,
                 device=device, devices=_device_list(devices), dtype=dtype, overwrite=overwrite,
-                num_workers=num_workers, compile=compile, progress=update, on_result=on_result,
+                num_workers=num_workers, compile=compile, transform=transform, progress=update, on_result=on_result,
             )  # fmt: skip
         _print_table(
             "embeddings", ["slide", "status", "tiles", "seconds", "key / error"],
@@ -238,19 +246,26 @@ def embed(
             raise typer.Exit(1)
 
 
+def _export_formats_help() -> str:
+    from .outputs.exports import FORMATS  # stdlib-only registry: --help stays instant
+
+    return "Output format: " + "; ".join(f"{f.name} = {f.description}" for f in FORMATS.values()) + "."
+
+
 @app.command()
 def export(
     stores: Annotated[list[Path], typer.Argument(help="Stores or folders of stores.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("features"),
-    fmt: Annotated[str, typer.Option("--format", help="Output format: h5 (CLAM/TRIDENT layout).")] = "h5",
+    fmt: Annotated[str, typer.Option("--format", help=_export_formats_help())] = "h5",
     features: Annotated[Optional[str], typer.Option(help="Feature key (needed when a store holds several).")] = None,
+    cohort: Annotated[bool, typer.Option("--cohort", help="One file for all slides (OUT/cohort.h5ad; anndata).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
 ) -> None:
-    """Write each slide's embeddings and coords for other tools (HDF5 with features and coords)."""
+    """Write each slide's embeddings, coords and scores for other tools (CLAM/TRIDENT, QuPath, scverse)."""
     with _errors():
         from .outputs.export import export_features
 
-        paths = export_features(stores, out, fmt=fmt, feature_key=features, overwrite=overwrite)
+        paths = export_features(stores, out, fmt=fmt, feature_key=features, cohort=cohort, overwrite=overwrite)
         typer.echo(f"wrote {len(paths)} file(s) to {out}")
 
 

@@ -238,6 +238,21 @@ def prepare_forward(
     return forward, prec
 
 
+def _preprocess(encoder: Encoder, tiles: torch.Tensor, dev: torch.device, transform: TileTransform | None) -> torch.Tensor:
+    """``encoder.preprocess`` with ``transform`` applied to the [0, 1] float batch on ``dev`` first.
+
+    Stands in for the agreed ``Encoder.preprocess(tiles, device=, transform=)`` (the transformed
+    batch is re-quantised to uint8, well below any stain difference, before the encoder's own
+    preprocessing).
+    """
+    if transform is None:
+        return encoder.preprocess(tiles, device=dev)
+    import torch
+
+    x = transform(tiles.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0))
+    return encoder.preprocess(x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1), device=dev)
+
+
 def _check_dtype(dtype: str) -> np.dtype:
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"unknown feature dtype {dtype!r} (--dtype): choose one of {', '.join(OUTPUT_DTYPES)}")

@@ -1,128 +1,48 @@
-"""Export embeddings from tile stores to files other tools read.
+"""Export what the tile stores hold to files other tools read.
 
-``h5`` (default) writes ``OUT/<slide_id>.h5`` in the CLAM / TRIDENT layout::
+The formats are registered writers, one module each, in :mod:`wsi_convnext.outputs.exports`
+(:data:`FORMATS`; add one with :func:`register_format`):
 
-    features      (N, D) float32 (or float16) tile embeddings, row i = tile i
-    coords        (N, 2) int64 level-0 (x, y) of each tile's top-left corner
-    coords.attrs  patch_size (px at the tile mpp), patch_size_level0 (level-0 px, rounded),
-                  target_mpp, level0_mpp (µm/px), target_magnification, level0_magnification
-                  (≈ 10 / mpp), overlap, name (slide id)
-    features.attrs / file attrs
-                  feature_key, model, stem, weights_sha256, ... (the store's feature attrs;
-                  nested values as JSON strings)
+- ``h5`` (default): ``OUT/<slide_id>.h5`` in the CLAM / TRIDENT layout (features, coords
+  and the tile geometry: ``patch_size``, ``patch_size_level0``, ``target_mpp``, ``level0_mpp``,
+  magnifications, ``overlap``, ``name``; see :mod:`~wsi_convnext.outputs.exports.h5`);
+- ``pt``: ``OUT/<slide_id>.pt``, the (N, D) float tensor alone, as CLAM's ``pt_files``;
+- ``geojson``: ``OUT/<slide_id>.geojson`` for QuPath, tissue polygons and one detection per
+  tile with its tissue fraction and scores, in level-0 pixels (needs no embeddings);
+- ``anndata``: ``OUT/<slide_id>.h5ad`` (or ``OUT/cohort.h5ad`` with ``cohort=True``) for
+  scverse, with the features as ``X`` and the coords in ``obsm["spatial"]``.
 
-``pt`` writes ``OUT/<slide_id>.pt``: the (N, D) float tensor alone, as CLAM's ``pt_files``.
-
-Formats live in :data:`FORMATS`; add one with :func:`register_format`. Every file is
-written under a hidden temporary name and moved into place with :func:`os.replace`, so a
-reader never sees a half-written file.
+Every file is written under a hidden temporary name and moved into place with
+:func:`os.replace`, so a reader never sees a half-written file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import __version__
 from .._io import atomic_path, ensure_dir, inside
 from ..errors import ConfigError, StoreError, StoreExistsError
 from ..store import TileStore, find_stores, open_store
+from .exports import FORMATS, ExportFormat, SlideExport, register_format
 
-__all__ = ["EXPORT_DTYPES", "FORMATS", "ExportFormat", "SlideExport", "export_features", "read_h5", "register_format"]
+__all__ = [
+    "COHORT_STEM", "EXPORT_DTYPES", "FORMATS", "ExportFormat", "SlideExport", "export_features", "read_h5",
+    "register_format", "slide_export",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 #: Exported feature dtypes by name.
 EXPORT_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
-
-@dataclass(frozen=True)
-class SlideExport:
-    """What one slide exports.
-
-    Attributes:
-        slide_id: Slide identifier (the output file's stem).
-        features: (N, D) embeddings.
-        coords: (N, 2) int64 level-0 (x, y) of each tile's top-left corner.
-        coords_attrs: Tile geometry (see the module docstring).
-        feature_attrs: Provenance of the embeddings (store feature attrs plus ``feature_key``).
-    """
-
-    slide_id: str
-    features: np.ndarray
-    coords: np.ndarray
-    coords_attrs: dict[str, Any]
-    feature_attrs: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ExportFormat:
-    """One export format.
-
-    Attributes:
-        name: Registry name (``--format``).
-        suffix: File suffix, with the dot.
-        write: ``write(path, slide_export)``; writes one complete file at ``path``.
-        description: One line for help texts.
-    """
-
-    name: str
-    suffix: str
-    write: Callable[[Path, SlideExport], None]
-    description: str
-
-
-#: Export formats by name.
-FORMATS: dict[str, ExportFormat] = {}
-
-
-def register_format(fmt: ExportFormat) -> ExportFormat:
-    """Add (or replace) a format in :data:`FORMATS`."""
-    FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def _h5_attr(value: Any) -> Any:
-    """A value h5py can store as an attribute: scalars and strings as is, the rest as JSON."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, float, str, np.integer, np.floating)):
-        return value
-    return json.dumps(value, default=str)
-
-
-def _write_h5(path: Path, item: SlideExport) -> None:
-    import h5py
-
-    with h5py.File(path, "w") as f:
-        feats = f.create_dataset("features", data=item.features)
-        coords = f.create_dataset("coords", data=item.coords)
-        for k, v in item.coords_attrs.items():
-            coords.attrs[k] = _h5_attr(v)
-        for k, v in item.feature_attrs.items():
-            feats.attrs[k] = _h5_attr(v)
-        for k, v in {**item.feature_attrs, **item.coords_attrs}.items():
-            f.attrs[k] = _h5_attr(v)
-        f.attrs["exported_by"] = f"wsi-convnext {__version__}"
-
-
-def _write_pt(path: Path, item: SlideExport) -> None:
-    import torch
-
-    torch.save(torch.from_numpy(np.ascontiguousarray(item.features)), path)
-
-
-register_format(
-    ExportFormat("h5", ".h5", _write_h5, "HDF5 with features (N, D) and coords (N, 2), CLAM/TRIDENT layout")
-)
-register_format(ExportFormat("pt", ".pt", _write_pt, "torch tensor (N, D) of features only, CLAM pt_files layout"))
+#: File stem of a cohort export (``OUT/cohort<suffix>``).
+COHORT_STEM = "cohort"
 
 
 def _magnification(mpp: float) -> float:
@@ -130,7 +50,9 @@ def _magnification(mpp: float) -> float:
     return round(10.0 / mpp, 2)
 
 
-def _slide_export(store: TileStore, key: str, dtype: np.dtype) -> SlideExport:
+def slide_export(store: TileStore, key: str | None, dtype: str | np.dtype = "float32") -> SlideExport:
+    """Everything one store exports: features of ``key`` (None: none), coords, geometry, tissue, scores."""
+    dtype = np.dtype(dtype)
     attrs = store.attrs
     extent0 = float(attrs.get("extent0", store.tile_size * store.mpp / store.slide_mpp))
     coords_attrs = {
@@ -145,18 +67,38 @@ def _slide_export(store: TileStore, key: str, dtype: np.dtype) -> SlideExport:
         "overlap": attrs.get("overlap", 0),
         "coords_frame": "level-0 pixels, (x, y) of the tile's top-left corner",
     }
-    feature_attrs = {k: v for k, v in store.feature_attrs(key).items() if k != "complete"}
-    feature_attrs["feature_key"] = key
-    feature_attrs["store_dtype"] = feature_attrs.pop("dtype", None)
-    feature_attrs["dtype"] = dtype.name
-    features = store.features(key).astype(dtype, copy=False)
+    features, feature_attrs = None, {}
     coords = store.coords
-    if features.shape[0] != coords.shape[0]:
-        raise StoreError(
-            f"{store.path}: store damaged: features/{key} has {features.shape[0]} rows but coords has "
-            f"{coords.shape[0]}; re-embed it (`wsi-convnext embed --overwrite`)"
-        )
-    return SlideExport(store.slide_id, features, coords, coords_attrs, feature_attrs)
+    if key is not None:
+        feature_attrs = {k: v for k, v in store.feature_attrs(key).items() if k != "complete"}
+        feature_attrs["feature_key"] = key
+        feature_attrs["store_dtype"] = feature_attrs.pop("dtype", None)
+        feature_attrs["dtype"] = dtype.name
+        features = store.features(key).astype(dtype, copy=False)
+        if features.shape[0] != coords.shape[0]:
+            raise StoreError(
+                f"{store.path}: store damaged: features/{key} has {features.shape[0]} rows but coords has "
+                f"{coords.shape[0]}; re-embed it (`wsi-convnext embed --overwrite`)"
+            )
+    names = store.score_keys
+    return SlideExport(
+        store.slide_id, features, coords, coords_attrs, feature_attrs,
+        tissue_fraction=store.tissue_fraction,
+        scores={n: store.scores(n) for n in names},
+        score_attrs={n: {k: v for k, v in store.score_attrs(n).items() if k != "complete"} for n in names},
+        tissue_mask=store.tissue_mask,
+        mask_downsample=float(attrs.get("mask_downsample", 1.0)),
+    )  # fmt: skip
+
+
+def _resolve_key(store: TileStore, feature_key: str | None, required: bool) -> str | None:
+    if not required and (feature_key is None and len(store.feature_keys) != 1):
+        return None  # a format without features exports stores with none or several keys
+    key = store.resolve_feature_key(feature_key)
+    if key not in store.feature_keys:
+        have = ", ".join(store.feature_keys) or "none"
+        raise StoreError(f"{store.path}: no embeddings {key!r} (available: {have}); run `wsi-convnext embed` first")
+    return key
 
 
 def export_features(
@@ -166,10 +108,11 @@ def export_features(
     fmt: str = "h5",
     feature_key: str | None = None,
     dtype: str = "float32",
+    cohort: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
-    """Write each store's embeddings (and coords) to ``out_dir/<slide_id><suffix>``.
+    """Write each store's export to ``out_dir/<slide_id><suffix>`` (or all to one cohort file).
 
     All stores and output paths are checked before anything is written, so bad input
     raises without leaving a partial export behind.
@@ -179,9 +122,11 @@ def export_features(
         out_dir: Output folder (created).
         fmt: A key of :data:`FORMATS`.
         feature_key: Which embeddings (``features/<key>``); may be omitted when every store
-            holds exactly one.
+            holds exactly one. Formats without features (``geojson``) export no embeddings then.
         dtype: Exported feature dtype, a key of :data:`EXPORT_DTYPES` (float32 by default,
             which is what CLAM/TRIDENT models expect).
+        cohort: Write one ``out_dir/cohort<suffix>`` holding every slide (formats with a
+            cohort writer only, e.g. ``anndata``).
         overwrite: Replace existing output files.
         progress: Called as ``progress(files_done, files_total)``.
 
@@ -193,42 +138,64 @@ def export_features(
         StoreError: A store is foreign/incomplete, lacks the embeddings, or holds several and
             ``feature_key`` is not given.
         StoreExistsError: An output file exists and ``overwrite`` is False.
-        ConfigError: Unknown ``fmt`` or ``dtype``, or two stores share a slide id.
+        ConfigError: Unknown ``fmt`` or ``dtype``, ``cohort`` for a per-slide format, a missing
+            optional dependency, or two stores share a slide id.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r} (--format): choose one of {', '.join(FORMATS)}")
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"unknown export dtype {dtype!r} (--dtype): choose one of {', '.join(EXPORT_DTYPES)}")
     spec = FORMATS[fmt]
+    if cohort and spec.write_cohort is None:
+        with_cohort = ", ".join(n for n, f in FORMATS.items() if f.write_cohort is not None) or "none"
+        raise ConfigError(f"--format {fmt} writes one file per slide; drop --cohort (cohort files: {with_cohort})")
+    if spec.check is not None:
+        spec.check()
     out = Path(out_dir)
 
     # Validate everything first: a bad store or an existing file stops the export before it starts.
-    plan: list[tuple[TileStore, str, Path]] = []
+    plan: list[tuple[TileStore, str | None, Path]] = []
     owners: dict[str, Path] = {}
     for path in find_stores(stores):
         store = open_store(path)
-        key = store.resolve_feature_key(feature_key)
-        if key not in store.feature_keys:
-            have = ", ".join(store.feature_keys) or "none"
-            raise StoreError(f"{store.path}: no embeddings {key!r} (available: {have}); run `wsi-convnext embed` first")
+        key = _resolve_key(store, feature_key, spec.needs_features or cohort)
         sid = store.slide_id  # open_store refuses stores whose slide_id breaks the id policy
         if sid in owners:
             raise ConfigError(
                 f"stores {owners[sid]} and {store.path} share the slide id {sid!r}; export them separately"
             )
         owners[sid] = store.path
-        target = inside(out, f"{sid}{spec.suffix}")
+        target = inside(out, f"{COHORT_STEM if cohort else sid}{spec.suffix}")
         if target.exists() and not overwrite:
             raise StoreExistsError(f"{target}: already exists; pass --overwrite to replace it")
         plan.append((store, key, target))
+    if cohort:
+        keys = {key for _, key, _ in plan}
+        if len(keys) > 1:
+            raise StoreError(
+                f"stores hold different embeddings ({', '.join(sorted(map(str, keys)))}); choose one with --features KEY"
+            )
 
     ensure_dir(out)
     written: list[Path] = []
+    if cohort:
+        items = []
+        for i, (store, key, _) in enumerate(plan):
+            items.append(slide_export(store, key, dtype))
+            if progress is not None:
+                progress(i + 1, len(plan) + 1)
+        target = inside(out, f"{COHORT_STEM}{spec.suffix}")
+        with atomic_path(target) as tmp:
+            spec.write_cohort(tmp, items)  # type: ignore[misc]
+        logger.info("wrote %s (%d slides, %s)", target, len(items), plan[0][1] if plan else None)
+        if progress is not None:
+            progress(len(plan) + 1, len(plan) + 1)
+        return [target]
     for i, (store, key, target) in enumerate(plan):
-        item = _slide_export(store, key, EXPORT_DTYPES[dtype])
+        item = slide_export(store, key, dtype)
         with atomic_path(target) as tmp:
             spec.write(tmp, item)
-        logger.info("%s: wrote %s (%d × %d, %s)", store.slide_id, target, *item.features.shape, key)
+        logger.info("%s: wrote %s (%d tiles, %s)", store.slide_id, target, len(item.coords), key)
         written.append(target)
         if progress is not None:
             progress(i + 1, len(plan))
