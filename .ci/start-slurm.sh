@@ -17,10 +17,17 @@ WAIT_S=${SLURM_START_TIMEOUT:-90}
 
 say() { echo "start-slurm: $*" >&2; }
 idle_node() { timeout 10 sinfo -h -N -t idle,mix -o %N 2>/dev/null | head -n 1; }
+# A node that answers (idle, or busy with jobs): SLURM is up, leave it alone.
+up_node() { timeout 10 sinfo -h -N -t idle,mix,alloc,completing -o %N 2>/dev/null | head -n 1; }
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-if command -v sinfo >/dev/null && [ -n "$(idle_node)" ]; then
-  say "SLURM is already up (idle node $(idle_node))"
-  exit 0
+ours() { [ -e "$CONF" ] && head -n 1 "$CONF" | grep -qF "$MARKER"; }
+# Up already: a node answers and, on a cluster this script made, both daemons run here.
+if command -v sinfo >/dev/null && [ -n "$(up_node)" ]; then
+  if ! ours || { running /run/slurmctld.pid && running /run/slurmd.pid; }; then
+    say "SLURM is already up (node $(up_node))"
+    exit 0
+  fi
 fi
 for exe in munged slurmctld slurmd sinfo scontrol; do
   command -v "$exe" >/dev/null || { say "$exe not found: apt-get install slurm-wlm munge"; exit 1; }
@@ -49,7 +56,7 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 # --- slurm.conf --------------------------------------------------------------------------------
-if [ -e "$CONF" ] && ! head -n 1 "$CONF" | grep -qF "$MARKER"; then
+if [ -e "$CONF" ] && ! ours; then
   say "$CONF exists and was not written by this script; not touching it (start SLURM yourself)"
   exit 1
 fi
@@ -85,16 +92,17 @@ NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 chmod 644 "$tmp"
-mv -f "$tmp" "$CONF"
+changed=1
+if [ -e "$CONF" ] && cmp -s "$tmp" "$CONF"; then changed=0; rm -f "$tmp"; else mv -f "$tmp" "$CONF"; fi
 
 # --- daemons -----------------------------------------------------------------------------------
-if ! pgrep -x slurmctld >/dev/null; then
+if ! running /run/slurmctld.pid; then
   say "starting slurmctld"
   slurmctld || { say "slurmctld did not start (see $LOGS/slurmctld.log)"; exit 1; }
-else
+elif [ "$changed" -eq 1 ]; then
   scontrol reconfigure >/dev/null 2>&1 || true
 fi
-if ! pgrep -x slurmd >/dev/null; then
+if ! running /run/slurmd.pid; then
   say "starting slurmd"
   slurmd || { say "slurmd did not start (see $LOGS/slurmd.log)"; exit 1; }
 fi
