@@ -3,10 +3,11 @@
 Tiling a 0.25-µm/px scan at 0.5 µm/px decodes four source pixels per output pixel and then
 averages them; decoding dominates the cost. libjpeg(-turbo) can instead run a reduced
 inverse DCT that yields the tile at 1/2, 1/4 or 1/8 of its size directly, several times
-cheaper, and the result is itself an area-like low-pass of the full-size tile (measured
-≥ 49 dB PSNR against the exact 2×2, 4×4 and 8×8 area averages on CMU-1). Pillow exposes
-this through :meth:`PIL.Image.Image.draft`, and its wheels bundle libjpeg-turbo, so nothing
-beyond the base install is needed.
+cheaper (the entropy decoding stays, so about 1.5× per source tile here), and the result
+is itself an area-like low-pass of the full-size tile (measured ≥ 49 dB PSNR against the
+exact 2×2, 4×4 and 8×8 area averages on CMU-1). simplejpeg (a pip wheel bundling
+libjpeg-turbo) exposes it through ``min_width``/``min_height``; Pillow's ``draft()`` does
+too but parses each tile's header in Python and measured slower per tile.
 
 :func:`read_region_scaled` is the tiler's fast path: for a region read whose tiles shrink
 by a factor ``k >= 2``, it reads the raw tile bytes and the shared ``JPEGTables`` of the
@@ -25,7 +26,6 @@ the read level; a decoded pixel ``(i, j)`` at scale ``s`` covers level pixels
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import os
 from collections.abc import Sequence
@@ -180,24 +180,31 @@ def pick_scale(factor: float, boxes: Sequence[tuple[float, float, float, float]]
     return 1
 
 
-def _decode_scaled(data: bytes, level: JpegLevel, scale: int) -> np.ndarray:
-    """Decode one tile at 1/``scale``: (tile_height/scale, tile_width/scale, 3) uint8 RGB."""
-    from PIL import Image
+def _adobe_marker(colourspace: str) -> bytes:
+    """An Adobe APP14 segment whose transform flag tells libjpeg what the components are."""
+    transform = 0 if colourspace == "RGB" else 1  # 0: RGB as stored, 1: YCbCr
+    return b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([transform])
 
-    im = Image.open(io.BytesIO(data))
-    if im.format != "JPEG" or im.size != (level.tile_width, level.tile_height) or im.mode != "RGB":
-        raise ValueError(f"unexpected JPEG tile ({im.format} {im.mode} {im.size})")
-    # Tell libjpeg what the components are (TIFF's photometric), rather than let it guess:
-    # Aperio stores RGB components without an Adobe marker, which libjpeg would take for YCbCr.
-    tile = im.tile[0]
-    args = ("RGB", level.colourspace)
-    im.tile = [tile._replace(args=args) if hasattr(tile, "_replace") else (tile[0], tile[1], tile[2], args)]
-    want = (level.tile_width // scale, level.tile_height // scale)
-    im.draft("RGB", want)
-    im.load()
-    if im.size != want:
-        raise ValueError(f"libjpeg decoded {im.size}, not {want}")
-    return np.asarray(im)
+
+def _decode_scaled(data: bytes, level: JpegLevel, scale: int) -> np.ndarray:
+    """Decode one tile at 1/``scale``: (tile_height/scale, tile_width/scale, 3) uint8 RGB.
+
+    simplejpeg (libjpeg-turbo's TurboJPEG API) picks the DCT scale from the minimum size.
+    The TIFF photometric tag, not libjpeg's guess, decides the colour space: Aperio stores
+    RGB components without an Adobe marker, which libjpeg would take for YCbCr, so one is
+    spliced in after SOI.
+    """
+    import simplejpeg
+
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG stream")
+    want_w, want_h = level.tile_width // scale, level.tile_height // scale
+    image = simplejpeg.decode_jpeg(
+        data[:2] + _adobe_marker(level.colourspace) + data[2:], colorspace="RGB", min_width=want_w, min_height=want_h
+    )
+    if image.shape[:2] != (want_h, want_w):
+        raise ValueError(f"libjpeg decoded {image.shape[1]}x{image.shape[0]}, not {want_w}x{want_h}")
+    return image
 
 
 def read_window_scaled(level: JpegLevel, window: tuple[int, int, int, int], scale: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -291,7 +298,7 @@ def read_region_scaled(
     w, h = int(size[0]), int(size[1])
     try:
         pixels, (ox, oy) = read_window_scaled(jl, (x, y, w, h), scale)
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: an install without simplejpeg
         logger.debug("%s: DCT-scaled read of level %d at (%d, %d) failed (%s); reading normally", path, level, x, y, exc)
         return None
     from PIL import Image
