@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
+import json
+import re
+import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -120,15 +124,53 @@ def test_report_without_pictures_or_rows(tmp_path: Path) -> None:
     assert page.imgs == [] and "0 slides" in " ".join(page.text)
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium for a headless screenshot")
-def test_report_renders_in_chromium(run_out: Path, tmp_path: Path) -> None:  # pragma: no cover - optional
+def _chromium() -> str | None:
+    """A headless-capable Chromium on PATH (Debian's `chromium` or `chromium-headless-shell`)."""
+    for name in ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+_CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=10000"]
+
+# Appended to a copy of the report (the report itself has no scripts): after the load event,
+# records every <img>'s decoded width so --dump-dom shows whether each picture loaded.
+_IMG_PROBE = (
+    "<script>window.addEventListener('load', () => { document.body.dataset.imgs = JSON.stringify("
+    "[...document.images].map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])); });</script>"
+)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH for a headless browser check (apt-get install chromium)")
+def test_report_renders_in_chromium(run_out: Path, tmp_path: Path) -> None:
+    chromium = str(_chromium())
     report = write_report(run_out)
+    # Every <img> decodes in a real browser (naturalWidth > 0).
+    probe = tmp_path / "probe.html"
+    probe.write_text(report.read_text(encoding="utf-8").replace("</body>", _IMG_PROBE + "</body>"), encoding="utf-8")
+    dom = subprocess.run(
+        [chromium, *_CHROMIUM_ARGS, "--dump-dom", probe.as_uri()], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
+    match = re.search(r'data-imgs="([^"]*)"', dom)
+    assert match, f"the load probe did not run; chromium printed: {dom[:300]!r}"
+    imgs = json.loads(html.unescape(match.group(1)))
+    assert len(imgs) == len(parse(report).imgs) == 4
+    for alt, complete, width, height in imgs:
+        assert complete and width > 0 and height > 0, f"<img alt={alt!r}> did not load in chromium"
+    # The screenshot of the page itself is not blank.
     shot = tmp_path / "shot.png"
     subprocess.run(
-        ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-         "--window-size=1200,1600", report.as_uri()],
-        check=True, capture_output=True, timeout=60,
+        [chromium, *_CHROMIUM_ARGS, f"--screenshot={shot}", "--window-size=1200,1600", report.as_uri()],
+        check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     with Image.open(shot) as im:
-        arr = np.asarray(im.convert("RGB"))
-    assert arr.std() > 5  # not a blank page
+        arr = np.asarray(im.convert("RGB")).astype(np.int16)
+    assert arr.shape[:2] == (1600, 1200)
+    background = np.median(arr.reshape(-1, 3), axis=0)
+    drawn = np.abs(arr - background).max(axis=2) > 40
+    assert arr.std() > 5 and drawn.mean() > 0.01, "the screenshot of report.html is blank"
+    # The pictures are painted, not only laid out: a QC thumbnail's pink is on screen.
+    pink = (np.abs(arr - np.array([230, 180, 200])).max(axis=2) < 30).mean()
+    assert pink > 0.001, "no QC thumbnail colour in the screenshot"
