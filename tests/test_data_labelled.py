@@ -198,7 +198,18 @@ def _lc25000_stores(tmp_path: Path, groups_per_class: int = 2, tiles_per_store: 
     """Real H&E tiles written into real stores, one store per lc25000 group (= slide)."""
     from PIL import Image
 
-    from cmu_stores import write_store
+    from wsi_convnext.store import TileStoreWriter, encode_tile
+
+    def write_store(path: Path, tiles: np.ndarray, coords: np.ndarray) -> Path:
+        w = TileStoreWriter(path, len(tiles), 224, "jpeg")
+        w.write_tiles([encode_tile(x, "jpeg", quality=95) for x in tiles])
+        extent = 224 * len(tiles)
+        return w.commit(
+            coords=coords, tissue_fraction=np.ones(len(tiles)), thumbnail=np.full((8, 8 * len(tiles), 3), 230, np.uint8),
+            tissue_mask=np.ones((8, 8 * len(tiles)), bool),
+            attrs={"slide_id": path.name.removesuffix(".zarr"), "slide_mpp": 0.5, "target_mpp": 0.5, "extent0": 224.0,
+                   "overlap": 0, "thumbnail_downsample": extent / (8 * len(tiles)), "mask_downsample": extent / (8 * len(tiles))},
+        )  # fmt: skip
 
     sample = csv_tiles(lc25000_sample(tmp_path / "s.csv", groups_per_class))
     stores, rows = [], []

@@ -253,6 +253,10 @@ def test_predict_tiles_on_stores_writes_scores_for_heatmaps(tmp_path: Path) -> N
     scores = st.scores("enc")
     assert scores.shape == (6, 3) and np.allclose(scores.sum(1), 1, atol=1e-4)
     assert st.score_attrs("enc")["columns"] == ["lung_aca", "lung_n", "lung_scc"]
+    from wsi_convnext.outputs.heatmap import heatmaps
+
+    drawn = heatmaps(enc, [tmp_path / "stores"], tmp_path / "pictures", top_k=4)
+    assert len(drawn) == 3 and all(p.heatmap.is_file() and p.montage.is_file() for p in drawn.values())
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -409,7 +409,7 @@ def heatmap(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pictures.")] = Path("heatmaps"),
     top_k: Annotated[int, typer.Option(help="Tiles in the top-k montage.")] = 16,
 ) -> None:
-    """Draw attention heatmaps (thumbnail + colour bar) and top-k tile montages."""
+    """Draw attention heatmaps (thumbnail + colour bar) and top-k tile montages (MODEL_DIR: train or finetune output)."""
     with _errors():
         from .outputs.heatmap import heatmaps as draw
 
