@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..data.labelled import BALANCE_MODES, SIZE_POLICIES
@@ -125,7 +125,6 @@ class FinetuneConfig:
     strict: bool = False
     checkpoint_every: int | None = None
     overwrite: bool = False
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         data = (self.data,) if isinstance(self.data, str) else tuple(str(d) for d in self.data)
@@ -204,7 +203,7 @@ class FinetuneConfig:
 
     def result_dict(self) -> dict[str, Any]:
         """The fields that decide the result (no output path, device, worker count...)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS and k != "extra"}
+        return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
 
     def fingerprint(self, data_fingerprint: str = "", start_sha256: str = "") -> str:
         """sha256 of the result-deciding fields, the data (tiles, labels, groups) and the starting weights."""

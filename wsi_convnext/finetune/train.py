@@ -403,7 +403,7 @@ def finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None = None)
     work = work_dir(out)
     ckpt_path = work / "checkpoint.pt"
     state: dict[str, Any] = {"epoch": 0, "pos": 0, "step": 0, "history": [], "best": None, "best_epoch": None,
-                             "bad": {}, "train_seconds": 0.0, "train_tiles": 0}  # fmt: skip
+                             "bad": {}, "train_seconds": 0.0, "train_tiles": 0, "epoch_losses": []}  # fmt: skip
     best_state: dict[str, Any] | None = None
     resumed = False
     if ckpt_path.is_file():
@@ -425,6 +425,8 @@ def finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None = None)
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             torch.set_rng_state(ck["torch_rng"])
+            if ck.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(list(ck["cuda_rng"]))
             state = json.loads(ck["state"])
             best_state = ck.get("best_state")
             resumed = True
@@ -439,6 +441,7 @@ def finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None = None)
             "model": _state_dict_cpu(encoder.model), "head": _state_dict_cpu(head),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(), "state": json.dumps(state), "best_state": best_state,
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
         }  # fmt: skip
         with atomic_path(ckpt_path) as tmp:
             torch.save(payload, tmp)
@@ -493,7 +496,7 @@ def finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None = None)
         sampler.set_epoch(epoch, start=state["pos"] * per_step)
         api.set_train(encoder, True)
         head.train()
-        losses: list[float] = []
+        losses: list[float] = state.setdefault("epoch_losses", [])  # kept across a mid-epoch resume
         micro_i = 0
         acc_loss = 0.0
         t0 = time.perf_counter()
@@ -552,6 +555,7 @@ def finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None = None)
                 best_state["val_probs"] = torch.from_numpy(val_probs[1])
         state["epoch"] = epoch + 1
         state["pos"] = 0
+        state["epoch_losses"] = []
         if cfg.patience is not None and val_probs is not None and epoch - state["best_epoch"] >= cfg.patience:
             logger.info("early stop after epoch %d: no better validation score for %d epochs", epoch, cfg.patience)
             stop = True
