@@ -425,14 +425,21 @@ def heatmap(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("wsi-convnext-demo"),
     slides: Annotated[int, typer.Option(help="Slides in the generated cohort.")] = 32,
+    finetune: Annotated[bool, typer.Option("--finetune", help="Also fine-tune the encoder on weak labels of held-in slides and compare MIL on held-out slides.")] = False,
+    finetune_steps: Annotated[int, typer.Option(help="Optimiser steps of the --finetune step.")] = 60,
 ) -> None:
     """Run the whole pipeline on a generated cohort: tile → embed → train (CV) → metrics, ROC, heatmaps."""
     with _errors():
         from .demo import run_demo
 
         with _progress_bar("demo") as update:
-            result = run_demo(out, n_slides=slides, progress=lambda stage, done, total: update(done, total, stage))
+            result = run_demo(
+                out, n_slides=slides, finetune=finetune, finetune_steps=finetune_steps,
+                progress=lambda stage, done, total: update(done, total, stage),
+            )  # fmt: skip
         typer.echo(result.metrics_table)
+        if result.finetune_table:
+            typer.echo(result.finetune_table)
         typer.echo(f"slides:  {result.slides}")
         typer.echo(f"stores:  {result.tiles}  (one <slide_id>.zarr per slide; manifest.csv)")
         typer.echo(f"model:   {result.model}")
