@@ -61,6 +61,10 @@ class LabelsError(WsiConvnextError, ValueError):
     """A labels file is malformed or inconsistent with the stores."""
 
 
+class CorruptTileError(WsiConvnextError, OSError):
+    """A tile image (file or stored tile) cannot be read or decoded."""
+
+
 def one_line(error: BaseException | str, limit: int | None = None) -> str:
     """An exception's (or a text's) message squeezed onto one line, cut at ``limit`` characters."""
     text = " ".join(str(error).split())

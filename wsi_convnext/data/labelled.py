@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, InputNotFoundError, LabelsError, StoreError, WsiConvnextError
+from ..errors import ConfigError, CorruptTileError, InputNotFoundError, LabelsError, StoreError
 
 __all__ = [
     "BALANCE_MODES",
@@ -74,10 +74,6 @@ BALANCE_MODES = {
 }
 _SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _MAX_LISTED = 5
-
-
-class CorruptTileError(WsiConvnextError, OSError):
-    """A tile image cannot be read or decoded."""
 
 
 def _listing(items: Sequence[object], n: int = _MAX_LISTED) -> str:
