@@ -331,3 +331,21 @@ def test_cuda_requested_but_absent(tmp_path: Path) -> None:
         _tiny(tmp_path, "cuda", device="cuda")
     r = runner.invoke(app, ["finetune", str(tmp_path / "colour"), "--out", str(tmp_path / "c"), "--device", "cuda"])
     assert r.exit_code == 2 and "CUDA" in r.output
+
+
+# ------------------------------------------------------------------------------ demo --finetune
+
+
+@pytest.mark.slow
+def test_demo_finetune_compares_random_and_finetuned_features_on_held_out_slides(tmp_path: Path) -> None:
+    from wsi_convnext.demo import run_demo
+
+    r = run_demo(tmp_path / "demo", n_slides=12, slide_size=(2500, 2000), finetune=True, finetune_steps=4)
+    assert r.finetune_auc is not None and set(r.finetune_auc) == {"random", "finetuned"}
+    assert all(0.0 <= v <= 1.0 for v in r.finetune_auc.values())
+    assert "held-out" in r.finetune_table
+    cfg = json.loads((tmp_path / "demo" / "finetune" / "encoder" / "config.json").read_text())
+    train_ids = {line.split(",")[0] for line in (tmp_path / "demo" / "finetune" / "train_labels.csv").read_text().split()[1:]}
+    test_ids = {line.split(",")[0] for line in (tmp_path / "demo" / "finetune" / "test_labels.csv").read_text().split()[1:]}
+    assert train_ids and test_ids and not train_ids & test_ids
+    assert cfg["data"]["kind"] == "stores" and cfg["data"]["n_groups"] <= len(train_ids)  # only held-in slides
