@@ -122,6 +122,42 @@ def model_cost(model: str, stem: str) -> dict:
     return {"params": params, "stem_params": stem_params, "gflops_224": fc.get_total_flops() / 1e9}
 
 
+def measure_throughput(model: str, stems: list[str], *, batch: int, crop: int, eval_size: int, repeats: int,
+                       threads: int) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Interleaved train (forward + backward + AdamW step) and inference tiles/s per stem, best of ``repeats``.
+
+    All stems are measured in the same time window, round-robin, so a changing machine load
+    affects them alike (the per-run figures inside the arms do not have that property).
+    """
+    import torch
+
+    from wsi_convnext.encoder import build_encoder
+
+    torch.set_num_threads(threads)
+    nets = {s: build_encoder(model, stem=s).model for s in stems}
+    opts = {s: torch.optim.AdamW(n.parameters(), lr=1e-4) for s, n in nets.items()}
+    best: dict[str, dict[str, float]] = {s: {"train": 0.0, "infer": 0.0} for s in stems}
+    xt = torch.rand(batch, 3, crop, crop)
+    xi = torch.rand(64, 3, eval_size, eval_size)
+    for r in range(repeats + 1):  # the first round warms up
+        for s, net in nets.items():
+            net.train()
+            t0 = time.perf_counter()
+            net(xt).square().mean().backward()
+            opts[s].step()
+            opts[s].zero_grad()
+            tr = batch / (time.perf_counter() - t0)
+            net.eval()
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                net(xi)
+                inf = len(xi) / (time.perf_counter() - t0)
+            if r:
+                best[s]["train"] = max(best[s]["train"], tr)
+                best[s]["infer"] = max(best[s]["infer"], inf)
+    return best
+
+
 def _metric(y: np.ndarray, p: np.ndarray, which: str) -> float:
     from wsi_convnext.mil.metrics import balanced_accuracy, roc_auc
 
@@ -179,6 +215,11 @@ def table(summary: dict) -> str:
     def ms(e: dict, nd: int = 3) -> str:
         return f"{e['mean']:.{nd}f} ± {e['sd']:.{nd}f}"
 
+    def tput(r: dict, kind: str) -> str:
+        if "throughput" in r:  # interleaved measurement (see measure_throughput)
+            return f"{r['throughput'][kind]:.1f}"
+        return ms(r[f"{kind}_tiles_per_second"], 1)
+
     def diff(e: dict | None) -> str:
         return "—" if not e else f"{e['mean']:+.3f} [{e['ci_low']:+.3f}, {e['ci_high']:+.3f}]"
 
@@ -189,8 +230,8 @@ def table(summary: dict) -> str:
     for arm, r in summary.items():
         lines.append(
             f"| {arm} | {r['stem']} | {r['n_seeds']} | {ms(r['balanced_accuracy'])} | {ms(r['auc'])} | "
-            f"{diff(r.get('diff_balanced_accuracy'))} | {diff(r.get('diff_auc'))} | {ms(r['train_tiles_per_second'], 1)} | "
-            f"{ms(r['infer_tiles_per_second'], 1)} | {r['params'] / 1e6:.3f} M ({r['stem_params'] / 1e3:.1f} k) | {r['gflops_224']:.3f} |"
+            f"{diff(r.get('diff_balanced_accuracy'))} | {diff(r.get('diff_auc'))} | {tput(r, 'train')} | "
+            f"{tput(r, 'infer')} | {r['params'] / 1e6:.3f} M ({r['stem_params'] / 1e3:.1f} k) | {r['gflops_224']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -217,11 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--workers", type=int, default=0, help="decoding worker processes per run")
     p.add_argument("--n-boot", type=int, default=500)
+    p.add_argument("--throughput-repeats", type=int, default=5)
+    p.add_argument("--throughput-only", action="store_true",
+                   help="only (re)measure interleaved throughput and update <work>/results.{json,md}")  # fmt: skip
     a = p.parse_args(argv)
     base = dict(QUICK if a.quick or a.device == "cpu" else FULL)
     for k in ("seeds", "steps", "ft_steps", "batch_size", "crop", "eval_size", "lr", "ft_lr", "test_groups_per_class"):
         if getattr(a, k) is not None:
             base[k] = getattr(a, k)
+    if a.throughput_only:
+        doc = json.loads((a.work / "results.json").read_text())
+        add_throughput(doc, a, base)
+        return 0
     if not (a.tiles / "labels.csv").is_file():
         print(f"lc25000-lung not found at {a.tiles}; set WSI_TEST_TILES", file=sys.stderr)
         return 2
@@ -258,7 +306,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r['wall_seconds']:.0f} s)", flush=True)  # fmt: skip
     costs = {s: model_cost(a.model, s) for s in sorted({r["stem"] for r in runs})}
     summary = summarise(runs, costs, a.n_boot)
-    md = table(summary)
     doc = {
         "budget": base, "model": a.model, "device": a.device, "jobs": a.jobs, "threads": a.threads,
         "wall_minutes": (time.time() - t_start) / 60, "loadavg_before": load_before,
@@ -266,11 +313,26 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus", "n_train_csv": str(train_csv),
         "summary": summary, "runs": [{k: v for k, v in r.items() if k not in ("y", "groups", "probs")} for r in runs],
     }  # fmt: skip
+    print(f"wall {doc['wall_minutes']:.1f} min; load {load_before} -> {doc['loadavg_after']}")
+    add_throughput(doc, a, base)
+    return 0
+
+
+def add_throughput(doc: dict, a: argparse.Namespace, base: dict) -> None:
+    """Measure interleaved throughput, put it into the summary, write results.json and results.md."""
+    summary = doc["summary"]
+    stems = sorted({r["stem"] for r in summary.values()})
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
+    tp = measure_throughput(doc.get("model", a.model), stems, batch=base["batch_size"], crop=base["crop"],
+                            eval_size=base["eval_size"], repeats=a.throughput_repeats, threads=a.threads)  # fmt: skip
+    for r in summary.values():
+        r["throughput"] = tp[r["stem"]]
+    doc["throughput"] = {"tiles_per_second": tp, "loadavg": load, "threads": a.threads,
+                         "train_batch": base["batch_size"], "train_crop": base["crop"], "infer_size": base["eval_size"]}  # fmt: skip
+    md = table(summary)
     (a.work / "results.json").write_text(json.dumps(doc, indent=2))
     (a.work / "results.md").write_text(md + "\n")
     print(md)
-    print(f"wall {doc['wall_minutes']:.1f} min; load {load_before} -> {doc['loadavg_after']}")
-    return 0
 
 
 if __name__ == "__main__":
