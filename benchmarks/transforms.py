@@ -21,7 +21,7 @@ def main() -> None:
     import openslide
     import torch
 
-    from wsi_convnext.encoder import build_encoder
+    from wsi_convnext.encoders import build_encoder
     from wsi_convnext.transforms import TRANSFORMS, build_transform
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

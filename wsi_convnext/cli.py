@@ -288,6 +288,97 @@ def verify(
         if bad:
             raise typer.Exit(1)
 
+# --- encoder training: finetune / predict-tiles ----------------------------------------------
+
+
+@app.command()
+def finetune(
+    data: Annotated[list[Path], typer.Argument(help="Image folder (one sub-folder per class), CSV path,label[,group][,split], or tile stores (with --labels).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (ENC_DIR): encoder.safetensors, head, config, metrics, curves.")],
+    labels: Annotated[Optional[Path], typer.Option(help="For stores: CSV slide_id,label[,patient_id][,split]; every tile takes its slide's label.")] = None,
+    model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_atto",
+    stem: Annotated[str, typer.Option(help=f"Stem: {_stems()}.")] = "patch",
+    weights: Annotated[Optional[Path], typer.Option(help="Start from a weights file or an earlier finetune output folder.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights (local Hugging Face cache).")] = False,
+    stem_init: Annotated[Optional[str], typer.Option(help="checkpoint (convert a patch stem exactly) or random.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs [default: 10 unless --steps].")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (instead of --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 32,
+    accumulate: Annotated[int, typer.Option(help="Gradient accumulation: forward passes per optimiser step.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine with warm-up).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (never on norms and biases).")] = 0.05,
+    warmup: Annotated[float, typer.Option(help="Warm-up fraction of all steps.")] = 0.05,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
+    freeze: Annotated[str, typer.Option(help="none, stem, or stages:K (freeze the first K stages).")] = "none",
+    layer_decay: Annotated[float, typer.Option(help="Layer-wise learning-rate decay (1 = off).")] = 1.0,
+    crop_size: Annotated[Optional[int], typer.Option(help="Training random-crop side in px, at the tiles' µm/px [default: tile size].")] = None,
+    eval_size: Annotated[Optional[int], typer.Option(help="Validation centre-crop side in px [default: tile size].")] = None,
+    on_size: Annotated[str, typer.Option(help="Mixed tile sizes: crop (to the training size) or refuse.")] = "crop",
+    augment: Annotated[str, typer.Option(help="histology (flips, 90° rotations, HED/colour jitter), geometric or none.")] = "histology",
+    balance: Annotated[str, typer.Option(help="auto, none, class or class_group (stores: auto = class_group).")] = "auto",
+    val_frac: Annotated[float, typer.Option(help="Fraction of groups for validation (without a split column).")] = 0.2,
+    patience: Annotated[Optional[int], typer.Option(help="Early stopping: epochs without a better validation score.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA).")] = False,
+    num_workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is often fastest on a busy machine).")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an output folder of another configuration.")] = False,
+) -> None:
+    """Fine-tune (or train from scratch) a ConvNeXt tile encoder on labelled tiles; resumable."""
+    with _errors():
+        from .finetune import FinetuneConfig, finetune_encoder
+
+        cfg = FinetuneConfig(
+            data=tuple(str(d) for d in data), out=str(out), labels=str(labels) if labels else None, model=model,
+            stem=stem, weights=str(weights) if weights else None, pretrained=pretrained, stem_init=stem_init,
+            epochs=epochs, steps=steps, batch_size=batch_size, accumulate=accumulate, lr=lr, weight_decay=weight_decay,
+            warmup=warmup, label_smoothing=label_smoothing, freeze=freeze, layer_decay=layer_decay, crop_size=crop_size,
+            eval_size=eval_size, on_size=on_size, augment=augment, balance=balance, val_frac=val_frac, patience=patience,
+            seed=seed, device=device, compile=compile, num_workers=num_workers, threads=threads, strict=strict,
+            overwrite=overwrite,
+        )  # fmt: skip
+        with _progress_bar("fine-tuning") as update:
+
+            def on_progress(p: Any) -> None:
+                v = p.val or {}
+                val = f" val bal.acc {v['balanced_accuracy']:.3f} auc {v['auc']:.3f}" if v.get("balanced_accuracy") is not None else ""
+                loss = f" loss {p.loss:.3f}" if p.loss is not None else ""
+                update(p.step, p.total_steps, f"epoch {p.epoch + (p.event != 'epoch')}/{p.total_epochs}{loss}{val}")
+
+            path = finetune_encoder(cfg, progress=on_progress)
+        typer.echo((path / "metrics.md").read_text())
+        typer.echo(f"encoder: {path / 'encoder.safetensors'}  (embed --weights it with --model {model} --stem {stem})")
+
+
+@app.command("predict-tiles")
+def predict_tiles(
+    enc_dir: Annotated[Path, typer.Argument(help="Output folder of `finetune`.")],
+    data: Annotated[list[Path], typer.Argument(help="Image folder, CSV path[,label][,group], or tile stores.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Per-tile predictions CSV.")] = Path("tiles.csv"),
+    labels: Annotated[Optional[Path], typer.Option(help="For stores: CSV slide_id,label (adds metrics).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    num_workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes.")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
+) -> None:
+    """Per-tile class probabilities (and metrics when labels are known); for stores also scores/<name> for heatmaps."""
+    with _errors():
+        from .finetune import predict_tiles as run_predict_tiles
+        from .mil.metrics import format_metrics_table
+
+        with _progress_bar("predicting tiles") as update:
+            res = run_predict_tiles(
+                enc_dir, data, labels=labels, out_csv=out, batch_size=batch_size, device=device,
+                num_workers=num_workers, strict=strict, progress=lambda d, t: update(d, t),
+            )  # fmt: skip
+        if res.metrics is not None:
+            typer.echo(format_metrics_table(res.metrics, title=f"{len(res.tiles)} tiles"))
+        if res.skipped:
+            _err(f"skipped {len(res.skipped)} unreadable tile(s), e.g. {res.skipped[0][0]}")
+        typer.echo(f"predictions: {out}" + (f"; scores/{res.score_name} written into the stores" if res.score_name else ""))
+
 
 # --- MIL: train / evaluate / predict / heatmap ----------------------------------------------
 
@@ -385,7 +476,7 @@ def heatmap(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pictures.")] = Path("heatmaps"),
     top_k: Annotated[int, typer.Option(help="Tiles in the top-k montage.")] = 16,
 ) -> None:
-    """Draw attention heatmaps (thumbnail + colour bar) and top-k tile montages."""
+    """Draw attention heatmaps (thumbnail + colour bar) and top-k tile montages (MODEL_DIR: train or finetune output)."""
     with _errors():
         from .outputs.heatmap import heatmaps as draw
 
@@ -401,14 +492,21 @@ def heatmap(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("wsi-convnext-demo"),
     slides: Annotated[int, typer.Option(help="Slides in the generated cohort.")] = 32,
+    finetune: Annotated[bool, typer.Option("--finetune", help="Also fine-tune the encoder on weak labels of held-in slides and compare MIL on held-out slides.")] = False,
+    finetune_steps: Annotated[int, typer.Option(help="Optimiser steps of the --finetune step.")] = 60,
 ) -> None:
     """Run the whole pipeline on a generated cohort: tile → embed → train (CV) → metrics, ROC, heatmaps."""
     with _errors():
         from .demo import run_demo
 
         with _progress_bar("demo") as update:
-            result = run_demo(out, n_slides=slides, progress=lambda stage, done, total: update(done, total, stage))
+            result = run_demo(
+                out, n_slides=slides, finetune=finetune, finetune_steps=finetune_steps,
+                progress=lambda stage, done, total: update(done, total, stage),
+            )  # fmt: skip
         typer.echo(result.metrics_table)
+        if result.finetune_table:
+            typer.echo(result.finetune_table)
         typer.echo(f"slides:  {result.slides}")
         typer.echo(f"stores:  {result.tiles}  (one <slide_id>.zarr per slide; manifest.csv)")
         typer.echo(f"model:   {result.model}")

@@ -77,6 +77,10 @@ class LabelsError(WsiConvnextError, ValueError):
     """A labels file is malformed or inconsistent with the stores."""
 
 
+class CorruptTileError(WsiConvnextError, OSError):
+    """A tile image (file or stored tile) cannot be read or decoded."""
+
+
 USAGE_ERRORS: tuple[type[WsiConvnextError], ...] = (
     ConfigError, InputNotFoundError, DeviceError, EncoderError, WeightsError, LabelsError, UnsafePathError,
 )

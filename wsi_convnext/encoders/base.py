@@ -564,9 +564,14 @@ def _same_architecture(a: str, b: str) -> bool:
 
 
 def _stem_from_metadata(
-    family: EncoderFamily, model: str, stem: str | Stem | None, meta: Mapping[str, str], path: Path
+    family: EncoderFamily, model: str, stem: str | Stem | None, meta: Mapping[str, str], path: Path,
+    *, convert: bool = False,
 ) -> str | Stem | None:
-    """Apply the weights' recorded model and stem: check the model, pick up or check the stem."""
+    """Apply the weights' recorded model and stem: check the model, pick up or check the stem.
+
+    With ``convert`` (an explicit ``stem_init``) a different stem is allowed: the weights'
+    stem is then converted by the family's checkpoint filter, or the conversion fails there.
+    """
     from .weights import META_MODEL, META_STEM
 
     meta_model, meta_stem = meta.get(META_MODEL), meta.get(META_STEM)
@@ -581,7 +586,7 @@ def _stem_from_metadata(
         logger.info("stem %r picked up from the metadata of %s", meta_stem, path)
         return meta_stem
     asked = stem if isinstance(stem, str) else stem.name
-    if asked != meta_stem:
+    if asked != meta_stem and not convert:
         raise EncoderError(
             f"weights file {path} was trained with stem {meta_stem!r} (its metadata), but stem {asked!r} was "
             f"asked for; drop --stem to use the weights' stem or pass --stem {meta_stem}"
@@ -605,7 +610,9 @@ def build_encoder(
         model: Model name, optionally with a pretrained tag (``convnext_tiny.fb_in1k``).
         stem: One of the family's stems (name or object). ``None``: the stem recorded in the
             weights' metadata (``wsi_convnext.stem``, see :func:`~.weights.read_weights_metadata`),
-            else the family default (``"patch"`` for ConvNeXt).
+            else the family default (``"patch"`` for ConvNeXt). A stem that differs from the
+            recorded one is an error unless ``stem_init`` is given explicitly (then the recorded
+            stem is converted, e.g. ``patch`` → ``overlap`` exactly, or initialised fresh).
         weights: Weights file, or a ``finetune`` output folder holding ``encoder.safetensors``
             (see :func:`~.weights.load_weights`).
         pretrained: timm's pretrained weights for ``model``'s tag, from the Hugging Face cache;
@@ -640,7 +647,8 @@ def build_encoder(
     weights_path: Path | None = None
     if weights is not None:
         weights_path = resolve_weights_path(weights)
-        stem = _stem_from_metadata(family, model, stem, read_weights_metadata(weights_path), weights_path)
+        meta = read_weights_metadata(weights_path)
+        stem = _stem_from_metadata(family, model, stem, meta, weights_path, convert=stem_init is not None)
     spec = family.stem(stem)
 
     import torch

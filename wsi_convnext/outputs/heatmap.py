@@ -103,6 +103,8 @@ def heatmaps(
 
     _check_top_k(top_k)
     paths = find_stores(stores)
+    if _is_finetune_dir(model_dir):
+        return _tile_classifier_heatmaps(model_dir, paths, out_dir, top_k=top_k)
     preds = predict(model_dir, paths, write_scores=True)
     out: dict[str, HeatmapPaths] = {}
     for pred in preds:
@@ -144,3 +146,32 @@ def _score_name_for(store: TileStore, model_dir: str | os.PathLike[str]) -> str:
         if store.score_attrs(name).get("model_dir") == target:
             return name
     raise StoreError(f"{store.path}: no scores of model {model_dir}; run `wsi-convnext predict` first")
+
+
+def _is_finetune_dir(model_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``model_dir`` is an ENC_DIR written by ``wsi-convnext finetune`` (a tile classifier)."""
+    import json
+
+    cfg = Path(model_dir) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("kind") == "wsi_convnext.finetune"
+    except (OSError, ValueError):
+        return False
+
+
+def _tile_classifier_heatmaps(
+    enc_dir: str | os.PathLike[str], paths: list[Path], out_dir: str | os.PathLike[str], *, top_k: int
+) -> dict[str, HeatmapPaths]:
+    """Heatmaps of a fine-tuned tile classifier: per slide, the probability of its most likely class."""
+    from ..finetune.predict import predict_tiles
+    from ..store import open_store
+
+    res = predict_tiles(enc_dir, paths, write_scores=True, n_boot=0)
+    out: dict[str, HeatmapPaths] = {}
+    for path in res.tiles.store_paths:
+        store = open_store(path)
+        probs = store.scores(res.score_name)
+        col = int(np.nanargmax(np.nanmean(probs, axis=0)))
+        label = f"tile probability of {res.classes[col]}"
+        out[store.slide_id] = render_heatmap(store, probs[:, col], out_dir, label=label, top_k=top_k)
+    return out

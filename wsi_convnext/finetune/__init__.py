@@ -1,0 +1,38 @@
+"""Training the tile encoder: fine-tuning (or training from scratch) a ConvNeXt on labelled tiles.
+
+- :mod:`.config`: :class:`FinetuneConfig` (validated on construction).
+- :mod:`.train`: :func:`finetune_encoder` (resumable training loop), :func:`prepare_model`.
+- :mod:`.outputs`: the files of ENC_DIR; :func:`load_finetuned`.
+- :mod:`.predict`: :func:`predict_tiles` (per-tile class probabilities).
+- :mod:`.augment`: HED/colour jitter (until the transform registry lands).
+
+torch is imported by the submodules that need it, not here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AUGMENTATIONS": "config",
+    "FinetuneConfig": "config",
+    "parse_freeze": "config",
+    "FinetuneProgress": "train",
+    "finetune_encoder": "train",
+    "prepare_model": "train",
+    "work_dir": "train",
+    "FinetunedModel": "outputs",
+    "load_finetuned": "outputs",
+    "predict_tiles": "predict",
+    "TilePredictions": "predict",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
