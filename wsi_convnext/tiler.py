@@ -100,6 +100,8 @@ class TileParams:
             raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"--quality must be in [1, 100], got {self.quality}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1 (leave it out for all cores), got {self.workers}")
         from .slide import available_backends
         from .store import TILE_CODECS
 
@@ -472,9 +474,12 @@ PROCESS_MIN_TILES = 400
 _WORKER_READER: Any = None
 
 
-def _init_worker(path: str, backend: str) -> None:
+def _init_worker(path: str, backend: str, parent_pid: int) -> None:
     global _WORKER_READER
+    from ._proc import die_with_parent
     from .slide import open_slide
+
+    die_with_parent(parent_pid)  # a killed `tile` leaves no orphaned workers (nor, then, resource_tracker)
 
     _WORKER_READER = open_slide(path, backend=backend)
 
@@ -503,7 +508,7 @@ def _tile_pool(reader: Any, n_tiles: int, workers: int) -> Iterator[tuple[Any, C
     if workers > 1 and n_tiles >= PROCESS_MIN_TILES and not multiprocessing.current_process().daemon:
         pool: Any = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(str(reader.path), reader.backend),
+            initializer=_init_worker, initargs=(str(reader.path), reader.backend, os.getpid()),
         )  # fmt: skip
         for _ in range(workers):
             pool.submit(_ready)

@@ -133,13 +133,19 @@ def dashboard_address(client: Client) -> str | None:
     return format_dashboard_link(host, port)
 
 
-def info_of(client: Client, *, gpu: bool | None = None, threads: int | None = None) -> ClusterInfo:
-    """A :class:`ClusterInfo` for ``client`` (GPU workers and threads read from the scheduler)."""
+def info_of(
+    client: Client, *, gpu: bool | None = None, threads: int | None = None, dashboard: bool = True
+) -> ClusterInfo:
+    """A :class:`ClusterInfo` for ``client`` (GPU workers and threads read from the scheduler).
+
+    ``dashboard=False``: the run disabled the dashboard (the scheduler still serves its
+    health and metrics routes, on the scheduler's own host).
+    """
     return ClusterInfo(
         client,
         _has_gpu_workers(client) if gpu is None else gpu,
         max(1, _threads(client) if threads is None else threads),
-        dashboard_address(client),
+        dashboard_address(client) if dashboard else None,
     )
 
 
@@ -238,7 +244,7 @@ def _open_local(config: RunConfig) -> Iterator[ClusterInfo]:
         client = stack.enter_context(Client(cluster, set_as_default=False))
         if n_gpus:
             client.wait_for_workers(kwargs["n_workers"] + n_gpus, timeout=300)
-        yield info_of(client, gpu=n_gpus > 0)
+        yield info_of(client, gpu=n_gpus > 0, dashboard=kwargs["dashboard_address"] is not None)
 
 
 # --- an existing scheduler ----------------------------------------------------------------
@@ -332,7 +338,9 @@ def _open_slurm(config: RunConfig) -> Iterator[ClusterInfo]:
         cluster.adapt(minimum_jobs=s.minimum_jobs, maximum_jobs=s.maximum_jobs)
         logger.info("SLURM job script:\n%s", cluster.job_script())
         with Client(cluster, set_as_default=False) as client:
-            yield info_of(client, gpu=s.gpus > 0, threads=s.maximum_jobs * s.cores)
+            yield info_of(
+                client, gpu=s.gpus > 0, threads=s.maximum_jobs * s.cores, dashboard=s.dashboard_address != ""
+            )
 
 
 # --- opening -------------------------------------------------------------------------------
@@ -347,6 +355,7 @@ def open_client(config: RunConfig) -> Iterator[ClusterInfo]:
             dask-jobqueue, or cluster options Dask rejects.
     """
     import dask
+    import distributed  # noqa: F401 - loads its config defaults before dask.config.set below
 
     try:
         opener = _KINDS[config.cluster]

@@ -7,8 +7,7 @@ The driver knows stages only as :class:`~wsi_convnext.cohort.stages.StageSpec` o
   window of at most ``max_in_flight`` slides on the cluster (:class:`distributed.as_completed`
   + :meth:`Client.submit`): when a stage finishes, the slide's next stage is submitted;
   when a slide finishes, the next slide starts. A cohort of 30,000 slides therefore never
-  puts more than a few hundred tasks on the scheduler. Slides start largest file first, so
-  that the last tasks of a run are short ones and no worker idles behind a straggler.
+  puts more than a few hundred tasks on the scheduler.
 * Cohort-scope stages run once, in plan order, after every slide's per-slide stages,
   with the slides that succeeded and their final states.
 * GPU stages ask for one ``GPU`` worker resource when the cluster has GPU workers
@@ -273,18 +272,6 @@ class _Slot:
         return "the cohort" if self.slide is None else self.slide.slide_id
 
 
-def _largest_first(slides: Sequence[SlideSpec]) -> list[SlideSpec]:
-    """Slides by decreasing file size (stable): long tasks first, short ones fill the tail."""
-
-    def size(s: SlideSpec) -> int:
-        try:
-            return os.stat(s.path).st_size
-        except OSError:
-            return 0
-
-    return sorted(slides, key=size, reverse=True)
-
-
 class _Driver:
     """Pushes every slide through the per-slide stages of ``plan``, then runs its cohort stages."""
 
@@ -309,7 +296,7 @@ class _Driver:
         self.window, self.gpu, self.progress, self.dashboard = window, gpu, progress, dashboard
         self.total = len(slides)
         self.order = list(slides)  # input order, for cohort stages
-        self.todo = iter(_largest_first(slides))
+        self.todo = iter(slides)
         self.pending: dict[Any, tuple[_Slot, float]] = {}
         self.ac = as_completed(loop=client.loop, with_results=True, raise_errors=False)
         self.running = 0
@@ -541,15 +528,18 @@ def run_cohort(
     slides = list(slides)
     if config.shard is not None:
         slides = select_shard(slides, *config.shard)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if config.shard is None else f"-shard-{config.shard[0]}-of-{config.shard[1]}"
-    atomic_write_text(out / f"run-config{suffix}.json", json.dumps(config.to_dict(), indent=2, default=str) + "\n")
-    manifest = RunManifest(out / manifest_name(config.shard))
     names = tuple(s.name for s in plan)
-    logger.info("%d slides, stages: %s, output: %s", len(slides), " → ".join(names), out)
+    suffix = "" if config.shard is None else f"-shard-{config.shard[0]}-of-{config.shard[1]}"
 
     with contextlib.ExitStack() as stack:
+        # The cluster first: a bad scheduler address or cluster option leaves no output behind.
         info: ClusterInfo = info_of(client) if client is not None else stack.enter_context(open_client(config))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            out / f"run-config{suffix}.json", json.dumps(config.to_dict(), indent=2, default=str) + "\n"
+        )
+        manifest = RunManifest(out / manifest_name(config.shard))
+        logger.info("%d slides, stages: %s, output: %s", len(slides), " → ".join(names), out)
         warm_workers(info.client, plan)
         if info.dashboard:
             logger.info("Dask dashboard: %s", info.dashboard)
