@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-__all__ = ["die_with_parent"]
+__all__ = ["child_initializer", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -52,3 +52,17 @@ def die_with_parent(parent_pid: int | None = None, *, poll: float = 0.5) -> None
     if os.getppid() != parent:
         os._exit(1)
     threading.Thread(target=_watch, args=(parent, poll), name="parent-watchdog", daemon=True).start()
+
+
+def child_initializer(parent_pid: int, target: str, args: tuple[object, ...] = ()) -> None:
+    """A pool initializer: :func:`die_with_parent` first, then ``target(*args)``.
+
+    ``target`` is named as ``"module:function"`` rather than passed as a function, so the
+    child arms its parent-death signal before importing the (heavy) module that holds it:
+    a parent killed while its children still start up takes them along at once.
+    """
+    die_with_parent(parent_pid)
+    import importlib
+
+    module, _, name = target.partition(":")
+    getattr(importlib.import_module(module), name)(*args)

@@ -474,12 +474,9 @@ PROCESS_MIN_TILES = 400
 _WORKER_READER: Any = None
 
 
-def _init_worker(path: str, backend: str, parent_pid: int) -> None:
+def _init_worker(path: str, backend: str) -> None:
     global _WORKER_READER
-    from ._proc import die_with_parent
     from .slide import open_slide
-
-    die_with_parent(parent_pid)  # a killed `tile` leaves no orphaned workers (nor, then, resource_tracker)
 
     _WORKER_READER = open_slide(path, backend=backend)
 
@@ -505,10 +502,14 @@ def _tile_pool(reader: Any, n_tiles: int, workers: int) -> Iterator[tuple[Any, C
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from ._proc import child_initializer
+
     if workers > 1 and n_tiles >= PROCESS_MIN_TILES and not multiprocessing.current_process().daemon:
         pool: Any = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(str(reader.path), reader.backend, os.getpid()),
+            # Workers die with this process (a killed `tile` leaves no orphans, nor resource_tracker).
+            initializer=child_initializer,
+            initargs=(os.getpid(), f"{__name__}:_init_worker", (str(reader.path), reader.backend)),
         )  # fmt: skip
         for _ in range(workers):
             pool.submit(_ready)
