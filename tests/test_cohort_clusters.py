@@ -50,6 +50,14 @@ def test_dashboard_listens_on_localhost_by_default(tmp_path: Path) -> None:
         assert url.scheme == "http" and url.hostname == "127.0.0.1"  # what is printed ...
         assert _listening(int(url.port or 0)) == {"127.0.0.1"}  # ... is what is bound
         assert DEFAULT_DASHBOARD.startswith("127.0.0.1:")
+        # The run's workers skip Dask's 10-ms stack sampling (see benchmarks/cohort.py (c)).
+        assert set(info.client.run(_worker_profiling).values()) == {False}
+
+
+def _worker_profiling() -> bool:
+    import dask
+
+    return bool(dask.config.get("distributed.worker.profile.enabled"))
 
 
 def test_explicit_dashboard_address_opens_it_and_reports_the_host(tmp_path: Path) -> None:

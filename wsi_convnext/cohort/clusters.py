@@ -367,6 +367,12 @@ def open_client(config: RunConfig) -> Iterator[ClusterInfo]:
         "distributed.scheduler.allowed-failures": 0,
         # At most one task per worker thread, so a crash takes down few queued tasks.
         "distributed.scheduler.worker-saturation": 1.0,
+        # Background diagnostics cost ~8% of a 2-core machine with 2 workers (measured by
+        # benchmarks/cohort.py): each worker samples its task's stack every 10 ms for the
+        # dashboard's profile page, and every scheduler, nanny and worker checks its event
+        # loop every 20 ms. Slide tasks run for seconds: sample nothing, check every 200 ms.
+        "distributed.worker.profile.enabled": False,
+        "distributed.admin.tick.interval": "200ms",
     }
     if config.cluster == "local":
         # The nannies restart dead workers. Without this, LocalCluster closes a nanny for
