@@ -29,7 +29,6 @@ from .driver import (
     StageOutcome,
     run_cohort,
     run_stage,
-    warm_workers,
     write_predictions,
 )
 from .shards import select_shard, shard_of
@@ -77,6 +76,5 @@ __all__ = [
     "stage_plan",
     "tile_stage",
     "unregister_stage",
-    "warm_workers",
     "write_predictions",
 ]

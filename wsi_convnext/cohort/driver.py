@@ -12,7 +12,7 @@ The driver knows stages only as :class:`~wsi_convnext.cohort.stages.StageSpec` o
   with the slides that succeeded and their final states.
 * GPU stages ask for one ``GPU`` worker resource when the cluster has GPU workers
   (``resources={"GPU": 1}``); later stages get a higher priority so started slides drain
-  first. Each stage's ``warm`` modules are imported on every worker when it starts.
+  first.
 * Failure isolation: a stage that raises is recorded as failed (exception class and
   one-line message, :mod:`wsi_convnext.outcome`) and the slide's later stages are not run;
   other slides go on. A task whose worker died while running it (crash, OOM kill) is
@@ -70,7 +70,6 @@ __all__ = [
     "StageOutcome",
     "run_cohort",
     "run_stage",
-    "warm_workers",
     "write_predictions",
 ]
 
@@ -163,19 +162,6 @@ def run_stage(
         data=out,
         **base,
     )
-
-
-def warm_workers(client: Client, plan: Sequence[StageSpec]) -> None:
-    """Have every worker (and every later one) import the ``warm`` modules of ``plan``'s stages."""
-    modules = tuple(dict.fromkeys(m for spec in plan for m in spec.warm))
-    if not modules:
-        return
-    from ._warm import WarmImports
-
-    try:
-        client.register_plugin(WarmImports(modules))
-    except Exception:  # noqa: BLE001 - warming is an optimisation
-        logger.debug("could not register the warm-up plugin", exc_info=True)
 
 
 # --- progress and summary ------------------------------------------------------------------
@@ -540,7 +526,6 @@ def run_cohort(
         )
         manifest = RunManifest(out / manifest_name(config.shard))
         logger.info("%d slides, stages: %s, output: %s", len(slides), " → ".join(names), out)
-        warm_workers(info.client, plan)
         if info.dashboard:
             logger.info("Dask dashboard: %s", info.dashboard)
         window = config.max_in_flight or max(32, 4 * info.threads)

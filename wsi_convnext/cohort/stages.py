@@ -86,8 +86,6 @@ class StageSpec:
         resume: ``"stage"``: ``fn`` checks its own outputs and returns ``skipped``;
             ``"outputs"``: skipped (without calling ``fn``) when every output exists and
             ``config.overwrite`` is false.
-        warm: Modules a worker imports when it starts (or joins), so that the first task
-            of each worker does not pay for them; missing ones are ignored.
     """
 
     name: str
@@ -97,7 +95,6 @@ class StageSpec:
     enabled: Callable[[RunConfig], bool] = _always
     outputs: OutputsFn = _no_outputs
     resume: Literal["stage", "outputs"] = "stage"
-    warm: tuple[str, ...] = ()
     doc: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -351,22 +348,16 @@ def _draw_heatmap(store_path: Path, model_dir: Path, predicted: str, out_dir: Pa
     return paths.heatmap
 
 
-_TILE_WARM = (
-    "wsi_convnext.tiler", "wsi_convnext.tissue", "wsi_convnext.outputs.qc", "tiffslide", "openslide", "PIL.Image",
-)  # fmt: skip
-register_stage(
-    StageSpec("tile", tile_stage, outputs=_tile_outputs, warm=_TILE_WARM, doc="slide → OUT/<slide_id>.zarr + qc/")
-)
+register_stage(StageSpec("tile", tile_stage, outputs=_tile_outputs, doc="slide → OUT/<slide_id>.zarr + qc/"))
 register_stage(
     StageSpec(
         "embed", embed_stage, resources=_embed_resources, enabled=_embeds, outputs=_store_outputs,
-        warm=("wsi_convnext.embed", "torch", "timm"), doc="store tiles → features (one GPU task at a time per GPU)",
+        doc="store tiles → features (one GPU task at a time per GPU)",
     )  # fmt: skip
 )
 register_stage(
     StageSpec(
-        "predict", predict_stage, enabled=_predicts, outputs=_store_outputs, warm=("wsi_convnext.mil.api",),
-        doc="MIL prediction + heatmap",
+        "predict", predict_stage, enabled=_predicts, outputs=_store_outputs, doc="MIL prediction + heatmap",
     )  # fmt: skip
 )
 
