@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cohort_faults import faulty_stages, install_on_workers
 from wsi_convnext.cohort import (
-    FAULT_ENV,
     NOOP_STAGES,
     CohortProgress,
     local_cluster_kwargs,
@@ -102,17 +102,20 @@ def crash_marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster_client(crash_marker: Path) -> Iterator[Any]:
+def faults(crash_marker: Path) -> dict[str, Any]:
+    """Stage overrides that crash the workers running the crash-* slides (test-only plugin)."""
+    spec = f"tile:{CRASH_ONCE}:exit-once={crash_marker};tile:{CRASH_ALWAYS}:exit;embed:{CRASH_EMBED}:exit-after=8"
+    return faulty_stages(spec)
+
+
+@pytest.fixture(scope="module")
+def cluster_client() -> Iterator[Any]:
     """2 worker processes × 1 thread: "0" (CPU) and "gpu-0" (advertises GPU=1, as the CLI's GPU workers)."""
     import dask
     from distributed import Client, LocalCluster
 
-    from wsi_convnext.cohort import _add_gpu_workers
+    from wsi_convnext.cohort.clusters import _add_gpu_workers
 
-    marker = crash_marker
-    faults = f"tile:{CRASH_ONCE}:exit-once={marker};tile:{CRASH_ALWAYS}:exit;embed:{CRASH_EMBED}:exit-after=8"
-    old = os.environ.get(FAULT_ENV)
-    os.environ[FAULT_ENV] = faults  # inherited by the worker processes (also when restarted)
     # As open_client sets them for the clusters it starts.
     settings = {
         "distributed.scheduler.allowed-failures": 0,
@@ -120,20 +123,15 @@ def cluster_client(crash_marker: Path) -> Iterator[Any]:
         "distributed.scheduler.no-workers-timeout": "120s",
         "distributed.deploy.lost-worker-timeout": "30 days",
     }
-    try:
-        with dask.config.set(settings):
-            cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
-            _add_gpu_workers(cluster, 1)
-            c = Client(cluster, set_as_default=False)
-            c.wait_for_workers(2, timeout=120)
-            yield c
-            c.close()
-            cluster.close()
-    finally:
-        if old is None:
-            os.environ.pop(FAULT_ENV, None)
-        else:
-            os.environ[FAULT_ENV] = old
+    with dask.config.set(settings):
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+        _add_gpu_workers(cluster, 1)
+        c = Client(cluster, set_as_default=False)
+        c.wait_for_workers(2, timeout=120)
+        install_on_workers(c)  # the fault wrappers unpickle on the workers (also after restarts)
+        yield c
+        c.close()
+        cluster.close()
 
 
 @pytest.fixture
@@ -253,13 +251,14 @@ def test_rerun_skips_finished_work(reference: dict[str, Any], client: Any) -> No
 
 
 @pytest.mark.slow
-def test_dead_worker_is_retried_then_recorded(cohort: dict[str, Any], client: Any, crash_marker: Path) -> None:
+def test_dead_worker_is_retried_then_recorded(cohort: dict[str, Any], client: Any, crash_marker: Path,
+                                              faults: dict[str, Any]) -> None:  # fmt: skip
     """A worker that dies once: retried, succeeds. One that always dies: KilledWorker after
     1 + retries (1) attempts; the other slides complete, whatever was queued on the dead workers."""
     out = cohort["root"] / "crash-out"
     slides = [cohort["crash"], *sorted(cohort["good"].glob("*.tiff"))]
     cfg = _config(cohort, out, slides, **{"embed.model": None, "max_in_flight": 5, "retries": 1})
-    summary = run_cohort(cfg, client=client)
+    summary = run_cohort(cfg, client=client, stages=faults)
     st = _statuses(out / "manifest.csv")
     assert st[(CRASH_ONCE, "tile")] == ("done", "")
     assert crash_marker.exists()  # it did die once
@@ -272,13 +271,13 @@ def test_dead_worker_is_retried_then_recorded(cohort: dict[str, Any], client: An
 
 
 @pytest.mark.slow
-def test_only_the_running_task_is_blamed(cohort: dict[str, Any], client: Any) -> None:
+def test_only_the_running_task_is_blamed(cohort: dict[str, Any], client: Any, faults: dict[str, Any]) -> None:
     """Embedding tasks queue on the GPU worker; when it dies running one of them (retries = 0:
     that slide fails at once), the embeddings queued behind it are resubmitted and succeed."""
     out = cohort["root"] / "blame-out"
     slides = [cohort["root"] / "crash-embed", *sorted(cohort["good"].glob("*.tiff"))]
     cfg = _config(cohort, out, slides, **{"retries": 0, "max_in_flight": 4})
-    summary = run_cohort(cfg, client=client)
+    summary = run_cohort(cfg, client=client, stages=faults)
     st = _statuses(out / "manifest.csv")
     assert st[(CRASH_EMBED, "tile")] == ("done", "") and st[(CRASH_EMBED, "embed")] == ("failed", "KilledWorker")
     for sid in ("gen0", "gen1", "gen2"):
@@ -434,11 +433,11 @@ def test_resume_after_sigkill_equals_uninterrupted(reference: dict[str, Any], co
         f"[embed]\nmodel = 'convnext_atto'\nweights = {str(cohort['weights'])!r}\nbatch_size = 16\nnum_workers = 0\n"
         "[local]\nn_workers = 2\n".replace("'", '"')
     )
-    env = {**os.environ, FAULT_ENV: "embed:gen2:sleep=600"}  # gen2's embedding never finishes
     log = tmp_path / "run.log"
     with log.open("wb") as fh:
-        exe = str(Path(sys.executable).parent / "wsi-convnext")
-        proc = subprocess.Popen([exe, "run", str(config)], cwd=tmp_path, env=env,
+        # `wsi-convnext run` with a test-only stage override: gen2's embedding never finishes.
+        script = str(Path(__file__).with_name("cohort_faults.py"))
+        proc = subprocess.Popen([sys.executable, script, "embed:gen2:sleep=600", "run", str(config)], cwd=tmp_path,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             manifest = out / "manifest.csv"

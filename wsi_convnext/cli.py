@@ -526,6 +526,7 @@ def run(
     stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {_stems()}.")] = None,
     predict: Annotated[Optional[Path], typer.Option("--predict", help="Model folder: also predict each slide.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, tcp://host:port.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes [default: one per core].")] = None,
     shard: Annotated[Optional[str], typer.Option(help="Process shard I/N of the cohort (0-based), e.g. for job arrays.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Redo finished slides.")] = None,
 ) -> None:
@@ -543,7 +544,7 @@ def run(
             "slides": [str(s) for s in slides] if slides else None, "out": str(out) if out else None,
             "tile.mpp": mpp, "slide_mpp": slide_mpp, "embed.model": model, "embed.stem": stem,
             "predict.model_dir": str(predict) if predict else None, "scheduler": scheduler, "shard": shard,
-            "overwrite": overwrite,
+            "overwrite": overwrite, "local.n_workers": workers,
         })  # fmt: skip
         with _progress_bar("slides") as update:
 

@@ -88,6 +88,18 @@ def _walltime(v: str) -> str | None:
     return None if _WALLTIME.match(v) else "must be a SLURM time such as '04:00:00' or '1-00:00:00'"
 
 
+_BYTES = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgtpe]i?)?b?\s*$", re.IGNORECASE)
+
+
+def _memory(v: str) -> str | None:
+    return None if v.strip().lower() == "auto" or _BYTES.match(v) else "must be a size such as '8GiB', '500MB' or 'auto'"
+
+
+def _dashboard(v: str) -> str | None:
+    ok = v == "" or re.match(r"^([\w.-]+|\[[0-9a-fA-F:]+\])?:\d{1,5}$", v)
+    return None if ok else "must be 'HOST:PORT' (e.g. '127.0.0.1:8787'; ':8787' = all interfaces) or '' (none)"
+
+
 def _address(v: str) -> str | None:
     return None if re.match(r"^[a-z0-9+]+://\S+$", v) else "must be a scheduler address such as 'tcp://host:8786'"
 
@@ -160,9 +172,11 @@ class LocalConfig:
 
     n_workers: int | None = _opt(_positive, "CPU worker processes")
     threads_per_worker: int | None = _opt(_positive, "threads per worker process")
-    memory_limit: str | None = _opt(_non_empty, "per worker, e.g. '8GiB', or 'auto'")
+    memory_limit: str | None = _opt(_memory, "per worker, e.g. '8GiB', or 'auto'")
     gpus: int | None = _opt(_non_negative, "GPU workers (default: all visible GPUs when embedding)")
-    dashboard_address: str | None = _opt(None, "e.g. ':8787'; '' disables the dashboard")
+    dashboard_address: str | None = _opt(
+        _dashboard, "default '127.0.0.1:8787' (this machine only); ':8787' opens it to all; '' disables it"
+    )
 
 
 @dataclass
@@ -177,7 +191,7 @@ class SlurmConfig:
     queue: str | None = _opt(_non_empty, "partition (-p)")
     account: str | None = _opt(_non_empty, "account (-A)")
     cores: int = field(default=8, metadata={"check": _positive, "doc": "cores per job"})
-    memory: str = field(default="32GiB", metadata={"check": _non_empty, "doc": "memory per job"})
+    memory: str = field(default="32GiB", metadata={"check": _memory, "doc": "memory per job"})
     processes: int = field(default=1, metadata={"check": _positive, "doc": "worker processes per job"})
     gpus: int = field(default=0, metadata={"check": _non_negative, "doc": "GPUs per job"})
     walltime: str = field(default="04:00:00", metadata={"check": _walltime, "doc": "job time limit"})
@@ -189,6 +203,9 @@ class SlurmConfig:
     python: str | None = _opt(_non_empty, "python on the compute nodes")
     minimum_jobs: int = field(default=0, metadata={"check": _non_negative, "doc": "adaptive lower bound"})
     maximum_jobs: int = field(default=4, metadata={"check": _positive, "doc": "adaptive upper bound"})
+    dashboard_address: str | None = _opt(
+        _dashboard, "scheduler dashboard; default '127.0.0.1:8787' (this machine only); '' disables it"
+    )
 
 
 @dataclass
@@ -229,13 +246,10 @@ class RunConfig:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """The per-slide stages this config runs, in order."""
-        names = ["tile"]
-        if self.embed.model:
-            names.append("embed")
-            if self.predict.model_dir:
-                names.append("predict")
-        return tuple(names)
+        """The registered cohort stages this config runs, in order (per-slide ones first)."""
+        from .cohort.stages import stage_plan
+
+        return tuple(s.name for s in stage_plan(self))
 
     def tile_params(self) -> Any:
         """:class:`wsi_convnext.tiler.TileParams` from ``[tile]`` (unset keys keep its defaults).

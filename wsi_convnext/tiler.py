@@ -116,6 +116,8 @@ class TileParams:
             raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"--quality must be in [1, 100], got {self.quality}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1 (leave it out for all cores), got {self.workers}")
         from .slide import available_backends
         from .store import TILE_CODECS
 
@@ -631,12 +633,18 @@ def _tile_pool(reader: Any, n_tiles: int, workers: int) -> Iterator[tuple[Any, C
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from ._proc import child_initializer
     from .slide import backend_reference
 
     if workers > 1 and n_tiles >= PROCESS_MIN_TILES and not multiprocessing.current_process().daemon:
         pool: Any = ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(str(reader.path), reader.backend, backend_reference(reader.backend)),
+            # Workers die with this process (a killed `tile` leaves no orphans, nor resource_tracker).
+            initializer=child_initializer,
+            initargs=(
+                os.getpid(), f"{__name__}:_init_worker",
+                (str(reader.path), reader.backend, backend_reference(reader.backend)),
+            ),
         )  # fmt: skip
         for _ in range(workers):
             pool.submit(_ready)

@@ -33,6 +33,7 @@ from typing import Any
 
 from .._io import atomic_write_text, path_lock
 from ..errors import one_line
+from ..outcome import MAX_ERROR as OUTCOME_MAX_ERROR
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ MANIFEST_FIELDS: tuple[str, ...] = (
 )
 STATUSES: tuple[str, ...] = ("running", "done", "skipped", "failed")
 #: Longest error message kept in a manifest cell, in characters.
-MAX_ERROR = 500
+MAX_ERROR = OUTCOME_MAX_ERROR
 
 
 def manifest_name(shard: tuple[int, int] | None = None) -> str:

@@ -1,0 +1,80 @@
+"""Cohort runs on Dask: the registered stages (tile → embed → predict, ...) for every slide of a cohort.
+
+* :mod:`.stages` — the stage registry (:class:`StageSpec`, :func:`register_stage`) and the
+  built-in stages;
+* :mod:`.clusters` — the cluster registry (``local``, ``scheduler``, ``slurm``) and :func:`open_client`;
+* :mod:`.driver` — the driving loop (:func:`run_cohort`), which knows no stage by name;
+* :mod:`.shards` — stable shards for job arrays (:func:`shard_of`, :func:`select_shard`).
+
+Only this package imports Dask, and only inside functions (importing it is cheap).
+From the command line: ``wsi-convnext run CONFIG.toml [--shard I/N]``.
+"""
+
+from __future__ import annotations
+
+from .clusters import (
+    DEFAULT_DASHBOARD,
+    ClusterInfo,
+    cluster_kinds,
+    dashboard_address,
+    local_cluster_kwargs,
+    open_client,
+    register_cluster,
+    slurm_cluster_kwargs,
+)
+from .driver import (
+    STARTED_TOPIC,
+    CohortProgress,
+    RunSummary,
+    StageOutcome,
+    run_cohort,
+    run_stage,
+    write_predictions,
+)
+from .shards import select_shard, shard_of
+from .stages import (
+    NOOP_STAGES,
+    STAGES,
+    StageFn,
+    StageSpec,
+    embed_stage,
+    get_stage,
+    predict_stage,
+    register_stage,
+    registered_stages,
+    stage_plan,
+    tile_stage,
+    unregister_stage,
+)
+
+__all__ = [
+    "DEFAULT_DASHBOARD",
+    "NOOP_STAGES",
+    "STAGES",
+    "STARTED_TOPIC",
+    "ClusterInfo",
+    "CohortProgress",
+    "RunSummary",
+    "StageFn",
+    "StageOutcome",
+    "StageSpec",
+    "cluster_kinds",
+    "dashboard_address",
+    "embed_stage",
+    "get_stage",
+    "local_cluster_kwargs",
+    "open_client",
+    "predict_stage",
+    "register_cluster",
+    "register_stage",
+    "registered_stages",
+    "run_cohort",
+    "run_stage",
+    "select_shard",
+    "shard_of",
+    "slurm_cluster_kwargs",
+    "stage_plan",
+    "tile_stage",
+    "unregister_stage",
+    "write_predictions",
+]

@@ -1,0 +1,386 @@
+"""The cluster registry: where a cohort run's Dask workers come from.
+
+``config.cluster`` names a registered kind; :func:`open_client` opens it for the run and
+closes what it started. Built in:
+
+* ``local``: an embedded :class:`distributed.LocalCluster` sized to the machine
+  (:func:`local_cluster_kwargs`), plus one worker per GPU;
+* ``scheduler``: an existing scheduler at ``config.scheduler`` (checked to answer first,
+  so a wrong address is a one-line error, not a 30 s wait);
+* ``slurm``: a dask-jobqueue ``SLURMCluster`` (:func:`slurm_cluster_kwargs`) scaled
+  adaptively between ``minimum_jobs`` and ``maximum_jobs`` jobs.
+
+The dashboard of a cluster this run starts listens on ``127.0.0.1`` unless
+``dashboard_address`` (``[local]`` / ``[slurm]``) says otherwise; the address reported
+is the one the scheduler actually bound.
+
+Adding a kind = one module: a context manager ``opener(config) -> ClusterInfo`` decorated
+with ``@register_cluster("name")`` (and the name added to ``config.ClusterKind``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ContextManager
+
+from .._io import cpu_count
+from ..config import RunConfig
+from ..errors import ConfigError, one_line
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_DASHBOARD",
+    "ClusterInfo",
+    "cluster_kinds",
+    "dashboard_address",
+    "local_cluster_kwargs",
+    "open_client",
+    "register_cluster",
+    "slurm_cluster_kwargs",
+]
+
+#: Where a dashboard listens unless the config says otherwise: this machine only.
+DEFAULT_DASHBOARD = "127.0.0.1:8787"
+#: Seconds to wait for an existing scheduler to accept a connection.
+CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class ClusterInfo:
+    """An open cluster, as the driver needs it.
+
+    Attributes:
+        client: The Dask client.
+        gpu: Whether GPU stages ask for the ``GPU`` worker resource.
+        threads: Worker threads now or at full scale (sizes the driver's window).
+        dashboard: The dashboard URL the scheduler actually serves, or None.
+    """
+
+    client: Client
+    gpu: bool
+    threads: int
+    dashboard: str | None
+
+
+Opener = Callable[[RunConfig], ContextManager[ClusterInfo]]
+_KINDS: dict[str, Opener] = {}
+
+
+def register_cluster(name: str) -> Callable[[Opener], Opener]:
+    """Decorator registering ``opener(config)`` (a context manager yielding :class:`ClusterInfo`)."""
+
+    def deco(opener: Opener) -> Opener:
+        _KINDS[name] = opener
+        return opener
+
+    return deco
+
+
+def cluster_kinds() -> tuple[str, ...]:
+    """The registered cluster kinds."""
+    return tuple(_KINDS)
+
+
+# --- what the driver asks of any cluster ---------------------------------------------------
+
+
+def _threads(client: Client) -> int:
+    workers = client.scheduler_info().get("workers", {})
+    return sum(int(w.get("nthreads", 1)) for w in workers.values())
+
+
+def _has_gpu_workers(client: Client) -> bool:
+    workers = client.scheduler_info().get("workers", {})
+    return any(float(w.get("resources", {}).get("GPU", 0)) > 0 for w in workers.values())
+
+
+def _bound_dashboard(dask_scheduler: Any) -> tuple[str, int] | None:
+    # Runs on the scheduler: the address its HTTP server really listens on.
+    server = dask_scheduler.services.get("dashboard")
+    if server is None:
+        return None
+    return str(getattr(server, "address", "") or ""), int(server.port)
+
+
+def dashboard_address(client: Client) -> str | None:
+    """The URL of the dashboard as bound by the scheduler (None without one).
+
+    A dashboard bound to all interfaces (``0.0.0.0``/``::``) is reported with the
+    scheduler host's name, since that is where others can reach it.
+    """
+    from distributed.utils import format_dashboard_link
+
+    try:
+        bound = client.run_on_scheduler(_bound_dashboard)
+    except Exception:  # noqa: BLE001 - the dashboard is optional
+        return None
+    if not bound:
+        return None
+    host, port = bound
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return format_dashboard_link(host, port)
+
+
+def info_of(
+    client: Client, *, gpu: bool | None = None, threads: int | None = None, dashboard: bool = True
+) -> ClusterInfo:
+    """A :class:`ClusterInfo` for ``client`` (GPU workers and threads read from the scheduler).
+
+    ``dashboard=False``: the run disabled the dashboard (the scheduler still serves its
+    health and metrics routes, on the scheduler's own host).
+    """
+    return ClusterInfo(
+        client,
+        _has_gpu_workers(client) if gpu is None else gpu,
+        max(1, _threads(client) if threads is None else threads),
+        dashboard_address(client) if dashboard else None,
+    )
+
+
+def _dashboard_option(value: str | None) -> str | None:
+    """Config value → scheduler ``dashboard_address``: None → localhost, '' → no dashboard."""
+    if value is None:
+        return DEFAULT_DASHBOARD
+    return value or None
+
+
+# --- local ---------------------------------------------------------------------------------
+
+
+def _memory_bytes() -> int:
+    # Respects cgroup limits (SLURM jobs, containers), unlike the machine's total.
+    from distributed.system import MEMORY_LIMIT
+
+    return int(MEMORY_LIMIT)
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_cluster_kwargs(
+    config: RunConfig, *, cpus: int | None = None, memory: int | None = None, gpus: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """Keyword arguments of the embedded :class:`distributed.LocalCluster`, and its GPU worker count.
+
+    Defaults size the cluster to the machine: single-threaded worker processes (tiling
+    holds the GIL in places; processes isolate crashes), one per core, at most one per
+    2 GiB of memory, minus one per GPU; each GPU gets its own extra worker. Memory is
+    split evenly between all workers. GPU workers are only started when a stage of the
+    run asks for a GPU.
+
+    Args:
+        config: The run config (``config.local`` overrides any default).
+        cpus, memory, gpus: The machine (default: detected; GPUs only when a stage wants one).
+    """
+    from .stages import stage_plan
+
+    loc = config.local
+    cpus = cpus if cpus is not None else cpu_count()
+    memory = memory if memory is not None else _memory_bytes()
+    if loc.gpus is not None:
+        n_gpus = loc.gpus
+    elif gpus is not None:
+        n_gpus = gpus
+    else:
+        wants_gpu = any(s.resources_for(config) == "gpu" for s in stage_plan(config))
+        n_gpus = _visible_gpus() if wants_gpu else 0
+    tpw = loc.threads_per_worker or 1
+    if loc.n_workers is not None:
+        n = loc.n_workers
+    else:
+        n = max(1, min(cpus // tpw - n_gpus, memory // (2 * 1024**3) - n_gpus))
+    kwargs: dict[str, Any] = {
+        "n_workers": n,
+        "threads_per_worker": tpw,
+        "processes": True,
+        "memory_limit": loc.memory_limit or int(memory // max(1, n + n_gpus)),
+        "dashboard_address": _dashboard_option(loc.dashboard_address),
+    }
+    return kwargs, n_gpus
+
+
+def _add_gpu_workers(cluster: Any, n_gpus: int) -> None:
+    """Add one worker per GPU to a LocalCluster; each sees only its GPU and offers ``GPU=1``."""
+    for i in range(n_gpus):
+        spec = copy.deepcopy(cluster.new_spec)
+        options = spec.setdefault("options", {})
+        options["resources"] = {"GPU": 1}
+        options["env"] = {**options.get("env", {}), "CUDA_VISIBLE_DEVICES": str(i)}
+        options["name"] = f"gpu-{i}"
+        cluster.worker_spec[f"gpu-{i}"] = spec
+    cluster.scale(len(cluster.worker_spec))
+
+
+@register_cluster("local")
+@contextlib.contextmanager
+def _open_local(config: RunConfig) -> Iterator[ClusterInfo]:
+    from distributed import Client, LocalCluster
+
+    kwargs, n_gpus = local_cluster_kwargs(config)
+    with contextlib.ExitStack() as stack:
+        try:
+            cluster = stack.enter_context(LocalCluster(**kwargs))
+        except (OSError, ValueError, TypeError) as exc:  # e.g. a bad dashboard address or memory limit
+            raise ConfigError(f"[local]: cannot start the Dask LocalCluster ({one_line(exc)}); check the [local] keys") from exc
+        if n_gpus:
+            _add_gpu_workers(cluster, n_gpus)
+        client = stack.enter_context(Client(cluster, set_as_default=False))
+        if n_gpus:
+            client.wait_for_workers(kwargs["n_workers"] + n_gpus, timeout=300)
+        yield info_of(client, gpu=n_gpus > 0, dashboard=kwargs["dashboard_address"] is not None)
+
+
+# --- an existing scheduler ----------------------------------------------------------------
+
+
+def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Fail in one line, within ``timeout`` seconds, when nothing listens at a TCP ``address``."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import parse_host_port
+
+    scheme, loc = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return  # other transports: leave it to distributed
+    host, port = parse_host_port(loc)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot reach the Dask scheduler at {address} ({one_line(exc) or type(exc).__name__}); "
+            "check --scheduler / 'scheduler' and that the scheduler is running"
+        ) from exc
+
+
+@register_cluster("scheduler")
+@contextlib.contextmanager
+def _open_scheduler(config: RunConfig) -> Iterator[ClusterInfo]:
+    from distributed import Client
+
+    if not config.scheduler:
+        raise ConfigError("cluster = 'scheduler' needs 'scheduler' (an address such as tcp://host:8786)")
+    _check_reachable(config.scheduler)
+    try:
+        client = Client(config.scheduler, set_as_default=False, timeout=f"{CONNECT_TIMEOUT * 6:g}s")
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(
+            f"cannot connect to the Dask scheduler at {config.scheduler} ({one_line(exc)}); "
+            "is it a Dask scheduler, and of a compatible version?"
+        ) from exc
+    with client:
+        yield info_of(client)
+
+
+# --- slurm ---------------------------------------------------------------------------------
+
+
+def slurm_cluster_kwargs(config: RunConfig) -> dict[str, Any]:
+    """Keyword arguments of :class:`dask_jobqueue.SLURMCluster` from ``config.slurm``.
+
+    GPUs become ``--gres=gpu:N`` and the worker resource ``GPU=N / processes`` (rounded
+    up to at least 1 per process), which GPU stages request. The scheduler runs where
+    ``run`` runs; its dashboard listens on ``127.0.0.1`` unless ``dashboard_address`` is set.
+    """
+    s = config.slurm
+    directives = list(s.job_extra_directives)
+    worker_args: list[str] = []
+    if s.gpus:
+        if not any(d.strip().startswith(("--gres", "--gpus")) for d in directives):
+            directives.append(f"--gres=gpu:{s.gpus}")
+        per_process = max(1, s.gpus // s.processes)
+        worker_args += ["--resources", f"GPU={per_process}"]
+    kwargs: dict[str, Any] = {
+        "cores": s.cores,
+        "memory": s.memory,
+        "processes": s.processes,
+        "walltime": s.walltime,
+        "job_extra_directives": directives,
+        "job_script_prologue": list(s.job_script_prologue),
+        "worker_extra_args": worker_args,
+        "scheduler_options": {"dashboard_address": _dashboard_option(s.dashboard_address)},
+        "job_name": "wsi-convnext",
+    }
+    for key in ("queue", "account", "local_directory", "log_directory", "interface", "python"):
+        value = getattr(s, key)
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
+@register_cluster("slurm")
+@contextlib.contextmanager
+def _open_slurm(config: RunConfig) -> Iterator[ClusterInfo]:
+    from distributed import Client
+
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as exc:
+        raise ConfigError("cluster = 'slurm' needs dask-jobqueue: pip install 'wsi-convnext[slurm]'") from exc
+    s = config.slurm
+    with SLURMCluster(**slurm_cluster_kwargs(config)) as cluster:
+        cluster.adapt(minimum_jobs=s.minimum_jobs, maximum_jobs=s.maximum_jobs)
+        logger.info("SLURM job script:\n%s", cluster.job_script())
+        with Client(cluster, set_as_default=False) as client:
+            yield info_of(
+                client, gpu=s.gpus > 0, threads=s.maximum_jobs * s.cores, dashboard=s.dashboard_address != ""
+            )
+
+
+# --- opening -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_client(config: RunConfig) -> Iterator[ClusterInfo]:
+    """Open the cluster that ``config.cluster`` names, with the run's Dask settings; close what was started.
+
+    Raises:
+        ConfigError: Unknown kind, unreachable scheduler, ``cluster = "slurm"`` without
+            dask-jobqueue, or cluster options Dask rejects.
+    """
+    import dask
+    import distributed  # noqa: F401 - loads its config defaults before dask.config.set below
+
+    try:
+        opener = _KINDS[config.cluster]
+    except KeyError:
+        raise ConfigError(f"unknown cluster {config.cluster!r}; choose one of: {', '.join(_KINDS)}") from None
+    settings = {
+        # Clusters this run starts: a worker death fails its tasks at once and the client
+        # retries them, blaming only the task that was running (see the driver).
+        "distributed.scheduler.allowed-failures": 0,
+        # At most one task per worker thread, so a crash takes down few queued tasks.
+        "distributed.scheduler.worker-saturation": 1.0,
+        # Background diagnostics cost ~8% of a 2-core machine with 2 workers (measured by
+        # benchmarks/cohort.py): each worker samples its task's stack every 10 ms for the
+        # dashboard's profile page, and every scheduler, nanny and worker checks its event
+        # loop every 20 ms. Slide tasks run for seconds: sample nothing, check every 200 ms.
+        "distributed.worker.profile.enabled": False,
+        "distributed.admin.tick.interval": "200ms",
+    }
+    if config.cluster == "local":
+        # The nannies restart dead workers. Without this, LocalCluster closes a nanny for
+        # good when its worker dies twice within 15 s (the check of the first death runs
+        # while the worker restarts after the second), e.g. on repeated OOM kills.
+        settings["distributed.deploy.lost-worker-timeout"] = "30 days"
+        # Fail, rather than wait forever, tasks that no worker can run (e.g. the GPU
+        # workers died and could not be restarted).
+        settings["distributed.scheduler.no-workers-timeout"] = "10 minutes"
+    with dask.config.set(settings), opener(config) as info:
+        yield info
