@@ -195,7 +195,7 @@ def test_mixed_cohort_counts_and_errors(reference: dict[str, Any]) -> None:
     assert {(f.slide_id, f.error_type) for f in s.failures} == set(expected.items())
     rows = {(r.slide_id, r.stage): r for r in read_manifest(out / "manifest.csv")}
     cmu = rows[("CMU-1-Small-Region", "tile")]
-    assert cmu.tiles and cmu.tiles > 10 and cmu.mpp == pytest.approx(0.499, abs=1e-3)
+    assert cmu.tiles and cmu.tiles > 10 and cmu.slide_mpp == pytest.approx(0.499, abs=1e-3)
     assert all("\n" not in r.error for r in rows.values())
     # Embedding asked for the GPU resource: it ran on the GPU worker only.
     assert {r.worker.split("/")[-1] for (sid, stage), r in rows.items() if stage == "embed"} == {"gpu-0"}

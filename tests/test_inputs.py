@@ -29,10 +29,10 @@ def test_folder_recursive_and_collisions_are_deterministic(tmp_path):
 def test_manifest_with_ids_and_mpp(tmp_path):
     a = _touch(tmp_path / "slides" / "a.svs")
     _touch(tmp_path / "slides" / "b.tif")
-    (tmp_path / "m.csv").write_text("path,slide_id,mpp\nslides/a.svs,case-A,0.25\nslides/b.tif,,\n")
+    (tmp_path / "m.csv").write_text("path,slide_id,slide_mpp\nslides/a.svs,case-A,0.25\nslides/b.tif,,\n")
     specs = discover_slides([tmp_path / "m.csv"], slide_mpp=0.5)
-    assert specs[0].path == a and specs[0].slide_id == "case-A" and specs[0].mpp == 0.25
-    assert specs[1].slide_id == "b" and specs[1].mpp == 0.5  # --slide-mpp fills the gap
+    assert specs[0].path == a and specs[0].slide_id == "case-A" and specs[0].slide_mpp == 0.25
+    assert specs[1].slide_id == "b" and specs[1].slide_mpp == 0.5  # --slide-mpp fills the gap
 
 
 @pytest.mark.parametrize(
@@ -62,3 +62,11 @@ def test_slide_stem():
 
     assert slide_stem(Path("/x/TCGA-01 A.svs")) == "TCGA-01_A"
     assert slide_stem(Path("a.ome.tiff")) == "a"
+
+
+def test_legacy_mpp_column_is_read_as_slide_mpp(tmp_path):
+    """Manifests written before the rename (column ``mpp``) keep working."""
+    (tmp_path / "a.svs").write_bytes(b"")
+    (tmp_path / "m.csv").write_text("path,mpp\na.svs,0.25\n")
+    (spec,) = discover_slides([tmp_path / "m.csv"])
+    assert spec.slide_mpp == 0.25

@@ -28,10 +28,10 @@ def test_record_is_visible_on_disk_immediately(tmp_path: Path) -> None:
     m.record(ManifestRow("s1", "tile", "running", path="/x/s1.svs"))
     # Another process reading mid-run sees the row (appended and flushed).
     assert [(r.slide_id, r.stage, r.status) for r in read_manifest(path)] == [("s1", "tile", "running")]
-    m.record(ManifestRow("s1", "tile", "done", path="/x/s1.svs", tiles=12, mpp=0.499, seconds=1.23456, worker="h/0"))
+    m.record(ManifestRow("s1", "tile", "done", path="/x/s1.svs", tiles=12, slide_mpp=0.499, seconds=1.23456, worker="h/0"))
     rows = read_manifest(path)
     assert len(rows) == 1 and rows[0].status == "done" and rows[0].tiles == 12
-    assert rows[0].mpp == pytest.approx(0.499) and rows[0].seconds == pytest.approx(1.235)
+    assert rows[0].slide_mpp == pytest.approx(0.499) and rows[0].seconds == pytest.approx(1.235)
     assert rows[0].finished.endswith("+00:00")  # ISO 8601, UTC
     assert m.status("s1", "tile") == "done" and m.status("s1", "embed") is None
     m.close()
@@ -127,4 +127,4 @@ def test_tiler_rows_fit(tmp_path: Path) -> None:
     with RunManifest(tmp_path / "manifest.csv") as m:
         m.record(tile_manifest_row(result))
     (row,) = read_manifest(tmp_path / "manifest.csv")
-    assert (row.slide_id, row.stage, row.status, row.tiles, row.mpp) == ("s", "tile", "done", 7, 0.5)
+    assert (row.slide_id, row.stage, row.status, row.tiles, row.slide_mpp) == ("s", "tile", "done", 7, 0.5)

@@ -59,13 +59,13 @@ def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> Non
 def run_out(tmp_path: Path) -> Path:
     out = tmp_path / "out"
     with RunManifest(out / "manifest.csv") as m:
-        m.record(ManifestRow("ok-1", "tile", "done", path="/s/ok-1.svs", tiles=120, mpp=0.499, seconds=3.2, worker="n1/0"))
+        m.record(ManifestRow("ok-1", "tile", "done", path="/s/ok-1.svs", tiles=120, slide_mpp=0.499, seconds=3.2, worker="n1/0"))
         m.record(ManifestRow("ok-1", "embed", "done", path="/s/ok-1.svs", tiles=120, seconds=5.0))
-        m.record(ManifestRow("old-2", "tile", "skipped", path="/s/old-2.svs", tiles=80, mpp=0.25, seconds=0.1))
+        m.record(ManifestRow("old-2", "tile", "skipped", path="/s/old-2.svs", tiles=80, slide_mpp=0.25, seconds=0.1))
         m.record(ManifestRow("old-2", "embed", "skipped", path="/s/old-2.svs", tiles=80, seconds=0.1))
         m.record(ManifestRow("bad<3>", "tile", "failed", path="/s/bad.svs", error_type="SlideReadError",
                              error="/s/bad.svs: Bogus marker length & more"))  # fmt: skip
-        m.record(ManifestRow("dead-4", "tile", "done", path="/s/dead.svs", tiles=9, mpp=0.5))
+        m.record(ManifestRow("dead-4", "tile", "done", path="/s/dead.svs", tiles=9, slide_mpp=0.5))
         m.record(ManifestRow("dead-4", "embed", "failed", path="/s/dead.svs", error_type="KilledWorker",
                              error="Attempted to run task embed-x on 3 different workers"))  # fmt: skip
     _png(out / "qc" / "ok-1.png", (1200, 900), (230, 180, 200))

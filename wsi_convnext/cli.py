@@ -97,7 +97,7 @@ def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 @app.command()
 def tile(
-    inputs: Annotated[list[Path], typer.Argument(help="Slide files, folders (searched recursively) or CSV manifests (path[,slide_id][,mpp]).")],
+    inputs: Annotated[list[Path], typer.Argument(help="Slide files, folders (searched recursively) or CSV manifests (path[,slide_id][,slide_mpp]).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <slide_id>.zarr stores.")] = Path("tiles"),
     mpp: Annotated[float, typer.Option(help="Target resolution, µm/px.")] = 0.5,
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 224,

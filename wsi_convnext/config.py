@@ -213,7 +213,7 @@ class RunConfig:
     """A whole cohort run. See the module docstring for the file layout.
 
     Attributes:
-        slides: Folders (searched recursively), CSV manifests (``path[,slide_id][,mpp]``) or slide files.
+        slides: Folders (searched recursively), CSV manifests (``path[,slide_id][,slide_mpp]``) or slide files.
         out: Output folder: ``<slide_id>.zarr`` stores, ``qc/``, ``manifest.csv``, ``report.html``.
         slide_mpp: Level-0 µm/px for slides whose metadata lacks it (manifest ``mpp`` wins).
         cluster: ``local`` (embedded LocalCluster), ``slurm`` or ``scheduler`` (``scheduler`` address).

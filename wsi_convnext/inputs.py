@@ -70,12 +70,12 @@ class SlideSpec:
     Attributes:
         path: The slide file.
         slide_id: Unique identifier; names the store ``<slide_id>.zarr``.
-        mpp: Level-0 resolution override in µm/px (from ``--slide-mpp`` or a manifest), or None.
+        slide_mpp: Level-0 resolution override in µm/px (from ``--slide-mpp`` or a manifest), or None.
     """
 
     path: Path
     slide_id: str
-    mpp: float | None = None
+    slide_mpp: float | None = None
 
 
 def is_slide_file(path: Path) -> bool:
@@ -132,7 +132,7 @@ def _walk(folder: Path) -> list[Path]:
 class _Entry:
     path: Path
     slide_id: str | None
-    mpp: float | None
+    slide_mpp: float | None
     rel: Path  # path relative to the input it came from; names colliding stems
 
 
@@ -143,7 +143,7 @@ def _read_manifest(path: Path) -> list[_Entry]:
             reader = csv.DictReader(fh)
             fields = [f.strip().lower() for f in (reader.fieldnames or [])]
             if "path" not in fields:
-                raise ConfigError(f"{path}: manifest needs a 'path' column (optional: slide_id, mpp)")
+                raise ConfigError(f"{path}: manifest needs a 'path' column (optional: slide_id, slide_mpp)")
             rows = []
             for raw in reader:
                 lineno = reader.line_num
@@ -158,20 +158,22 @@ def _read_manifest(path: Path) -> list[_Entry]:
                 slide = Path(row["path"])
                 if not slide.is_absolute():
                     slide = path.parent / slide
-                mpp = None
-                if row.get("mpp"):
+                slide_mpp = None
+                # ``mpp`` is the column's name before 0.2; both mean the level-0 µm/px.
+                column = "slide_mpp" if row.get("slide_mpp") else "mpp"
+                if row.get(column):
                     try:
-                        mpp = float(row["mpp"])
+                        slide_mpp = float(row[column])
                     except ValueError as exc:
-                        raise ConfigError(f"{path}:{lineno}: mpp {row['mpp']!r} is not a number") from exc
-                    if not 0 < mpp < float("inf"):
-                        raise ConfigError(f"{path}:{lineno}: mpp must be positive and finite, got {mpp}")
+                        raise ConfigError(f"{path}:{lineno}: {column} {row[column]!r} is not a number") from exc
+                    if not 0 < slide_mpp < float("inf"):
+                        raise ConfigError(f"{path}:{lineno}: {column} must be positive and finite, got {slide_mpp}")
                 sid = row.get("slide_id") or None
                 if sid is not None:
                     check_slide_id(sid, f"{path}:{lineno}")
                 rel = Path(row["path"])
                 rel = Path(*rel.parts[-2:]) if rel.is_absolute() else rel
-                rows.append(_Entry(slide, sid, mpp, rel))
+                rows.append(_Entry(slide, sid, slide_mpp, rel))
             return rows
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: manifest is not a text CSV file") from exc
@@ -202,7 +204,7 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]], *, slide_mpp: floa
     against the slide-id policy (:func:`check_slide_id`) and must be unique.
 
     Args:
-        inputs: Slide files, folders or ``.csv`` manifests (columns ``path``, optional ``slide_id``, ``mpp``).
+        inputs: Slide files, folders or ``.csv`` manifests (columns ``path``, optional ``slide_id``, ``slide_mpp``; ``mpp`` is read as ``slide_mpp``).
         slide_mpp: Resolution override (µm/px) for slides without one from a manifest.
 
     Raises:
@@ -272,5 +274,5 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]], *, slide_mpp: floa
             if sid in owners:
                 raise ConfigError(f"slide id collision: {owners[sid]} and {e.path} both map to {sid!r}; list them in a manifest with explicit slide_id")
         owners[sid] = e.path
-        specs.append(SlideSpec(path=e.path, slide_id=sid, mpp=e.mpp if e.mpp is not None else slide_mpp))
+        specs.append(SlideSpec(path=e.path, slide_id=sid, slide_mpp=e.slide_mpp if e.slide_mpp is not None else slide_mpp))
     return specs

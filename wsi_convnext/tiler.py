@@ -744,7 +744,7 @@ def tile_slides(
         t0 = time.perf_counter()
         try:
             result = tile_slide(
-                spec.path, out_dir, params, slide_id=spec.slide_id, slide_mpp=spec.mpp,
+                spec.path, out_dir, params, slide_id=spec.slide_id, slide_mpp=spec.slide_mpp,
                 overwrite=overwrite, progress=progress,
             )  # fmt: skip
         except Exception as exc:  # one bad slide must never stop the others
@@ -773,7 +773,7 @@ def tile_manifest_row(result: TileResult) -> dict[str, Any]:
         "error_type": result.error_type or "",
         "error": result.error or "",
         "tiles": result.n_tiles if result.status != "failed" else None,
-        "mpp": result.slide_mpp,
+        "slide_mpp": result.slide_mpp,
         "seconds": result.seconds,
         "qc": str(result.qc_path) if result.qc_path else "",
     }

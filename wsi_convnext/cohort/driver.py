@@ -87,7 +87,7 @@ class StageOutcome(Outcome):
     Attributes:
         slide_id: The slide (``""`` for a cohort-scope stage).
         stage: The stage name.
-        tiles, mpp: What the stage reported (``mpp``: the slide's level-0 µm/px).
+        tiles, slide_mpp: What the stage reported (``slide_mpp``: the slide's level-0 µm/px).
         worker: ``host/worker-name`` that ran it.
         started: Wall-clock start (``time.time()``, seconds since the epoch).
         data: The stage's other outputs, merged into the state that later stages receive.
@@ -96,7 +96,7 @@ class StageOutcome(Outcome):
     slide_id: str
     stage: str
     tiles: int | None = None
-    mpp: float | None = None
+    slide_mpp: float | None = None
     worker: str = ""
     started: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
@@ -105,7 +105,7 @@ class StageOutcome(Outcome):
         """The manifest row of this outcome."""
         return ManifestRow(
             slide_id=self.slide_id, stage=self.stage, status=self.status, path=path, error_type=self.error_type,
-            error=self.error, tiles=self.tiles, mpp=self.mpp, seconds=round(self.seconds, 3), worker=self.worker,
+            error=self.error, tiles=self.tiles, slide_mpp=self.slide_mpp, seconds=round(self.seconds, 3), worker=self.worker,
         )  # fmt: skip
 
 
@@ -151,12 +151,12 @@ def run_stage(
         return StageOutcome(**a.failure, **base)
     out = dict(a.value or {})
     tiles = out.pop("tiles", None)
-    mpp = out.pop("mpp", None)
+    slide_mpp = out.pop("slide_mpp", None)
     skipped = bool(out.pop("skipped", False))
     return StageOutcome(
         status="skipped" if skipped else "done",
         tiles=None if tiles is None else int(tiles),
-        mpp=None if mpp is None else float(mpp),
+        slide_mpp=None if slide_mpp is None else float(slide_mpp),
         seconds=a.seconds,
         data=out,
         **base,

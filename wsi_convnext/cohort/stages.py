@@ -19,7 +19,7 @@ and import heavy libraries inside.
 A per-slide stage is ``fn(slide, config, state) -> outputs``; ``state`` holds the outputs
 of the slide's earlier stages (e.g. ``store``). A cohort stage is ``fn(slides, config,
 states) -> outputs`` with ``states[slide_id]`` the final state of each slide. The returned
-mapping may hold ``tiles`` (int), ``mpp`` (float, the slide's level-0 µm/px),
+mapping may hold ``tiles`` (int), ``slide_mpp`` (float, the slide's level-0 µm/px),
 ``skipped`` (bool: the output already existed) and any other picklable values that
 later stages (and the report) read. Failure = raising.
 """
@@ -195,12 +195,12 @@ def tile_stage(slide: SlideSpec, config: RunConfig, state: Mapping[str, Any]) ->
         _out(config),
         config.tile_params(),
         slide_id=slide.slide_id,
-        slide_mpp=slide.mpp,
+        slide_mpp=slide.slide_mpp,
         overwrite=config.overwrite,
     )
     return {
         "tiles": int(r.n_tiles),
-        "mpp": r.slide_mpp,
+        "slide_mpp": r.slide_mpp,
         "skipped": bool(r.skipped),
         "store": str(r.store_path),
         "qc": str(r.qc_path) if getattr(r, "qc_path", None) else None,

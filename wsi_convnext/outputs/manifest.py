@@ -1,10 +1,10 @@
 """The run manifest ``OUT/manifest.csv``: one row per slide and stage, readable while a run goes.
 
 Columns (:data:`MANIFEST_FIELDS`): ``slide_id, path, stage, status, error_type, error,
-tiles, mpp, seconds, worker, finished, qc``. ``status`` is one of :data:`STATUSES`:
+tiles, slide_mpp, seconds, worker, finished, qc``. ``status`` is one of :data:`STATUSES`:
 ``running`` (submitted, not finished: after a crash it marks interrupted work), ``done``,
 ``skipped`` (already finished by an earlier run) or ``failed`` (``error_type`` is the
-exception class, ``error`` its one-line message). ``mpp`` is the slide's level-0 µm/px,
+exception class, ``error`` its one-line message). ``slide_mpp`` is the slide's level-0 µm/px,
 ``seconds`` the stage's wall time, ``worker`` ``host/worker-name``, ``finished`` an ISO 8601
 UTC timestamp, ``qc`` the slide's QC picture (written for failed slides too, when the slide opened).
 
@@ -57,7 +57,7 @@ MANIFEST_FIELDS: tuple[str, ...] = (
     "error_type",
     "error",
     "tiles",
-    "mpp",
+    "slide_mpp",
     "seconds",
     "worker",
     "finished",
@@ -91,7 +91,7 @@ class ManifestRow:
     error_type: str = ""
     error: str = ""
     tiles: int | None = None
-    mpp: float | None = None
+    slide_mpp: float | None = None
     seconds: float | None = None
     worker: str = ""
     finished: str = ""
@@ -113,7 +113,7 @@ class ManifestRow:
                 out[name] = ""
             elif name == "seconds":
                 out[name] = f"{value:.3f}"
-            elif name == "mpp":
+            elif name == "slide_mpp":
                 out[name] = f"{value:.6g}"
             else:
                 out[name] = str(value)
@@ -133,7 +133,7 @@ class ManifestRow:
             error_type=raw.get("error_type") or "",
             error=raw.get("error") or "",
             tiles=num("tiles", int),
-            mpp=num("mpp", float),
+            slide_mpp=num("slide_mpp", float) if raw.get("slide_mpp") else num("mpp", float),  # "mpp" before 0.2
             seconds=num("seconds", float),
             worker=raw.get("worker") or "",
             finished=raw.get("finished") or "",

@@ -2,7 +2,7 @@
 
 The page has inline CSS and no scripts; every picture is a PNG embedded as a base64
 ``data:`` URI, so the file can be mailed or opened from any file system. It shows counts
-of slides by status and of stage outcomes, a table of every slide (status, tiles, mpp,
+of slides by status and of stage outcomes, a table of every slide (status, tiles, slide_mpp,
 seconds, worker, error), and a grid of QC thumbnails (``OUT/qc/<slide_id>.png``, the
 tissue mask and tile overlay written by the tiler) with, after prediction, the predicted
 class and the tile-score heatmap (``OUT/heatmaps/<slide_id>.heatmap.png``).
@@ -78,7 +78,7 @@ class SlideSummary:
     status: str = "done"
     stages: dict[str, str] = field(default_factory=dict)
     tiles: int | None = None
-    mpp: float | None = None
+    slide_mpp: float | None = None
     seconds: float = 0.0
     worker: str = ""
     error: str = ""
@@ -99,8 +99,8 @@ def summarise(rows: Sequence[ManifestRow]) -> list[SlideSummary]:
             s.tiles = r.tiles
         elif s.tiles is None and r.tiles is not None:
             s.tiles = r.tiles
-        if r.mpp is not None:
-            s.mpp = r.mpp
+        if r.slide_mpp is not None:
+            s.slide_mpp = r.slide_mpp
         s.seconds += r.seconds or 0.0
         s.worker = r.worker or s.worker
         s.finished = max(s.finished, r.finished or "")
@@ -227,7 +227,7 @@ def write_report(
 
     with_pred = bool(preds)
     parts.append("<h2>Slides</h2><table><tr><th>slide</th><th>status</th><th>stages</th>")
-    parts.append('<th>tiles</th><th>mpp (µm/px)</th><th>seconds</th>')
+    parts.append('<th>tiles</th><th>slide mpp (µm/px)</th><th>seconds</th>')
     if with_pred:
         parts.append("<th>prediction</th>")
     parts.append("<th>worker</th><th>error</th></tr>")
@@ -237,7 +237,7 @@ def write_report(
         parts.append(
             f'<tr id="slide-{html.escape(s.slide_id)}"><td title="{html.escape(s.path)}">{html.escape(s.slide_id)}</td>'
             f"<td>{_status(s.status)}</td><td>{html.escape(stage_txt)}</td>"
-            f'<td class="num">{_fmt(s.tiles)}</td><td class="num">{_fmt(s.mpp, ".4g")}</td>'
+            f'<td class="num">{_fmt(s.tiles)}</td><td class="num">{_fmt(s.slide_mpp, ".4g")}</td>'
             f'<td class="num">{s.seconds:.1f}</td>'
         )
         if with_pred:
@@ -281,7 +281,7 @@ def write_report(
                     + (f" ({ptxt})" if ptxt else "")
                     + "</div>"
                 )
-            detail = [f"{s.tiles} tiles" if s.tiles is not None else "", f"{s.mpp:.3g} µm/px" if s.mpp else ""]
+            detail = [f"{s.tiles} tiles" if s.tiles is not None else "", f"{s.slide_mpp:.3g} µm/px" if s.slide_mpp else ""]
             parts.append(f'<div class="note">{html.escape(" · ".join(d for d in detail if d))}</div>')
             if s.error:
                 parts.append(f'<div class="err">{html.escape(s.error)}</div>')
