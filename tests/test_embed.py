@@ -434,3 +434,25 @@ def test_cli_embed_with_stain(small_store: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--stain-reference" in res.output
     res = runner.invoke(app, [*args, "--stain", "hed_jitter"])
     assert res.exit_code == 2 and "none, macenko, reinhard" in res.output
+
+
+
+def test_features_written_by_another_run_meanwhile_are_kept(store_path: Path, encoders) -> None:
+    """Issue 12 item 2: when another run writes the same key while this one computes, its array is kept."""
+    enc = encoders["patch"]
+
+    class OtherRunWrites(_Invert):
+        """On the first batch, "another run" commits features/<key> (through the locked writer)."""
+
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            if self.calls == 0:
+                store = open_store(store_path)
+                store.write_features(f"{enc.key}-{self.key}", np.full((len(store), enc.num_features), 7, np.float16),
+                                     {"model": "other run"})  # fmt: skip
+            return super().__call__(x)
+
+    res = embed_store(store_path, enc, batch_size=BATCH, device="cpu", transform=OtherRunWrites())
+    assert res.status == "skipped" and res.skipped
+    store = open_store(store_path)
+    np.testing.assert_array_equal(store.features(res.key), 7)
+    assert store.feature_attrs(res.key)["model"] == "other run"

@@ -351,3 +351,19 @@ def test_demo_finetune_compares_random_and_finetuned_features_on_held_out_slides
     test_ids = {line.split(",")[0] for line in (tmp_path / "demo" / "finetune" / "test_labels.csv").read_text().split()[1:]}
     assert train_ids and test_ids and not train_ids & test_ids
     assert cfg["data"]["kind"] == "stores" and cfg["data"]["n_groups"] <= len(train_ids)  # only held-in slides
+
+
+def test_a_second_run_on_one_output_folder_waits_for_the_first(tmp_path: Path) -> None:
+    """Issue 12 item 2: one writer per ENC_DIR; the other run waits instead of writing beside it."""
+    import threading
+
+    from wsi_convnext._io import path_lock
+
+    results: list[Path] = []
+    with path_lock(tmp_path / "enc-locked"):  # another run holds ENC_DIR
+        t = threading.Thread(target=lambda: results.append(_tiny(tmp_path, "enc-locked", stem="patch")))
+        t.start()
+        t.join(3.0)
+        assert t.is_alive() and not (tmp_path / "enc-locked").exists()  # waiting, nothing written
+    t.join(300)
+    assert results and (results[0] / "encoder.safetensors").is_file()

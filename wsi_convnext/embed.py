@@ -36,7 +36,7 @@ import numpy as np
 
 from ._io import cpu_count
 from .encoders import DEFAULT_MODEL
-from .errors import ConfigError, EncoderError, StoreError, WsiConvnextError, one_line
+from .errors import ConfigError, EncoderError, StoreError, StoreExistsError, WsiConvnextError, one_line
 from .store import STORE_SUFFIX, TileStore, find_stores, open_store
 
 if TYPE_CHECKING:
@@ -506,6 +506,14 @@ def _embed_many(
             if transform is not None:
                 attrs["transform"] = {"key": transform.key, "attrs": dict(transform.attrs), "stats": transform.stats()}
             store.write_features(key, features, attrs, overwrite=s.overwrite)
+        except StoreExistsError:
+            # Another run wrote this key while we computed it (its lock made us wait): keep theirs.
+            logger.warning("%s: features/%s were written by another run meanwhile; keeping them", store.path, key)
+            out.put(slide.seq, EmbedResult(
+                slide_id=store.slide_id, store_path=store.path, key=key, n_tiles=len(store),
+                seconds=time.perf_counter() - slide.t0, skipped=True, status="skipped", device=str(dev),
+            ))  # fmt: skip
+            return
         except Exception as exc:
             out.put(slide.seq, _failed(store.path, key, slide.t0, exc, dev), exc)
             return
