@@ -11,6 +11,7 @@ from pathlib import Path
 from wsi_convnext.embed import embed_stores
 from wsi_convnext.inputs import discover_slides
 from wsi_convnext.mil.api import predict, train
+from wsi_convnext.mil.training import TrainConfig
 from wsi_convnext.synthetic import make_cohort
 from wsi_convnext.tiler import TileParams, tile_slides
 
@@ -24,8 +25,8 @@ make_cohort(args.out / "slides", n, size=size, mpp=0.5, lesion_fraction=(0.05, 0
 tiled = tile_slides(discover_slides([args.out / "slides"]), args.out / "tiles", TileParams(mpp=0.5, tile_size=224))
 stores = [r.store_path for r in tiled if r.status != "failed"]
 embed_stores(stores, model="convnext_atto", stem="overlap", device="cpu", batch_size=32)
-report = train(stores, args.out / "slides" / "labels.csv", args.out / "model", aggregator="abmil", folds=2,
-               epochs=5 if args.quick else None, overwrite=True)
+config = TrainConfig(aggregator="abmil", folds=2, epochs=5 if args.quick else 60)
+report = train(stores, args.out / "slides" / "labels.csv", args.out / "model", config, overwrite=True)
 print(report.table)
 for p in predict(args.out / "model", stores):
     print(p.slide_id, p.predicted, {c: round(v, 3) for c, v in p.probabilities.items()})

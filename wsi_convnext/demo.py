@@ -151,6 +151,7 @@ def finetune_comparison(
     from .mil.api import evaluate, train
     from .mil.data import read_labels
     from .mil.splits import inner_validation_split
+    from .mil.training import TrainConfig
     from .store import open_store
 
     table = read_labels(labels)
@@ -186,8 +187,8 @@ def finetune_comparison(
     auc: dict[str, float] = {}
     lines = ["| features | CV AUC (training slides) | test AUC (held-out slides) |", "|---|---:|---:|"]
     for name, key in (("random", random_key), ("finetuned", ft_key)):
-        report = train(train_stores, parts["train"], out_dir / f"mil-{name}", aggregator=aggregator, folds=folds,
-                       feature_key=key, seed=seed, overwrite=True)  # fmt: skip
+        report = train(train_stores, parts["train"], out_dir / f"mil-{name}",
+                       TrainConfig(aggregator=aggregator, folds=folds, seed=seed), feature_key=key, overwrite=True)  # fmt: skip
         cv_auc = report.metrics["pooled"]["auc"]["value"] if "pooled" in report.metrics else float("nan")
         m = evaluate(out_dir / f"mil-{name}", test_stores, parts["test"], out_dir / f"eval-{name}")
         auc[name] = float(m["auc"]["value"])
