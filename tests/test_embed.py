@@ -79,7 +79,7 @@ def embedded(template_store: Path, encoders, tmp_path_factory: pytest.TempPathFa
 def test_embeddings_match_single_tile_forward(embedded, encoders, stem: str) -> None:
     enc = encoders[stem]
     res, seen = embedded[stem]
-    assert res.status == "done" and not res.skipped and res.error is None
+    assert res.status == "done" and not res.skipped and not res.error
     assert (res.n_tiles, res.key, res.slide_id, res.precision) == (N_TILES, enc.key, "cmu", "float32")
     assert seen == [(16, 40), (32, 40), (40, 40)]
 

@@ -37,6 +37,7 @@ import numpy as np
 from ._io import cpu_count
 from .encoders import DEFAULT_MODEL
 from .errors import ConfigError, EncoderError, StoreError, StoreExistsError, WsiConvnextError, one_line
+from .outcome import Outcome, failure_fields
 from .store import STORE_SUFFIX, TileStore, find_stores, open_store
 
 if TYPE_CHECKING:
@@ -76,20 +77,16 @@ ProgressFn = Callable[[int, int], None]
 # ----------------------------------------------------------------------------------- results
 
 
-@dataclass
-class EmbedResult:
-    """Outcome of embedding one store.
+@dataclass(frozen=True)
+class EmbedResult(Outcome):
+    """Outcome of embedding one store (``status``, ``error_type``, ``error``, ``seconds``: :class:`~.outcome.Outcome`).
 
     Attributes:
         slide_id: The slide identifier.
         store_path: The store folder.
         key: Feature key written (``features/<key>``), None if the encoder was never reached.
         n_tiles: Number of tiles (embedding rows).
-        seconds: Wall time.
         skipped: True when ``features/<key>`` already existed and ``overwrite`` was False.
-        status: ``"done"``, ``"skipped"`` or ``"failed"`` (``"failed"`` only from :func:`embed_stores`).
-        error_type: Exception class name when failed.
-        error: One-line error message when failed.
         device: Device the model ran on.
         precision: Compute precision (``float32``, ``bfloat16`` autocast, ``float16`` autocast).
     """
@@ -98,20 +95,9 @@ class EmbedResult:
     store_path: Path
     key: str | None = None
     n_tiles: int = 0
-    seconds: float = 0.0
     skipped: bool = False
-    status: str = "done"
-    error_type: str | None = None
-    error: str | None = None
     device: str | None = None
     precision: str | None = None
-
-    @property
-    def tiles_per_second(self) -> float:
-        """Throughput of this slide (0 when skipped or failed)."""
-        if self.status != "done" or self.seconds <= 0:
-            return 0.0
-        return self.n_tiles / self.seconds
 
 
 # --------------------------------------------------------------------------------- precision
@@ -454,8 +440,8 @@ def _failed(path: Path, key: str | None, t0: float, exc: BaseException, dev: Any
     else:
         logger.warning("%s failed unexpectedly", path, exc_info=exc)
     return EmbedResult(
-        slide_id=path.name.removesuffix(STORE_SUFFIX), store_path=path, key=key, seconds=time.perf_counter() - t0,
-        status="failed", error_type=type(exc).__name__, error=one_line(exc), device=str(dev),
+        slide_id=path.name.removesuffix(STORE_SUFFIX), store_path=path, key=key, device=str(dev),
+        **failure_fields(exc, time.perf_counter() - t0),
     )  # fmt: skip
 
 

@@ -75,6 +75,7 @@ class Attempt(Generic[T]):
     value: T | None
     seconds: float
     failure: dict[str, Any] | None = None
+    exception: BaseException | None = None
 
     @property
     def failed(self) -> bool:
@@ -93,7 +94,7 @@ def attempt(fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> Attem
         what: Names the work in log messages, e.g. ``"tile of slide-1"``.
 
     Returns:
-        ``Attempt(value, seconds)``, or ``Attempt(None, seconds, failure_fields(exc))``.
+        ``Attempt(value, seconds)``, or ``Attempt(None, seconds, failure_fields(exc), exc)``.
     """
     t0 = time.perf_counter()
     try:
@@ -104,5 +105,5 @@ def attempt(fn: Callable[..., T], *args: Any, what: str, **kwargs: Any) -> Attem
             logger.debug("%s failed", what, exc_info=True)
         else:
             logger.warning("%s failed unexpectedly", what, exc_info=True)
-        return Attempt(None, seconds, failure_fields(exc, seconds))
+        return Attempt(None, seconds, failure_fields(exc, seconds), exc)
     return Attempt(value, time.perf_counter() - t0)

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_path, cpu_count, ensure_dir, file_sha256, inside, path_lock, remove_dead_partials, write_error
-from .errors import MppError, NoTissueError, StoreError, StoreExistsError, WsiConvnextError, one_line
+from .errors import MppError, NoTissueError, StoreError, StoreExistsError, WsiConvnextError
 from .inputs import SlideSpec, check_slide_id, slide_stem
+from .outcome import Outcome, attempt
 from .store import (
     STORE_SUFFIX,
     TILES_PER_CHUNK,
@@ -144,34 +145,26 @@ class TileParams:
         }
 
 
-@dataclass
-class TileResult:
-    """Outcome of tiling one slide.
+@dataclass(frozen=True)
+class TileResult(Outcome):
+    """Outcome of tiling one slide (``status``, ``error_type``, ``error``, ``seconds``: :class:`~.outcome.Outcome`).
 
     Attributes:
         slide_id: The slide identifier.
         store_path: The store folder.
         n_tiles: Number of tiles in the store.
-        seconds: Wall time.
         skipped: True when an identical finished store already existed.
         slide_mpp: Level-0 resolution used, µm/px.
         qc_path: The QC picture, if written.
-        status: ``"done"``, ``"skipped"`` or ``"failed"`` (only from :func:`tile_slides`).
-        error_type: Exception class name when failed.
-        error: One-line error message when failed.
         path: The slide file.
     """
 
     slide_id: str
     store_path: Path
     n_tiles: int = 0
-    seconds: float = 0.0
     skipped: bool = False
     slide_mpp: float | None = None
     qc_path: Path | None = None
-    status: str = "done"
-    error_type: str | None = None
-    error: str | None = None
     path: Path | None = None
 
 
@@ -741,22 +734,15 @@ def tile_slides(
     ensure_dir(out_dir)
     results: list[TileResult] = []
     for spec in slides:
-        t0 = time.perf_counter()
-        try:
-            result = tile_slide(
-                spec.path, out_dir, params, slide_id=spec.slide_id, slide_mpp=spec.slide_mpp,
-                overwrite=overwrite, progress=progress,
-            )  # fmt: skip
-        except Exception as exc:  # one bad slide must never stop the others
-            if isinstance(exc, WsiConvnextError):
-                logger.debug("%s failed", spec.path, exc_info=True)
-            else:
-                logger.warning("%s failed unexpectedly", spec.path, exc_info=True)
-            result = TileResult(
-                slide_id=spec.slide_id, store_path=Path(out_dir) / f"{spec.slide_id}{STORE_SUFFIX}",
-                seconds=time.perf_counter() - t0, status="failed", error_type=type(exc).__name__,
-                error=one_line(exc), path=spec.path, qc_path=getattr(exc, "qc_path", None),
-            )  # fmt: skip
+        # One bad slide must never stop the others.
+        run = attempt(
+            tile_slide, spec.path, out_dir, params, slide_id=spec.slide_id, slide_mpp=spec.slide_mpp,
+            overwrite=overwrite, progress=progress, what=str(spec.path),
+        )  # fmt: skip
+        result = run.value if run.value is not None else TileResult(
+            slide_id=spec.slide_id, store_path=Path(out_dir) / f"{spec.slide_id}{STORE_SUFFIX}",
+            path=spec.path, qc_path=getattr(run.exception, "qc_path", None), **(run.failure or {}),
+        )  # fmt: skip
         results.append(result)
         if on_result is not None:
             on_result(result)
