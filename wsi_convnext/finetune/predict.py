@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_path, cpu_count
+from .._io import cpu_count
 from ..data.labelled import CorruptTileError, LabelledTileDataset, LabelledTiles, collate_tiles, load_labelled_tiles
 
 __all__ = ["TilePredictions", "predict_tiles", "write_tile_predictions_csv"]
@@ -57,24 +57,24 @@ class TilePredictions:
 def write_tile_predictions_csv(
     path: str | os.PathLike[str], tiles: LabelledTiles, probs: np.ndarray, classes: Sequence[str], *, labelled: bool
 ) -> Path:
-    """Write per-tile predictions in the predictions dialect, atomically.
+    """Write per-tile predictions in the one predictions dialect (:mod:`wsi_convnext.outputs.predictions`).
 
-    Local writer until ``wsi_convnext/outputs/predictions.py`` lands (the lead swaps this one
-    function for it at merge).
+    Keys: ``slide_id, tile`` for stores, else ``path`` (as given in DATA's CSV, or relative to
+    the folder); then ``true_label`` when known, ``predicted``, ``prob_<class>``.
     """
-    dest = Path(path)
-    with atomic_path(dest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        key = ["slide_id", "tile"] if tiles.kind == "stores" else ["path"]
-        w.writerow(key + (["true_label"] if labelled else []) + ["predicted"] + [f"prob_{c}" for c in classes])
-        for i in range(len(tiles)):
-            row: list[Any] = [tiles.slide_ids[i], int(tiles.tile_of[i])] if tiles.kind == "stores" else [tiles.refs[i]]
-            if labelled:
-                row.append(classes[int(tiles.y[i])])
-            row.append(classes[int(np.argmax(probs[i]))])
-            row += [f"{v:.6f}" for v in probs[i]]
-            w.writerow(row)
-    return dest
+    from ..outputs.predictions import PredictionRow, write_predictions
+
+    stores = tiles.kind == "stores"
+    rows = [
+        PredictionRow(
+            key={"slide_id": tiles.slide_ids[i], "tile": int(tiles.tile_of[i])} if stores else {"path": tiles.refs[i]},
+            predicted=classes[int(np.argmax(probs[i]))],
+            probabilities={c: float(v) for c, v in zip(classes, probs[i])},
+            true_label=classes[int(tiles.y[i])] if labelled else None,
+        )
+        for i in range(len(tiles))
+    ]
+    return write_predictions(path, rows, classes=list(classes))
 
 
 def _score_name(name: str) -> str:
