@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Exported feature dtypes by name.
 EXPORT_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+#: Store bookkeeping attrs (completion flag, chunk checksums) that exports leave out.
+_BOOKKEEPING = frozenset({"complete", "integrity"})
 
 #: File stem of a cohort export (``OUT/cohort<suffix>``).
 COHORT_STEM = "cohort"
@@ -70,7 +72,7 @@ def slide_export(store: TileStore, key: str | None, dtype: str | np.dtype = "flo
     features, feature_attrs = None, {}
     coords = store.coords
     if key is not None:
-        feature_attrs = {k: v for k, v in store.feature_attrs(key).items() if k != "complete"}
+        feature_attrs = {k: v for k, v in store.feature_attrs(key).items() if k not in _BOOKKEEPING}
         feature_attrs["feature_key"] = key
         feature_attrs["store_dtype"] = feature_attrs.pop("dtype", None)
         feature_attrs["dtype"] = dtype.name
@@ -85,7 +87,7 @@ def slide_export(store: TileStore, key: str | None, dtype: str | np.dtype = "flo
         store.slide_id, features, coords, coords_attrs, feature_attrs,
         tissue_fraction=store.tissue_fraction,
         scores={n: store.scores(n) for n in names},
-        score_attrs={n: {k: v for k, v in store.score_attrs(n).items() if k != "complete"} for n in names},
+        score_attrs={n: {k: v for k, v in store.score_attrs(n).items() if k not in _BOOKKEEPING} for n in names},
         tissue_mask=store.tissue_mask,
         mask_downsample=float(attrs.get("mask_downsample", 1.0)),
     )  # fmt: skip
