@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import atomic_write_text
 from ..errors import ConfigError
 from .shapes import PEN_INKS, SyntheticSlide, SyntheticSlideSpec, TissueSpec, _rng
 from .write import write_synthetic_slide
@@ -137,13 +139,12 @@ def make_cohort(
         slides.append(CohortSlide(slide_id, f"patient_{patient_of[i]:03d}", str(labels[i]), slide))
         if progress is not None:
             progress(i + 1, n_slides)
-    tmp = out / ".labels.csv.tmp"
-    with tmp.open("w", newline="") as fh:
-        wr = csv.writer(fh)
-        wr.writerow(["slide_id", "label", "patient_id"])
-        for s in slides:
-            wr.writerow([s.slide_id, s.label, s.patient_id])
-    os.replace(tmp, out / "labels.csv")
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\r\n")
+    wr.writerow(["slide_id", "label", "patient_id"])
+    for s in slides:
+        wr.writerow([s.slide_id, s.label, s.patient_id])
+    atomic_write_text(out / "labels.csv", buf.getvalue())
     return slides
 
 

@@ -10,7 +10,6 @@ import collections
 import concurrent.futures
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .._io import atomic_path
 from ..errors import ConfigError, InputNotFoundError
 from .render import _grid_um, _make_renderer, _Renderer, _render_small, _thumbnail_downsample
 from .shapes import SyntheticSlide, SyntheticSlideSpec, _build_geometry, _rng
@@ -288,37 +288,31 @@ def write_synthetic_slide(
     renderer.release_sources()
     thumb_comp = "jpeg" if spec.compression in ("jpeg", "jpeg2000") else codec.tag
 
-    # Unique temporary name in the same folder (same file system → atomic os.replace); created
-    # by tifffile with the usual umask permissions, unlike tempfile.mkstemp's 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     pool = concurrent.futures.ThreadPoolExecutor(n_workers) if n_workers > 1 else None
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
-            for i, (d, (w, h)) in enumerate(zip(spec.downsamples, dims, strict=True)):
-                kw = flavour.level_kwargs(spec, i)
-                tiles = _encoded_tiles(renderer, codec, spec.quality, d, w, h, T, pool, 4 * n_workers, tick)
-                tw.write(tiles, shape=(h, w, 3), dtype=np.uint8, tile=(T, T), photometric="rgb",
-                         compression=codec.tag, metadata=None, software="wsi_convnext.synthetic", **kw)
-                if i == 0 and thumb is not None:
-                    desc = (f"Aperio Image Library v12.0.0\r\n{spec.width}x{spec.height} -> "
-                            f"{thumb.shape[1]}x{thumb.shape[0]} - ")
-                    tw.write(thumb, photometric="rgb", compression=thumb_comp,
-                             compressionargs={"level": 90} if thumb_comp == "jpeg" else None,
-                             metadata=None, software=False, description=desc)
-            if thumb is not None and spec.associated:
-                label = _label_image(spec)
-                tw.write(label, photometric="rgb", compression="lzw", metadata=None, software=False, subfiletype=1,
-                         description=f"Aperio Image Library v12.0.0\r\nlabel {label.shape[1]}x{label.shape[0]}")
-                macro = _macro_image(spec, thumb)
-                tw.write(macro, photometric="rgb", compression="jpeg", compressionargs={"level": 90},
-                         metadata=None, software=False, subfiletype=9,
-                         description=f"Aperio Image Library v12.0.0\r\nmacro {macro.shape[1]}x{macro.shape[0]}")
-        if spec.mpp is None:
-            _strip_resolution_tags(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_path(path, fsync=False) as tmp:
+            with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+                for i, (d, (w, h)) in enumerate(zip(spec.downsamples, dims, strict=True)):
+                    kw = flavour.level_kwargs(spec, i)
+                    tiles = _encoded_tiles(renderer, codec, spec.quality, d, w, h, T, pool, 4 * n_workers, tick)
+                    tw.write(tiles, shape=(h, w, 3), dtype=np.uint8, tile=(T, T), photometric="rgb",
+                             compression=codec.tag, metadata=None, software="wsi_convnext.synthetic", **kw)
+                    if i == 0 and thumb is not None:
+                        desc = (f"Aperio Image Library v12.0.0\r\n{spec.width}x{spec.height} -> "
+                                f"{thumb.shape[1]}x{thumb.shape[0]} - ")
+                        tw.write(thumb, photometric="rgb", compression=thumb_comp,
+                                 compressionargs={"level": 90} if thumb_comp == "jpeg" else None,
+                                 metadata=None, software=False, description=desc)
+                if thumb is not None and spec.associated:
+                    label = _label_image(spec)
+                    tw.write(label, photometric="rgb", compression="lzw", metadata=None, software=False, subfiletype=1,
+                             description=f"Aperio Image Library v12.0.0\r\nlabel {label.shape[1]}x{label.shape[0]}")
+                    macro = _macro_image(spec, thumb)
+                    tw.write(macro, photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+                             metadata=None, software=False, subfiletype=9,
+                             description=f"Aperio Image Library v12.0.0\r\nmacro {macro.shape[1]}x{macro.shape[0]}")
+            if spec.mpp is None:
+                _strip_resolution_tags(tmp)
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
