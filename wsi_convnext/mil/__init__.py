@@ -13,8 +13,7 @@ Submodules (torch is imported only by those that need it):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .._lazy import lazy_getattr
 
 _EXPORTS = {
     "Bag": "data",
@@ -48,8 +47,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'wsi_convnext.mil' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{mod}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
