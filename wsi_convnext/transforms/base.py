@@ -92,6 +92,13 @@ class FallbackCounts:
         dev = str(valid.device)
         self._by_device[dev] = self._by_device[dev] + counts if dev in self._by_device else counts
 
+    def keep_valid(self, out: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``out`` where ``valid`` (B,) is True, the input ``x`` elsewhere (identity); records the batch."""
+        import torch
+
+        self.add(valid)
+        return torch.where(valid.view(-1, 1, 1, 1), out, x)
+
     def as_dict(self) -> dict[str, int]:
         """``{"tiles": n, "identity_fallbacks": k}`` (syncs with the devices)."""
         tiles = fallbacks = 0

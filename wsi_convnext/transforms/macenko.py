@@ -187,9 +187,7 @@ class MacenkoNormalizer(TileTransform):
         conc = conc * (max_ref / max_conc.clamp_min(1e-6)).unsqueeze(-1)
         out = (self.settings["io"] / 255.0) * torch.exp(-(stains_ref @ conc))  # (B, 3, P)
         out = out.clamp(0, 1).reshape(b, 3, h, w).to(x.dtype)
-        out = torch.where(valid.view(b, 1, 1, 1), out, x)
-        self._fallbacks.add(valid)
-        return out
+        return self._fallbacks.keep_valid(out, x, valid)
 
     def stats(self) -> dict[str, int]:
         """``tiles`` seen and ``identity_fallbacks`` (tiles left unchanged: background or low contrast)."""

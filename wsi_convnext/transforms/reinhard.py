@@ -124,9 +124,7 @@ class ReinhardNormalizer(TileTransform):
         ref_std = self.lab_std.to(xf.device, xf.dtype).view(1, 3, 1)
         lab = (lab - mean.unsqueeze(-1)) * (ref_std / std.clamp_min(1e-6).unsqueeze(-1)) + ref_mean
         out = _color.lab_to_rgb(lab).reshape(b, 3, h, w).to(x.dtype)
-        out = torch.where(valid.view(b, 1, 1, 1), out, x)
-        self._fallbacks.add(valid)
-        return out
+        return self._fallbacks.keep_valid(out, x, valid)
 
     def stats(self) -> dict[str, int]:
         """``tiles`` seen and ``identity_fallbacks`` (tiles left unchanged: background or flat)."""
