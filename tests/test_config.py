@@ -107,11 +107,14 @@ def test_flags_only_and_scheduler_implies_cluster() -> None:
         ("[tiles]\nmpp = 0.5", "unknown key 'tiles' (did you mean 'tile'?)"),
         ("[tile.tissue]\nmin_saturaton = 0.1", "unknown key 'tile.tissue.min_saturaton' (did you mean 'min_saturation'?)"),
         ("[tile]\nmpp = 'fine'", "'tile.mpp' must be a number, got 'fine'"),
-        ("[tile]\nmpp = -1", "'tile.mpp' must be > 0"),
+        ("[tile]\nmpp = -1", "'tile.mpp' must be positive and finite, got -1"),
         ("[tile]\ntile_size = 2.5", "'tile.tile_size' must be an integer"),
         ("[tile]\nmin_tissue = 2", "'tile.min_tissue' must be between 0 and 1"),
-        ("[tile]\noverlap = 500", "[tile]: --overlap must be in [0, tile size)"),
-        ("cluster = 'kubernetes'", "'cluster' must be one of 'local', 'slurm', 'scheduler'"),
+        ("[tile]\noverlap = 500", "'tile.overlap' must be in [0, tile size 224), got 500"),
+        ("[tile]\nbackend = 'bioformats'", "'tile.backend' must be one of 'auto', 'openslide', 'tiffslide'"),
+        ("[embed]\nmodel = 'convnext_atto'\nbatch_size = 0", "'embed.batch_size' must be at least 1, got 0"),
+        ("[embed]\nmodel = 'convnext_atto'\ndtype = 'int8'", "'embed.dtype' must be one of 'float16', 'float32'"),
+        ("cluster = 'kubernetes'", "'cluster' must be one of 'local', 'scheduler', 'slurm', got 'kubernetes'"),
         ("cluster = 'scheduler'", "cluster = 'scheduler' needs 'scheduler'"),
         ("scheduler = 'head:8786'", "'scheduler' must be a scheduler address"),
         ("shard = '4/4'", "'shard' must be 'I/N' with 0 <= I < N"),
@@ -175,3 +178,34 @@ def test_config_keys_and_to_dict() -> None:
     d = load_config(None, {"slides": "a", "out": "o"}).to_dict()
     assert d["out"] == "o" and d["tile"]["mpp"] is None
     assert isinstance(RunConfig().tile, TileConfig)
+
+
+def test_sections_are_the_library_parameter_objects() -> None:
+    """[tile] and [embed] are generated from the library's parameter objects: same keys, same checks."""
+    from wsi_convnext.embed import EmbedOptions
+    from wsi_convnext.encoders import EncoderConfig
+    from wsi_convnext.tiler import TileParams
+
+    assert {f.name for f in dataclasses.fields(TileConfig)} == {f.name for f in dataclasses.fields(TileParams)}
+    embed_sources = {f.name for f in dataclasses.fields(EncoderConfig)} | {f.name for f in dataclasses.fields(EmbedOptions)}
+    assert {f.name for f in dataclasses.fields(EmbedConfig)} == (embed_sources - {"timm_kwargs"}) | {"device"}
+    cfg = load_config(None, {"slides": "a", "out": "o", "embed.model": "convnext_atto", "embed.batch_size": 8,
+                             "embed.stem": "overlap", "tile.quality": 80})  # fmt: skip
+    assert cfg.embed_options() == EmbedOptions(batch_size=8)
+    assert cfg.encoder_config() == EncoderConfig(model="convnext_atto", stem="overlap")
+    assert cfg.tile_params() == TileParams(quality=80, workers=1)
+    assert load_config(None, {"slides": "a", "out": "o"}).encoder_config() is None
+
+
+def test_a_registered_cluster_kind_is_a_valid_cluster(tmp_path: Path) -> None:
+    import contextlib
+
+    from wsi_convnext.cohort import clusters
+
+    with pytest.raises(ConfigError, match="'cluster' must be one of"):
+        load_config(None, {"slides": "a", "out": "o", "cluster": "kube"})
+    clusters.register_cluster("kube")(contextlib.nullcontext)
+    try:
+        assert load_config(None, {"slides": "a", "out": "o", "cluster": "kube"}).cluster == "kube"
+    finally:
+        clusters._KINDS.pop("kube")

@@ -203,10 +203,12 @@ def test_cuda_requested_but_absent(store_path: Path, encoders) -> None:
 
 
 def test_bad_options(store_path: Path, encoders) -> None:
-    with pytest.raises(ConfigError, match="--dtype"):
+    with pytest.raises(ConfigError, match="^dtype must be one of 'float16', 'float32', got 'float64'$") as info:
         embed_store(store_path, encoders["patch"], dtype="float64", device="cpu")
-    with pytest.raises(ConfigError, match="--batch-size"):
+    assert info.value.as_flag().startswith("--dtype must be one of")  # what the CLI prints
+    with pytest.raises(ConfigError, match="^batch_size must be at least 1, got 0$") as info:
         embed_stores([store_path], model=MODEL, batch_size=0, device="cpu")
+    assert info.value.as_flag() == "--batch-size must be at least 1, got 0"
 
 
 def test_error_inside_the_loop_leaves_nothing(store_path: Path, encoders) -> None:

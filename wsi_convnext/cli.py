@@ -34,6 +34,7 @@ def _err(msg: str) -> None:
 def _errors() -> Iterator[None]:
     """Turn library errors into a one-line message and an exit code."""
     from .errors import USAGE_ERRORS, WsiConvnextError, one_line
+    from .params import ParameterError
 
     try:
         yield
@@ -42,7 +43,7 @@ def _errors() -> Iterator[None]:
     except WsiConvnextError as exc:
         if _state["debug"]:
             raise
-        _err(one_line(exc))
+        _err(exc.as_flag() if isinstance(exc, ParameterError) else one_line(exc))
         raise typer.Exit(2 if isinstance(exc, USAGE_ERRORS) else 1)
     except KeyboardInterrupt:
         _err("interrupted")
@@ -130,7 +131,6 @@ def tile(
             encoding="png" if lossless else "jpeg", allow_upsample=allow_upsample, backend=backend, workers=workers,
             tissue=tissue_params, fingerprint=fingerprint,
         )  # fmt: skip
-        params.validate()
         slides = discover_slides(inputs, slide_mpp=slide_mpp)
         from ._io import ensure_dir
 

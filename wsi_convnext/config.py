@@ -5,12 +5,12 @@ pipeline stage and cluster kind::
 
     slides = ["/data/cohort"]     # folders (searched recursively), CSV manifests, slide files
     out = "/data/out"             # stores, manifest.csv, report.html
-    cluster = "local"             # "local" | "slurm" | "scheduler" (an existing Dask scheduler)
+    cluster = "local"             # a registered kind: "local" | "slurm" | "scheduler" (an existing Dask scheduler)
 
-    [tile]                        # wsi_convnext.tiler.TileParams; absent keys keep its defaults
+    [tile]                        # the fields of wsi_convnext.tiler.TileParams; absent keys keep its defaults
     mpp = 0.5
 
-    [embed]                       # embedding runs when `model` is set
+    [embed]                       # EncoderConfig + EmbedOptions fields; embedding runs when `model` is set
     model = "convnext_tiny"
 
     [predict]                     # prediction runs when `model_dir` is set
@@ -35,15 +35,15 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 from .errors import ConfigError
+from .params import ParameterError, non_empty, non_negative, one_of, param, positive
 
 __all__ = [
-    "ClusterKind",
     "EmbedConfig",
     "LocalConfig",
     "PredictConfig",
@@ -55,31 +55,7 @@ __all__ = [
     "parse_shard",
 ]
 
-ClusterKind = Literal["local", "slurm", "scheduler"]
-
-
-# --- value checks (field metadata "check": value -> error text or None) --------------------
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be >= 0"
-
-
-def _fraction(v: Any) -> str | None:
-    return None if 0 <= v <= 1 else "must be between 0 and 1"
-
-
-def _quality(v: Any) -> str | None:
-    return None if 1 <= v <= 100 else "must be between 1 and 100"
-
-
-def _non_empty(v: Any) -> str | None:
-    return None if len(v) else "must not be empty"
-
+# --- value checks (field metadata "check": value -> problem text or None) -----------------
 
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 
@@ -104,54 +80,66 @@ def _address(v: str) -> str | None:
     return None if re.match(r"^[a-z0-9+]+://\S+$", v) else "must be a scheduler address such as 'tcp://host:8786'"
 
 
+def _cluster_kinds() -> tuple[str, ...]:
+    from .cohort.clusters import cluster_kinds
+
+    return cluster_kinds()
+
+
 def _opt(check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
-    return field(default=None, metadata={"check": check, "doc": doc})
+    return param(None, check=check, doc=doc)
 
 
 # --- sections ------------------------------------------------------------------------------
 
 
-@dataclass
-class TileConfig:
-    """``[tile]``: keyword arguments of :class:`wsi_convnext.tiler.TileParams`.
+def _section(name: str, doc: str, sources: Sequence[type], *, exclude: Sequence[str] = (),
+             extra: Sequence[tuple[str, Any, Any]] = ()) -> type:  # fmt: skip
+    """A config section whose keys are the fields of library parameter objects, all optional.
 
-    ``None`` (absent) keeps the TileParams default. ``tissue`` holds the keyword
-    arguments of :class:`wsi_convnext.tissue.TissueParams` (``[tile.tissue]``).
-    ``workers`` defaults to 1 inside a cohort run, where slides are the unit of parallelism.
+    Each key keeps its source field's type, check and help text (``None``: the library
+    default); a field that is itself a parameter object (``TileParams.tissue``) becomes a
+    sub-table of its keyword arguments. So the sections cannot drift from the library.
     """
+    fields: list[tuple[str, Any, Any]] = []
+    for cls in sources:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in exclude:
+                continue
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                meta = {"doc": f.metadata.get("doc", ""), "params": tp}
+                fields.append((f.name, dict[str, Any], field(default_factory=dict, metadata=meta)))
+            else:
+                fields.append((f.name, tp | None, field(default=None, metadata=dict(f.metadata))))
+    return dataclasses.make_dataclass(name, [*fields, *extra], namespace={"__doc__": doc, "__module__": __name__})
 
-    mpp: float | None = _opt(_positive, "target resolution of the tiles in µm/px")
-    tile_size: int | None = _opt(_positive, "tile edge in pixels at the target mpp")
-    overlap: int | None = _opt(_non_negative, "overlap of neighbouring tiles in target pixels")
-    min_tissue: float | None = _opt(_fraction, "minimum tissue fraction of a kept tile")
-    encoding: str | None = _opt(_non_empty, "tile codec: jpeg (lossy) or png (lossless)")
-    quality: int | None = _opt(_quality, "JPEG quality of stored tiles")
-    allow_upsample: bool | None = _opt(None, "allow a target mpp finer than the slide's")
-    backend: str | None = _opt(_non_empty, "slide reader: auto, openslide or tiffslide")
-    workers: int | None = _opt(_positive, "read/resample/encode threads per slide")
-    region_size: int | None = _opt(_positive, "side of one aligned read in read-level pixels")
-    fingerprint: str | None = _opt(_non_empty, "slide change detection: quick (size + first/last MiB) or full (every byte)")
-    tissue: dict[str, Any] = field(default_factory=dict, metadata={"doc": "TissueParams keyword arguments"})
+
+def _library_sections() -> tuple[type, type]:
+    from .embed import EmbedOptions
+    from .encoders import EncoderConfig
+    from .tiler import TileParams
+
+    tile = _section(
+        "TileConfig",
+        """``[tile]``: the fields of :class:`wsi_convnext.tiler.TileParams` (``[tile.tissue]``: of
+        :class:`wsi_convnext.tissue.TissueParams`). ``None`` (absent) keeps the library default;
+        ``workers`` defaults to 1 inside a cohort run, where slides are the unit of parallelism.""",
+        [TileParams],
+    )
+    embed = _section(
+        "EmbedConfig",
+        """``[embed]``: the fields of :class:`wsi_convnext.encoders.EncoderConfig` (the encoder) and of
+        :class:`wsi_convnext.embed.EmbedOptions`, plus ``device``. Embedding runs when ``model`` is set.""",
+        [EncoderConfig, EmbedOptions],
+        exclude=("timm_kwargs",),
+        extra=[("device", str | None, _opt(None, "auto, cpu, cuda or cuda:N"))],
+    )
+    return tile, embed
 
 
-@dataclass
-class EmbedConfig:
-    """``[embed]``: the encoder (:func:`wsi_convnext.encoders.build_encoder`) and
-    :func:`wsi_convnext.embed.embed_store` options. Embedding runs when ``model`` is set."""
-
-    model: str | None = _opt(_non_empty, "timm ConvNeXt name, e.g. convnext_tiny")
-    stem: str | None = _opt(_non_empty, "stem variant of the encoder, e.g. patch")
-    stem_init: str | None = _opt(_non_empty, "how a converted stem is initialised")
-    resize: str | None = _opt(_non_empty, "tile resize policy before the encoder")
-    weights: Path | None = _opt(None, "weights file (.safetensors/.pth)")
-    pretrained: bool | None = _opt(None, "use timm's pretrained weights (must be cached)")
-    batch_size: int | None = _opt(_positive, "tiles per forward pass")
-    device: str | None = _opt(_non_empty, "auto, cpu, cuda or cuda:N")
-    dtype: str | None = _opt(_non_empty, "feature dtype: float16 or float32")
-    num_workers: int | None = _opt(_non_negative, "tile decoding threads per embedding task")
-    amp: bool | None = _opt(None, "autocast on CUDA")
-    channels_last: bool | None = _opt(None, "channels-last memory layout")
-    compile: bool | None = _opt(None, "torch.compile the encoder")
+TileConfig, EmbedConfig = _library_sections()
 
 
 @dataclass
@@ -159,7 +147,7 @@ class PredictConfig:
     """``[predict]``: slide-level prediction with a trained MIL model (runs when ``model_dir`` is set)."""
 
     model_dir: Path | None = _opt(None, "folder of a trained MIL model")
-    heatmaps: bool = field(default=True, metadata={"doc": "write OUT/heatmaps/<slide_id>.png"})
+    heatmaps: bool = param(True, doc="write OUT/heatmaps/<slide_id>.png")
 
 
 @dataclass
@@ -170,10 +158,10 @@ class LocalConfig:
     most one per 2 GiB of memory), plus one worker per GPU that owns that GPU.
     """
 
-    n_workers: int | None = _opt(_positive, "CPU worker processes")
-    threads_per_worker: int | None = _opt(_positive, "threads per worker process")
+    n_workers: int | None = _opt(positive, "CPU worker processes")
+    threads_per_worker: int | None = _opt(positive, "threads per worker process")
     memory_limit: str | None = _opt(_memory, "per worker, e.g. '8GiB', or 'auto'")
-    gpus: int | None = _opt(_non_negative, "GPU workers (default: all visible GPUs when embedding)")
+    gpus: int | None = _opt(non_negative, "GPU workers (default: all visible GPUs when embedding)")
     dashboard_address: str | None = _opt(
         _dashboard, "default '127.0.0.1:8787' (this machine only); ':8787' opens it to all; '' disables it"
     )
@@ -188,21 +176,21 @@ class SlurmConfig:
     advertise the ``GPU`` resource that embedding tasks need.
     """
 
-    queue: str | None = _opt(_non_empty, "partition (-p)")
-    account: str | None = _opt(_non_empty, "account (-A)")
-    cores: int = field(default=8, metadata={"check": _positive, "doc": "cores per job"})
-    memory: str = field(default="32GiB", metadata={"check": _memory, "doc": "memory per job"})
-    processes: int = field(default=1, metadata={"check": _positive, "doc": "worker processes per job"})
-    gpus: int = field(default=0, metadata={"check": _non_negative, "doc": "GPUs per job"})
-    walltime: str = field(default="04:00:00", metadata={"check": _walltime, "doc": "job time limit"})
-    job_extra_directives: list[str] = field(default_factory=list, metadata={"doc": "extra #SBATCH lines"})
-    job_script_prologue: list[str] = field(default_factory=list, metadata={"doc": "shell lines run first"})
-    local_directory: str | None = _opt(_non_empty, "worker scratch space, e.g. '$TMPDIR'")
-    log_directory: str | None = _opt(_non_empty, "folder for the jobs' stdout/stderr")
-    interface: str | None = _opt(_non_empty, "network interface, e.g. 'ib0'")
-    python: str | None = _opt(_non_empty, "python on the compute nodes")
-    minimum_jobs: int = field(default=0, metadata={"check": _non_negative, "doc": "adaptive lower bound"})
-    maximum_jobs: int = field(default=4, metadata={"check": _positive, "doc": "adaptive upper bound"})
+    queue: str | None = _opt(non_empty, "partition (-p)")
+    account: str | None = _opt(non_empty, "account (-A)")
+    cores: int = param(8, check=positive, doc="cores per job")
+    memory: str = param("32GiB", check=_memory, doc="memory per job")
+    processes: int = param(1, check=positive, doc="worker processes per job")
+    gpus: int = param(0, check=non_negative, doc="GPUs per job")
+    walltime: str = param("04:00:00", check=_walltime, doc="job time limit")
+    job_extra_directives: list[str] = param(default_factory=list, doc="extra #SBATCH lines")
+    job_script_prologue: list[str] = param(default_factory=list, doc="shell lines run first")
+    local_directory: str | None = _opt(non_empty, "worker scratch space, e.g. '$TMPDIR'")
+    log_directory: str | None = _opt(non_empty, "folder for the jobs' stdout/stderr")
+    interface: str | None = _opt(non_empty, "network interface, e.g. 'ib0'")
+    python: str | None = _opt(non_empty, "python on the compute nodes")
+    minimum_jobs: int = param(0, check=non_negative, doc="adaptive lower bound")
+    maximum_jobs: int = param(4, check=positive, doc="adaptive upper bound")
     dashboard_address: str | None = _opt(
         _dashboard, "scheduler dashboard; default '127.0.0.1:8787' (this machine only); '' disables it"
     )
@@ -227,17 +215,17 @@ class RunConfig:
         report_images: At most this many QC/heatmap thumbnails in the report (failed slides first).
     """
 
-    slides: list[Path] = field(default_factory=list, metadata={"doc": "folders, CSV manifests or slides"})
+    slides: list[Path] = param(default_factory=list, doc="folders, CSV manifests or slides")
     out: Path | None = _opt(None, "output folder")
-    slide_mpp: float | None = _opt(_positive, "fallback level-0 µm/px")
-    cluster: ClusterKind = field(default="local", metadata={"doc": "local, slurm or scheduler"})
+    slide_mpp: float | None = _opt(positive, "fallback level-0 µm/px")
+    cluster: str = param("local", check=one_of(_cluster_kinds), doc="a registered cluster kind")
     scheduler: str | None = _opt(_address, "existing scheduler address")
     shard: tuple[int, int] | None = _opt(None, "'I/N': 0-based shard I of N")
-    overwrite: bool = field(default=False, metadata={"doc": "redo finished work"})
-    max_in_flight: int | None = _opt(_positive, "slides in flight")
-    retries: int = field(default=2, metadata={"check": _non_negative, "doc": "retries after a worker died"})
-    report: bool = field(default=True, metadata={"doc": "write report.html"})
-    report_images: int = field(default=500, metadata={"check": _non_negative, "doc": "thumbnails in the report"})
+    overwrite: bool = param(False, doc="redo finished work")
+    max_in_flight: int | None = _opt(positive, "slides in flight")
+    retries: int = param(2, check=non_negative, doc="retries after a worker died")
+    report: bool = param(True, doc="write report.html")
+    report_images: int = param(500, check=non_negative, doc="thumbnails in the report")
     tile: TileConfig = field(default_factory=TileConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
@@ -255,28 +243,46 @@ class RunConfig:
         """:class:`wsi_convnext.tiler.TileParams` from ``[tile]`` (unset keys keep its defaults).
 
         Raises:
-            ConfigError: A value TileParams/TissueParams rejects.
+            ParameterError: A value TileParams rejects (``name`` is the ``[tile]`` key).
+            ConfigError: A value TissueParams rejects.
         """
         from .tiler import TileParams
 
-        t = self.tile
-        names = (
-            "mpp", "tile_size", "overlap", "min_tissue", "encoding", "quality", "allow_upsample", "backend",
-            "region_size", "fingerprint",
-        )  # fmt: skip
-        kwargs = {n: getattr(t, n) for n in names if getattr(t, n) is not None}
-        kwargs["workers"] = t.workers if t.workers is not None else 1  # slides are the unit of parallelism
-        if t.tissue:
-            from .tissue import TissueParams
+        kwargs = _section_values(self.tile)
+        kwargs.setdefault("workers", 1)  # slides are the unit of parallelism
+        return TileParams(**kwargs)
 
-            kwargs["tissue"] = TissueParams.from_kwargs(**t.tissue)
-        params = TileParams(**kwargs)
-        params.validate()
-        return params
+    def embed_options(self) -> Any:
+        """:class:`wsi_convnext.embed.EmbedOptions` from ``[embed]`` (unset keys keep its defaults)."""
+        from .embed import EmbedOptions
+
+        return EmbedOptions(**_section_values(self.embed, EmbedOptions))
+
+    def encoder_config(self) -> Any:
+        """:class:`wsi_convnext.encoders.EncoderConfig` from ``[embed]``, or None without ``model``."""
+        from .encoders import EncoderConfig
+
+        if not self.embed.model:
+            return None
+        return EncoderConfig(**_section_values(self.embed, EncoderConfig))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (paths as strings), e.g. to record a run's settings."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+def _section_values(section: Any, target: type | None = None) -> dict[str, Any]:
+    """The keys of a generated section that are set, as keyword arguments of ``target``
+    (default: every field); a sub-table becomes its parameter object."""
+    names = {f.name for f in dataclasses.fields(target)} if target is not None else None
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if value is None or value == {} or (names is not None and f.name not in names):
+            continue
+        nested = f.metadata.get("params")
+        out[f.name] = nested.from_kwargs(**value) if nested is not None else value
+    return out
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -493,10 +499,13 @@ def _finish(cfg: RunConfig, source: str) -> RunConfig:
     if cfg.predict.model_dir and not cfg.embed.model:
         raise ConfigError(f"{source}: 'predict.model_dir' needs 'embed.model' (prediction reads embeddings)")
     _check_tissue(cfg, source)
-    try:
-        cfg.tile_params()
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: [tile]: {exc}") from exc
+    for section, build in (("tile", cfg.tile_params), ("embed", cfg.embed_options), ("embed", cfg.encoder_config)):
+        try:
+            build()
+        except ParameterError as exc:
+            raise ConfigError(f"{source}: {exc.render(repr(f'{section}.{exc.name}'))}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: [{section}]: {exc}") from exc
     return cfg
 
 

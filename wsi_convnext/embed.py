@@ -21,6 +21,7 @@ copies; on CPU and MPS it runs in float32 with torch's own thread settings. The 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -38,6 +39,7 @@ from ._io import cpu_count
 from .encoders import DEFAULT_MODEL
 from .errors import ConfigError, EncoderError, StoreError, StoreExistsError, WsiConvnextError, one_line
 from .outcome import Outcome, failure_fields
+from .params import at_least, check_params, non_negative, one_of, param
 from .store import STORE_SUFFIX, TileStore, find_stores, open_store
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ __all__ = [
     "DEFAULT_DTYPE",
     "OUTPUT_DTYPES",
     "PRECISIONS",
+    "EmbedOptions",
     "EmbedResult",
     "DECODE_ON",
     "Precision",
@@ -239,27 +242,41 @@ def _preprocess(encoder: Encoder, tiles: torch.Tensor, dev: torch.device, transf
     return encoder.preprocess(x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1), device=dev)
 
 
-def _check_dtype(dtype: str) -> np.dtype:
-    if dtype not in OUTPUT_DTYPES:
-        raise ConfigError(f"unknown feature dtype {dtype!r} (--dtype): choose one of {', '.join(OUTPUT_DTYPES)}")
-    return OUTPUT_DTYPES[dtype]
-
-
-def _check_options(dtype: str, batch_size: int, num_workers: int | None, decode_on: str) -> None:
-    _check_dtype(dtype)
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size} (--batch-size)")
-    if num_workers is not None and num_workers < 0:
-        raise ConfigError(f"number of workers must be >= 0, got {num_workers} (--num-workers)")
-    if decode_on not in DECODE_ON:
-        raise ConfigError(f"unknown decode_on {decode_on!r}: choose one of {', '.join(DECODE_ON)}")
-
-
 # ------------------------------------------------------------------------------- thread budget
 
 #: Where tiles are decoded: ``host`` (CPU threads, libjpeg-turbo) or ``device`` (CUDA, nvJPEG
 #: through torchvision; JPEG stores only).
 DECODE_ON = ("host", "device")
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How tiles are embedded, apart from the encoder, the device and the stores.
+
+    Validated on construction (:class:`~wsi_convnext.params.ParameterError`); the run
+    config's ``[embed]`` section takes these fields as keys.
+
+    Attributes:
+        batch_size: Tiles per forward pass.
+        dtype: Stored feature dtype, a key of :data:`OUTPUT_DTYPES`.
+        num_workers: Tile-decoding threads; 0 decodes inline; None: measured on a CPU, every
+            core but one on CUDA/MPS (:func:`default_num_workers`).
+        amp: Autocast on CUDA (None: on; bfloat16 where supported, else float16). Ignored on CPU.
+        channels_last: Override the device's default memory layout (channels-last on CUDA).
+        compile: Run the model through ``torch.compile`` (batches padded to ``batch_size``).
+        decode_on: ``host`` or ``device`` (JPEG decoding on the CUDA device, :data:`DECODE_ON`).
+    """
+
+    batch_size: int = param(DEFAULT_BATCH_SIZE, check=at_least(1), doc="tiles per forward pass")
+    dtype: str = param(DEFAULT_DTYPE, check=one_of(OUTPUT_DTYPES), doc="feature dtype: float16 or float32")
+    num_workers: int | None = param(None, check=non_negative, doc="tile decoding threads per embedding task")
+    amp: bool | None = param(None, doc="autocast on CUDA")
+    channels_last: bool | None = param(None, doc="channels-last memory layout")
+    compile: bool = param(False, doc="torch.compile the encoder")
+    decode_on: str = param("host", check=one_of(DECODE_ON), doc="decode JPEG tiles on the host or the CUDA device")
+
+    def __post_init__(self) -> None:
+        check_params(self)
 
 
 def default_num_workers(device_type: str = "cpu") -> int:
@@ -423,17 +440,6 @@ class _Slide:
     done: int = 0
 
 
-@dataclass(frozen=True)
-class _Settings:
-    batch_size: int
-    dtype: np.dtype
-    overwrite: bool
-    num_workers: int | None
-    compile: bool
-    decode_on: str
-    progress: ProgressFn | None
-
-
 def _failed(path: Path, key: str | None, t0: float, exc: BaseException, dev: Any) -> EmbedResult:
     if isinstance(exc, WsiConvnextError):
         logger.debug("%s failed", path, exc_info=exc)
@@ -449,10 +455,10 @@ def _embed_many(
     items: Sequence[str | os.PathLike[str] | TileStore],
     encoder: Encoder,
     dev: torch.device,
-    s: _Settings,
+    o: EmbedOptions,
     *,
-    amp: bool | None,
-    channels_last: bool | None,
+    overwrite: bool,
+    progress: ProgressFn | None,
     transform: TileTransform | None,
     on_result: Callable[[EmbedResult], None] | None,
 ) -> _OrderedResults:
@@ -461,11 +467,11 @@ def _embed_many(
 
     from .data import StoreTileStream, decode_on_device
 
-    forward, prec = prepare_forward(encoder, dev, amp=amp, channels_last=channels_last, compile=s.compile)
+    forward, prec = prepare_forward(encoder, dev, amp=o.amp, channels_last=o.channels_last, compile=o.compile)
     key = feature_key(encoder, transform)
     min_size = min_tile_size(encoder)
     d = encoder.num_features
-    torch_dtype = getattr(torch, s.dtype.name)
+    torch_dtype = getattr(torch, o.dtype)
     out = _OrderedResults(len(items), on_result)
     slides: dict[int, _Slide] = {}  # by stream position
     dead: set[int] = set()
@@ -485,13 +491,13 @@ def _embed_many(
             if bad.any():
                 raise EncoderError(
                     f"{store.path}: {int(bad.sum())} of {len(store)} tiles got non-finite embeddings from {key} "
-                    f"(precision {prec.name}, dtype {s.dtype.name}); try --dtype float32 or check the weights"
+                    f"(precision {prec.name}, dtype {o.dtype}); try --dtype float32 or check the weights"
                 )
             attrs = dict(base_attrs)
             attrs.update(n_tiles=len(store), tile_size=store.tile_size, target_mpp=store.mpp)
             if transform is not None:
                 attrs["transform"] = {"key": transform.key, "attrs": dict(transform.attrs), "stats": transform.stats()}
-            store.write_features(key, features, attrs, overwrite=s.overwrite)
+            store.write_features(key, features, attrs, overwrite=overwrite)
         except StoreExistsError:
             # Another run wrote this key while we computed it (its lock made us wait): keep theirs.
             logger.warning("%s: features/%s were written by another run meanwhile; keeping them", store.path, key)
@@ -538,7 +544,7 @@ def _embed_many(
                         f"{store.path}: tiles of {store.tile_size} px are too small for {encoder.config.model} "
                         f"(at least {min_size} px); re-tile with --tile-size {min_size} or larger"
                     )
-                if key in store.feature_keys and not s.overwrite:
+                if key in store.feature_keys and not overwrite:
                     logger.info("%s: features/%s already exist, skipping", store.slide_id, key)
                     out.put(seq, EmbedResult(
                         slide_id=store.slide_id, store_path=store.path, key=key, n_tiles=len(store),
@@ -556,16 +562,16 @@ def _embed_many(
             slides[stream.stores_seen] = slide  # the position the stream gives it
             yield store
 
-    workers = default_num_workers(dev.type) if s.num_workers is None else s.num_workers
-    device_decode = s.decode_on == "device"
+    workers = default_num_workers(dev.type) if o.num_workers is None else o.num_workers
+    device_decode = o.decode_on == "device"
     if device_decode and dev.type != "cuda":
         raise ConfigError(f"decoding on the device needs a CUDA device, not {dev} (use decode_on='host')")
     non_blocking = prec.pin_memory
     stream = StoreTileStream(
-        source(), s.batch_size, num_workers=workers, pin_memory=prec.pin_memory, pad=s.compile,
+        source(), o.batch_size, num_workers=workers, pin_memory=prec.pin_memory, pad=o.compile,
         decode=not device_decode,
     )  # fmt: skip
-    budget_key = (key, s.batch_size, torch.get_num_threads()) if dev.type == "cpu" and s.num_workers is None else None
+    budget_key = (key, o.batch_size, torch.get_num_threads()) if dev.type == "cpu" and o.num_workers is None else None
     budget = _ThreadBudget(stream, budget_key)
     try:
         with torch.inference_mode(), stream:
@@ -592,16 +598,16 @@ def _embed_many(
                         continue
                     slide.host[sp.start : sp.stop].copy_(y[sp.rows].to(torch_dtype), non_blocking=non_blocking)
                     slide.done += len(sp)
-                    if s.progress is not None:
+                    if progress is not None:
                         try:
-                            s.progress(slide.done, len(slide.store))
+                            progress(slide.done, len(slide.store))
                         except Exception as exc:
                             fail(sp.index, exc)
                             continue
                     if sp.last:
                         finish(slides.pop(sp.index))
                 if budget_key is not None and not budget.decided:
-                    budget.observe(batch.n, batch.n == s.batch_size, time.perf_counter() - t0)
+                    budget.observe(batch.n, batch.n == o.batch_size, time.perf_counter() - t0)
     finally:
         budget.restore()
         writer.close()
@@ -657,7 +663,7 @@ def embed_store(
         StoreError: The store is foreign, incomplete, its tiles are too small for the model,
             or a tile cannot be decoded.
         DeviceError: The device is not available.
-        ConfigError: Bad ``batch_size``, ``dtype``, ``num_workers`` or ``decode_on``.
+        ConfigError: Bad ``batch_size``, ``dtype``, ``num_workers`` or ``decode_on`` (see :class:`EmbedOptions`).
         EncoderError: Non-finite embeddings, or ``torch.compile`` failed.
         Exception: Whatever ``progress`` raises. Nothing is written to the store in any error case.
     """
@@ -665,11 +671,11 @@ def embed_store(
 
     from .encoders import resolve_device
 
-    _check_options(dtype, batch_size, num_workers, decode_on)
+    options = EmbedOptions(batch_size=batch_size, dtype=dtype, num_workers=num_workers, amp=amp,
+                           channels_last=channels_last, compile=compile, decode_on=decode_on)  # fmt: skip
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    settings = _Settings(batch_size, _check_dtype(dtype), overwrite, num_workers, compile, decode_on, progress)
     out = _embed_many(
-        [store_path], encoder, dev, settings, amp=amp, channels_last=channels_last, transform=transform, on_result=None
+        [store_path], encoder, dev, options, overwrite=overwrite, progress=progress, transform=transform, on_result=None
     )
     if 0 in out.errors:
         raise out.errors[0]
@@ -733,17 +739,15 @@ def embed_stores(
     """
     from .encoders import build_encoder, resolve_device
 
-    _check_options(dtype, batch_size, num_workers, decode_on)
+    options = EmbedOptions(batch_size=batch_size, dtype=dtype, num_workers=num_workers, amp=amp,
+                           channels_last=channels_last, compile=compile, decode_on=decode_on)  # fmt: skip
     paths = find_stores(stores)
-    options = dict(
-        model=model, stem=stem, weights=weights, pretrained=pretrained, batch_size=batch_size, dtype=dtype,
-        overwrite=overwrite, num_workers=num_workers, amp=amp, channels_last=channels_last, compile=compile,
-        transform=transform, decode_on=decode_on,
-    )  # fmt: skip
     if devices is not None and len(devices) > 1:
         if encoder is not None:
             raise ConfigError("a prebuilt encoder runs on one device; pass model/stem/weights to use several devices")
-        return _embed_on_devices(paths, list(devices), options, progress=progress, on_result=on_result)
+        kwargs = dict(model=model, stem=stem, weights=weights, pretrained=pretrained, overwrite=overwrite,
+                      transform=transform, **dataclasses.asdict(options))  # fmt: skip
+        return _embed_on_devices(paths, list(devices), kwargs, progress=progress, on_result=on_result)
     if devices:
         device = devices[0]
     import torch
@@ -751,9 +755,8 @@ def embed_stores(
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if encoder is None:
         encoder = build_encoder(model, stem=stem, weights=weights, pretrained=pretrained)
-    settings = _Settings(batch_size, _check_dtype(dtype), overwrite, num_workers, compile, decode_on, progress)
     out = _embed_many(
-        paths, encoder, dev, settings, amp=amp, channels_last=channels_last, transform=transform, on_result=on_result
+        paths, encoder, dev, options, overwrite=overwrite, progress=progress, transform=transform, on_result=on_result
     )
     return [r for r in out.results if r is not None]
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from collections import deque
 from contextlib import ExitStack, contextmanager
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,12 @@ from ._io import atomic_path, cpu_count, ensure_dir, file_sha256, inside, path_l
 from .errors import MppError, NoTissueError, StoreError, StoreExistsError, WsiConvnextError
 from .inputs import SlideSpec, check_slide_id, slide_stem
 from .outcome import Outcome, attempt
+from .params import (
+    ParameterError, at_least, between, check_params, fraction, non_negative, one_of, param, positive, positive_finite,
+)  # fmt: skip
 from .store import (
     STORE_SUFFIX,
+    TILE_CODECS,
     TILES_PER_CHUNK,
     TileStoreWriter,
     encode_tile,
@@ -61,9 +64,15 @@ FINGERPRINTS = ("quick", "full")
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
 
 
+def _backends() -> list[str]:
+    from .slide import available_backends
+
+    return ["auto", *available_backends()]
+
+
 @dataclass(frozen=True)
 class TileParams:
-    """How to tile a slide.
+    """How to tile a slide; validated on construction (:class:`~wsi_convnext.params.ParameterError`).
 
     Attributes:
         mpp: Target resolution of the tiles, µm/px.
@@ -81,54 +90,37 @@ class TileParams:
             :data:`FINGERPRINTS` (``quick`` by default).
     """
 
-    mpp: float = 0.5
-    tile_size: int = 224
-    overlap: int = 0
-    min_tissue: float = 0.25
-    encoding: str = "jpeg"
-    quality: int = 90
-    allow_upsample: bool = False
-    backend: str = "auto"
-    tissue: TissueParams = field(default_factory=TissueParams)
-    workers: int | None = None
-    region_size: int = 2048
-    fingerprint: str = "quick"
+    mpp: float = param(0.5, check=positive_finite, doc="target resolution of the tiles in µm/px")
+    tile_size: int = param(224, check=at_least(8), doc="tile edge in pixels at the target mpp")
+    overlap: int = param(0, check=non_negative, doc="overlap of neighbouring tiles in target pixels")
+    min_tissue: float = param(0.25, check=fraction, doc="minimum tissue fraction of a kept tile")
+    encoding: str = param("jpeg", check=one_of(sorted(TILE_CODECS)), doc="tile codec: jpeg (lossy) or png (lossless)")
+    quality: int = param(90, check=between(1, 100), doc="JPEG quality of stored tiles")
+    allow_upsample: bool = param(False, doc="allow a target mpp finer than the slide's")
+    backend: str = param("auto", check=one_of(_backends), doc="slide reader: auto or a registered backend")
+    tissue: TissueParams = param(default_factory=TissueParams, doc="TissueParams keyword arguments")
+    workers: int | None = param(
+        None, check=at_least(1, " (leave it out for all cores)"), doc="read/resample/encode threads per slide"
+    )
+    region_size: int = param(2048, check=positive, doc="side of one aligned read in read-level pixels")
+    fingerprint: str = param(
+        "quick", check=one_of(FINGERPRINTS),
+        doc="slide change detection: quick (size + first/last MiB) or full (every byte)",
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_params(self)
+        if self.overlap >= self.tile_size:
+            raise ParameterError("overlap", f"must be in [0, tile size {self.tile_size})", self.overlap)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> TileParams:
-        """Build from keyword arguments, ignoring those that are None (library defaults win)."""
+        """Build from keyword arguments, ignoring those that are None (library defaults win).
+
+        Raises:
+            ParameterError: A value out of range (see each field's check).
+        """
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
-
-    def validate(self) -> None:
-        """Raise :class:`ValueError` subclasses for out-of-range values."""
-        from .errors import ConfigError
-
-        if not 0 < self.mpp < math.inf:
-            raise ConfigError(f"--mpp must be positive and finite, got {self.mpp}")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-        if self.fingerprint not in FINGERPRINTS:
-            raise ConfigError(f"unknown --fingerprint {self.fingerprint!r}; choose one of {', '.join(FINGERPRINTS)}")
-        if self.tile_size < 8:
-            raise ConfigError(f"--tile-size must be at least 8, got {self.tile_size}")
-        if not 0 <= self.overlap < self.tile_size:
-            raise ConfigError(f"--overlap must be in [0, tile size), got {self.overlap}")
-        if not 0.0 <= self.min_tissue <= 1.0:
-            raise ConfigError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
-        if not 1 <= self.quality <= 100:
-            raise ConfigError(f"--quality must be in [1, 100], got {self.quality}")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1 (leave it out for all cores), got {self.workers}")
-        from .slide import available_backends
-        from .store import TILE_CODECS
-
-        if self.backend != "auto" and self.backend not in available_backends():
-            raise ConfigError(
-                f"unknown slide backend {self.backend!r} (--backend); choose one of: auto, {', '.join(available_backends())}"
-            )
-
-        if self.encoding not in TILE_CODECS:
-            raise ConfigError(f"unknown tile encoding {self.encoding!r}; choose one of {sorted(TILE_CODECS)}")
 
     def signature(self, slide_mpp: float) -> dict[str, Any]:
         """The parameters that determine a store's content (compared on re-runs)."""
@@ -449,7 +441,6 @@ def tile_slide(
 
     t0 = time.perf_counter()
     params = params or TileParams()
-    params.validate()
     path = Path(path)
     out_dir = Path(out_dir)
     slide_id = check_slide_id(slide_id, "slide_id") if slide_id is not None else slide_stem(path)
@@ -730,7 +721,6 @@ def tile_slides(
     (e.g. to update a manifest); ``progress`` receives per-slide tile progress.
     """
     params = params or TileParams()
-    params.validate()
     ensure_dir(out_dir)
     results: list[TileResult] = []
     for spec in slides:

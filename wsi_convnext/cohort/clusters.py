@@ -15,7 +15,7 @@ The dashboard of a cluster this run starts listens on ``127.0.0.1`` unless
 is the one the scheduler actually bound.
 
 Adding a kind = one module: a context manager ``opener(config) -> ClusterInfo`` decorated
-with ``@register_cluster("name")`` (and the name added to ``config.ClusterKind``).
+with ``@register_cluster("name")``; ``cluster = "name"`` in a run config then selects it.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ later stages (and the report) read. Failure = raising.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import queue
 import threading
@@ -175,11 +176,6 @@ def stage_plan(config: RunConfig, overrides: Mapping[str, StageFn | StageSpec] |
 # --- the built-in stages -------------------------------------------------------------------
 
 
-def _given(obj: Any, *names: str) -> dict[str, Any]:
-    """Attributes of ``obj`` that are set (not None): None never overrides a library default."""
-    return {n: getattr(obj, n) for n in names if getattr(obj, n) is not None}
-
-
 def _out(config: RunConfig) -> Path:
     if config.out is None:
         raise ConfigError("run config: no output folder ('out')")
@@ -221,20 +217,10 @@ def _tile_outputs(config: RunConfig, slide: SlideSpec | None) -> Sequence[Path]:
     return (*_store_outputs(config, slide), _out(config) / "qc" / f"{slide.slide_id}.png")
 
 
-def _encoder_kwargs(config: RunConfig) -> tuple[tuple[str, Any], ...]:
-    e = config.embed
-    kwargs = _given(e, "stem", "stem_init", "resize", "pretrained")
-    if e.weights is not None:
-        kwargs["weights"] = str(e.weights)
-    return tuple(sorted(kwargs.items()))
-
-
 @functools.lru_cache(maxsize=2)
-def _encoder(model: str, kwargs: tuple[tuple[str, Any], ...]) -> Any:
+def _encoder(spec: Any) -> Any:
     # One encoder per worker process and configuration: built (weights read) once, not per slide.
-    from ..encoders import build_encoder
-
-    return build_encoder(model, **dict(kwargs))
+    return spec.build()
 
 
 _gpu_lock = threading.Lock()
@@ -282,12 +268,12 @@ def embed_stage(slide: SlideSpec, config: RunConfig, state: Mapping[str, Any]) -
     """Embed the tiles of the slide's store with ``config.embed`` (skips existing features)."""
     from ..embed import embed_store
 
-    e = config.embed
-    if e.model is None:
+    spec = config.encoder_config()
+    if spec is None:
         raise ConfigError("run config: the embed stage needs [embed] model")
-    encoder = _encoder(e.model, _encoder_kwargs(config))
-    kwargs = _given(e, "batch_size", "dtype", "num_workers", "amp", "channels_last", "compile")
-    with _gpu_slot(e.device) as device:
+    encoder = _encoder(spec)
+    kwargs = dataclasses.asdict(config.embed_options())
+    with _gpu_slot(config.embed.device) as device:
         if device is not None:
             kwargs["device"] = device
         r = embed_store(state["store"], encoder, overwrite=config.overwrite, **kwargs)
