@@ -267,12 +267,12 @@ def test_predict_tiles_on_stores_writes_scores_for_heatmaps(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"freeze": "stages"}, "unknown --freeze"),
-        ({"freeze": "trunk"}, "unknown --freeze"),
+        ({"freeze": "stages"}, "^freeze must be none, stem or stages:K"),
+        ({"freeze": "trunk"}, "^freeze must be none, stem or stages:K"),
         ({"epochs": 2, "steps": 3}, "either --epochs or --steps"),
-        ({"batch_size": 0}, "--batch-size"),
-        ({"crop_size": 30}, "--crop-size"),
-        ({"on_size": "stretch"}, "--on-size"),
+        ({"batch_size": 0}, "^batch_size must be at least 1, got 0$"),
+        ({"crop_size": 30}, "^crop_size must be a multiple of 4 and >= 32 px, got 30$"),
+        ({"on_size": "stretch"}, "^on_size must be one of 'crop', 'refuse', got 'stretch'$"),
         ({"weights": "w.safetensors", "pretrained": True}, "either --weights or --pretrained"),
     ],
 )
@@ -287,7 +287,7 @@ def test_cli_bad_inputs_exit_with_one_line_errors(tmp_path: Path) -> None:
     cases = [
         ([str(tmp_path / "empty")], "no image files"),
         ([str(one)], "only 1 class"),
-        ([str(one), "--freeze", "stages:x"], "unknown --freeze"),
+        ([str(one), "--freeze", "stages:x"], "--freeze must be none, stem or stages:K"),
     ]
     for args, match in cases:
         r = runner.invoke(app, ["finetune", *args, "--out", str(tmp_path / "o"), "--device", "cpu"])

@@ -92,11 +92,11 @@ def test_options_and_errors(cohort) -> None:  # noqa: ANN001
     assert TrainConfig.create(epochs=None, lr=None) == TrainConfig()
     with pytest.raises(ConfigError, match="unknown training option.*epoch"):
         TrainConfig.create(epoch=3)
-    with pytest.raises(ConfigError, match="lr must be > 0"):
+    with pytest.raises(ConfigError, match="^lr must be positive, got 0$"):
         TrainConfig.create(lr=0)
     with pytest.raises(ConfigError, match="unknown aggregator"):
         TrainConfig(aggregator="nope")
-    with pytest.raises(ConfigError, match="folds must be >= 2"):
+    with pytest.raises(ConfigError, match="^folds must be at least 2, got 1$"):
         TrainConfig(folds=1)
     with pytest.raises(ConfigError, match="positive class 'x'"):
         cross_validate(cohort.bags, _table(cohort), TrainConfig(aggregator="mean", folds=2, epochs=1, positive_class="x"))

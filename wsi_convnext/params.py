@@ -25,6 +25,7 @@ __all__ = [
     "between",
     "check_params",
     "fraction",
+    "half_open",
     "non_empty",
     "non_negative",
     "one_of",
@@ -104,6 +105,15 @@ def between(low: float, high: float) -> Check:
 
     def check(v: Any) -> str | None:
         return None if _number(v) and low <= v <= high else f"must be between {low} and {high}"
+
+    return check
+
+
+def half_open(low: float, high: float) -> Check:
+    """Check: a number in [``low``, ``high``)."""
+
+    def check(v: Any) -> str | None:
+        return None if _number(v) and low <= v < high else f"must be in [{low}, {high})"
 
     return check
 

@@ -1,15 +1,17 @@
-"""The fine-tuning configuration: one frozen dataclass, validated on construction."""
+"""The fine-tuning configuration: one frozen dataclass, validated on construction (:mod:`wsi_convnext.params`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..data.labelled import BALANCE_MODES, SIZE_POLICIES
 from ..errors import ConfigError
+from ..params import at_least, check_params, fraction, half_open, non_negative, one_of, param, positive
 
 __all__ = ["AUGMENTATIONS", "FinetuneConfig", "parse_freeze"]
 
@@ -24,6 +26,18 @@ _FREEZE_RE = re.compile(r"^(none|stem|stages:(\d+))$")
 
 # Fields that do not change the result (where it runs, how fast, what is printed).
 _RUNTIME_FIELDS = frozenset({"out", "device", "num_workers", "threads", "overwrite", "compile", "checkpoint_every", "strict"})
+
+
+def _decay(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _crop(v: Any) -> str | None:
+    return None if isinstance(v, numbers.Integral) and v >= 32 and v % 4 == 0 else "must be a multiple of 4 and >= 32 px"
+
+
+def _freeze(v: Any) -> str | None:
+    return None if _FREEZE_RE.match(str(v).strip()) else "must be none, stem or stages:K (K = number of leading stages)"
 
 
 def parse_freeze(value: str) -> tuple[str, int]:
@@ -97,33 +111,33 @@ class FinetuneConfig:
     weights: str | None = None
     pretrained: bool = False
     stem_init: str | None = None
-    epochs: int | None = None
-    steps: int | None = None
-    batch_size: int = 32
-    accumulate: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup: float = 0.05
-    min_lr_ratio: float = 0.01
-    label_smoothing: float = 0.1
-    freeze: str = "none"
-    layer_decay: float = 1.0
-    crop_size: int | None = None
-    eval_size: int | None = None
-    on_size: str = "crop"
-    augment: str = "histology"
-    hed_sigma: float = 0.05
-    balance: str = "auto"
-    val_frac: float = 0.2
-    patience: int | None = None
-    drop_path: float = 0.0
-    seed: int = 0
+    epochs: int | None = param(None, check=at_least(1), doc="passes over the training tiles (default 10)")
+    steps: int | None = param(None, check=at_least(1), doc="optimiser steps (instead of epochs)")
+    batch_size: int = param(32, check=at_least(1), doc="tiles per forward pass")
+    accumulate: int = param(1, check=at_least(1), doc="forward passes per optimiser step")
+    lr: float = param(1e-3, check=positive, doc="peak learning rate (AdamW)")
+    weight_decay: float = param(0.05, check=non_negative, doc="AdamW weight decay")
+    warmup: float = param(0.05, check=half_open(0, 1), doc="warm-up as a fraction of all steps")
+    min_lr_ratio: float = param(0.01, check=fraction, doc="final learning rate as a fraction of lr")
+    label_smoothing: float = param(0.1, check=half_open(0, 1), doc="cross-entropy label smoothing")
+    freeze: str = param("none", check=_freeze, doc="none, stem or stages:K")
+    layer_decay: float = param(1.0, check=_decay, doc="layer-wise learning-rate decay (1 = off)")
+    crop_size: int | None = param(None, check=_crop, doc="training crop side in px (default: the tile size)")
+    eval_size: int | None = param(None, check=_crop, doc="validation centre-crop side in px (default: the tile size)")
+    on_size: str = param("crop", check=one_of(SIZE_POLICIES), doc="mixed tile sizes: crop or refuse")
+    augment: str = param("histology", check=one_of(AUGMENTATIONS), doc="augmentation recipe")
+    hed_sigma: float = param(0.05, check=half_open(0, 1), doc="strength of the HED jitter")
+    balance: str = param("auto", check=one_of(("auto", *BALANCE_MODES)), doc="batch balancing over classes and slides")
+    val_frac: float = param(0.2, check=half_open(0, 1), doc="share of groups for validation")
+    patience: int | None = param(None, check=at_least(1), doc="epochs without improvement before stopping")
+    drop_path: float = param(0.0, check=half_open(0, 1), doc="stochastic depth rate")
+    seed: int = param(0, doc="seed of initialisation, data order, augmentation and split")
     device: str = "auto"
-    compile: bool = False
-    num_workers: int | None = None
-    threads: int | None = None
-    strict: bool = False
-    checkpoint_every: int | None = None
+    compile: bool = param(False, doc="torch.compile the model (CUDA only)")
+    num_workers: int | None = param(None, check=non_negative, doc="DataLoader worker processes")
+    threads: int | None = param(None, check=at_least(1), doc="torch CPU threads of the training process")
+    strict: bool = param(False, doc="fail on an unreadable image instead of skipping it")
+    checkpoint_every: int | None = param(None, check=at_least(1), doc="also checkpoint every this many steps")
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -134,55 +148,12 @@ class FinetuneConfig:
             raise ConfigError("no training data given; pass an image folder, a CSV or tile stores")
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("pass either --epochs or --steps, not both")
-        if self.epochs is None and self.steps is None:
-            object.__setattr__(self, "epochs", 10)
-        for name in ("epochs", "steps"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ConfigError(f"--{name} must be a positive integer, got {v!r}")
-        for name in ("batch_size", "accumulate"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"--warmup must be a fraction in [0, 1), got {self.warmup}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
-        parse_freeze(self.freeze)
-        for name in ("crop_size", "eval_size"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 32 or v % 4):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a multiple of 4 and >= 32 px, got {v!r}")
-        if self.on_size not in SIZE_POLICIES:
-            raise ConfigError(f"unknown --on-size {self.on_size!r}: choose one of {', '.join(SIZE_POLICIES)}")
-        if self.augment not in AUGMENTATIONS:
-            raise ConfigError(f"unknown --augment {self.augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
-        if not 0 <= self.hed_sigma < 1:
-            raise ConfigError(f"--hed-sigma must be in [0, 1), got {self.hed_sigma}")
-        if self.balance != "auto" and self.balance not in BALANCE_MODES:
-            raise ConfigError(f"unknown --balance {self.balance!r}: choose auto or one of {', '.join(BALANCE_MODES)}")
-        if not 0 <= self.val_frac < 1:
-            raise ConfigError(f"--val-frac must be in [0, 1), got {self.val_frac}")
-        if self.patience is not None and self.patience < 1:
-            raise ConfigError(f"--patience must be >= 1, got {self.patience}")
-        if not 0 <= self.drop_path < 1:
-            raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
         if self.weights is not None and self.pretrained:
             raise ConfigError("pass either --weights or --pretrained, not both")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ConfigError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        check_params(self)
+        parse_freeze(self.freeze)
+        if self.epochs is None and self.steps is None:
+            object.__setattr__(self, "epochs", 10)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""

@@ -26,7 +26,7 @@ _EXPORTS = {
     "register_aggregator": "aggregators",
     "build_aggregator": "aggregators",
     "make_folds": "splits",
-    "TrainConfig": "training",
+    "TrainConfig": "config",
     "CVResult": "training",
     "cross_validate": "training",
     "train_model": "training",

@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, LabelsError
-from .aggregators import aggregator_defaults, build_aggregator
+from .aggregators import aggregator_defaults
 from .data import Bag, LabelTable, labels_for_bags
 from .metrics import summarize_cv
 from .model import FeatureStats, MILModel, TrainedModel, bag_tensor, compute_feature_stats, new_model
+from .config import TrainConfig
 from .splits import Fold, inner_validation_split, make_folds
 
 __all__ = ["TrainConfig", "FitResult", "FoldResult", "CVResult", "fit", "cross_validate", "train_model"]
@@ -41,88 +42,6 @@ __all__ = ["TrainConfig", "FitResult", "FoldResult", "CVResult", "fit", "cross_v
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What to train and how (AdamW, one bag per step); validated on construction.
-
-    Attributes:
-        aggregator: Aggregator registry name (see :data:`~wsi_convnext.mil.aggregators.AGGREGATORS`).
-        aggregator_kwargs: Aggregator hyperparameters (its defaults for the rest).
-        folds: Cross-validation folds when the labels have no fixed ``split``/``fold`` column.
-        seed: Seed for splits, initialisation and training order.
-        positive_class: Positive class for binary metrics (default: second sorted class).
-        n_boot: Bootstrap resamples for confidence intervals (0 = none).
-        epochs: Maximum number of epochs.
-        lr: Learning rate.
-        weight_decay: AdamW decoupled weight decay.
-        patience: Stop after this many epochs without a validation-loss improvement.
-        min_epochs: Never stop before this many epochs, and keep weights from epoch >= min_epochs.
-        val_fraction: Fraction of each training fold held out (patient-grouped) for early stopping.
-        class_weighting: Weight each bag's loss by inverse class frequency.
-        grad_clip: Max gradient norm (0 = off).
-        max_instances: Train on a random subset of at most this many tiles per bag and step
-            (None = all tiles). Prediction always uses all tiles.
-        bags_per_step: Bags whose gradients are accumulated per optimiser step (still one bag in
-            memory at a time).
-        num_threads: CPU threads for torch while training (restored afterwards). None = auto: one
-            thread when the median bag has fewer than 8,192 tiles (small per-bag matrix products
-            gain nothing from threads and suffer badly on oversubscribed machines), else torch's
-            current setting.
-        device: Torch device for training ("cpu", "cuda", ...).
-    """
-
-    aggregator: str = "dsmil"
-    aggregator_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    folds: int = 5
-    seed: int = 0
-    positive_class: str | None = None
-    n_boot: int = 1000
-    epochs: int = 60
-    lr: float = 5e-4
-    weight_decay: float = 1e-2
-    patience: int = 15
-    min_epochs: int = 15
-    val_fraction: float = 0.2
-    class_weighting: bool = True
-    grad_clip: float = 5.0
-    max_instances: int | None = None
-    bags_per_step: int = 1
-    num_threads: int | None = None
-    device: str = "cpu"
-
-    @classmethod
-    def create(cls, base: TrainConfig | None = None, **kwargs: Any) -> TrainConfig:
-        """Build from keyword arguments over ``base`` (or the defaults); ``None`` values are ignored."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-        return replace(base or cls(), **{k: v for k, v in kwargs.items() if v is not None})
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "aggregator_kwargs", dict(self.aggregator_kwargs))
-        _check_aggregator(self.aggregator, self.aggregator_kwargs)
-        checks = [
-            (self.folds >= 2, f"folds must be >= 2, got {self.folds}"),
-            (self.n_boot >= 0, f"n_boot must be >= 0, got {self.n_boot}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
-            (self.min_epochs >= 0, f"min_epochs must be >= 0, got {self.min_epochs}"),
-            (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.max_instances is None or self.max_instances >= 1, f"max_instances must be >= 1, got {self.max_instances}"),
-            (self.bags_per_step >= 1, f"bags_per_step must be >= 1, got {self.bags_per_step}"),
-            (self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1, got {self.num_threads}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @contextmanager
@@ -373,12 +292,6 @@ def _positive_index(classes: Sequence[str], positive_class: str | None) -> int:
     if str(positive_class) not in classes:
         raise ConfigError(f"positive class {positive_class!r} is not one of the classes {list(classes)}")
     return list(classes).index(str(positive_class))
-
-
-def _check_aggregator(aggregator: str, agg_kwargs: Mapping[str, Any]) -> None:
-    """Fail fast on an unknown aggregator or option (without touching the global RNG)."""
-    with torch.random.fork_rng(devices=[]):
-        build_aggregator(aggregator, 1, 2, **agg_kwargs)
 
 
 def _resolved_kwargs(aggregator: str, agg_kwargs: Mapping[str, Any]) -> dict[str, Any]:
