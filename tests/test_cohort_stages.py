@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,11 @@ def census(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[str, 
     body = {"slides": [s.slide_id for s in slides], "stores": [states[s.slide_id].get("store") for s in slides]}
     (out / "census.json").write_text(json.dumps(body))
     return {"n": len(slides)}
+
+
+def stamp(slide: SlideSpec, config: RunConfig, state: Mapping[str, Any]) -> dict[str, Any]:
+    """A per-slide stage after the census: sees the census output and the slide's earlier state."""
+    return {"tiles": state["n"], "stamped": f"{state['store']}:{state['n']}"}
 
 
 def failing_census(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,7 +100,8 @@ def _cfg(out: Path, **overrides: Any) -> RunConfig:
 
 
 def test_builtin_stages_and_plans() -> None:
-    assert [s.name for s in registered_stages()][:3] == ["tile", "embed", "predict"]
+    assert [s.name for s in registered_stages()][:5] == ["tile", "finetune", "embed", "predict", "mil"]
+    assert get_stage("finetune").scope == "cohort" and get_stage("mil").scope == "cohort"
     assert get_stage("embed").resources_for(_cfg(Path("o"))) == "gpu"
     assert get_stage("embed").resources_for(_cfg(Path("o"), **{"embed.device": "cpu"})) == "cpu"
     assert get_stage("tile").resources_for(_cfg(Path("o"))) == "cpu"
@@ -112,17 +119,22 @@ def test_builtin_stages_and_plans() -> None:
         StageSpec("x", flaky_tile, resources="tpu")  # type: ignore[arg-type]
 
 
-def test_cohort_stages_come_after_the_per_slide_ones(census_registered: StageSpec) -> None:
-    late = StageSpec("qc-summary", flaky_tile)  # registered after the cohort stage, still per slide
+def test_the_plan_follows_registry_order(census_registered: StageSpec) -> None:
+    late = StageSpec("qc-summary", flaky_tile)  # per slide, registered after the cohort stage: runs after it
+    early = StageSpec("early", flaky_tile)
     register_stage(late)
+    register_stage(early, before="embed")
     try:
         cfg = _cfg(Path("o"), **{"embed.model": "convnext_atto"})
-        assert cfg.stages == ("tile", "embed", "qc-summary", "census")
+        assert cfg.stages == ("tile", "early", "embed", "census", "qc-summary")
         assert [s.name for s in stage_plan(cfg, {"embed": flaky_tile})] == list(cfg.stages)
-        assert stage_plan(cfg, {"embed": flaky_tile})[1].fn is flaky_tile  # an override replaces the function only
-        assert stage_plan(cfg, {"embed": flaky_tile})[1].resources_for(cfg) == "gpu"
+        assert stage_plan(cfg, {"embed": flaky_tile})[2].fn is flaky_tile  # an override replaces the function only
+        assert stage_plan(cfg, {"embed": flaky_tile})[2].resources_for(cfg) == "gpu"
+        with pytest.raises(ConfigError, match="unknown cohort stage 'nope'"):
+            register_stage(StageSpec("x", flaky_tile), before="nope")
     finally:
         unregister_stage("qc-summary")
+        unregister_stage("early")
 
 
 def test_driver_contains_no_stage_names() -> None:
@@ -197,3 +209,31 @@ def test_only_cohort_stages(tmp_path: Path, client: Any) -> None:
     body = json.loads((tmp_path / "census.json").read_text())
     assert body == {"slides": ["good0", "good1", "good2"], "stores": [None, None, None]}
     assert summary.cohort["census"].status == "done" and summary.ok
+
+
+def test_per_slide_stages_after_a_cohort_stage_see_its_outputs(tmp_path: Path, client: Any) -> None:
+    """tile → census (cohort) → stamp (per slide): the stamp runs after the census, with its outputs."""
+    stages = {"tile": flaky_tile, "census": replace(CENSUS, resume="stage"), "stamp": StageSpec("stamp", stamp)}
+    events: list[CohortProgress] = []
+    summary = run_cohort(_cfg(tmp_path), client=client, slides=_slides(3, 1), stages=stages, progress=events.append)
+    assert summary.stages == ("tile", "census", "stamp")
+    assert (summary.done, summary.failed) == (3, 1)
+    rows = {(r.slide_id, r.stage): r for r in summary_rows(summary)}
+    assert all(rows[(f"good{i}", "stamp")].tiles == 3 for i in range(3))  # census saw the 3 good slides
+    assert ("bad0", "stamp") not in rows
+    kinds = [e.event for e in events]
+    good = [i for i, e in enumerate(events) if e.event == "slide" and e.status != "failed"]
+    assert len(good) == 3 and kinds.index("cohort") < min(good)  # good slides finish after the census
+
+
+def test_a_failed_cohort_stage_fails_the_slides_waiting_for_it(tmp_path: Path, client: Any) -> None:
+    stages = {"tile": flaky_tile, "census": replace(CENSUS, fn=failing_census), "stamp": StageSpec("stamp", stamp)}
+    summary = run_cohort(_cfg(tmp_path), client=client, slides=_slides(2, 1), stages=stages)
+    assert (summary.done, summary.failed) == (0, 3) and summary.exit_code == 1
+    assert ("", "census") in {(f.slide_id, f.stage) for f in summary.failures}
+
+
+def summary_rows(summary: Any) -> list[Any]:
+    from wsi_convnext.outputs.manifest import RunManifest
+
+    return [r for r in RunManifest(summary.manifest).rows() if r.status != "running"]

@@ -41,10 +41,12 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .errors import ConfigError
-from .params import ParameterError, non_empty, non_negative, one_of, param, positive
+from .params import ParameterError, half_open, non_empty, non_negative, one_of, param, positive
 
 __all__ = [
     "EmbedConfig",
+    "FinetuneStageConfig",
+    "MilStageConfig",
     "LocalConfig",
     "PredictConfig",
     "RunConfig",
@@ -116,9 +118,11 @@ def _section(name: str, doc: str, sources: Sequence[type], *, exclude: Sequence[
     return dataclasses.make_dataclass(name, [*fields, *extra], namespace={"__doc__": doc, "__module__": __name__})
 
 
-def _library_sections() -> tuple[type, type]:
+def _library_sections() -> tuple[type, type, type, type]:
     from .embed import EmbedOptions
     from .encoders import EncoderConfig
+    from .finetune.config import FinetuneConfig
+    from .mil.config import TrainConfig
     from .tiler import TileParams
 
     tile = _section(
@@ -136,10 +140,28 @@ def _library_sections() -> tuple[type, type]:
         exclude=("timm_kwargs",),
         extra=[("device", str | None, _opt(None, "auto, cpu, cuda or cuda:N"))],
     )
-    return tile, embed
+    finetune = _section(
+        "FinetuneStageConfig",
+        """``[finetune]``: weak-label fine-tuning of the ``[embed]`` encoder on the training slides'
+        tiles before embedding (the cohort-scope ``finetune`` stage); the training fields of
+        :class:`wsi_convnext.finetune.FinetuneConfig`. Runs when ``labels`` is set. ``test_frac``
+        of the patients (stratified) are held out: the encoder and the MIL model never see them.""",
+        [FinetuneConfig],
+        exclude=("data", "out", "model", "stem", "weights", "pretrained", "stem_init", "overwrite"),
+        extra=[("test_frac", float | None, _opt(half_open(0, 1), "share of patients held out for testing (default 0.25)"))],
+    )
+    mil = _section(
+        "MilStageConfig",
+        """``[mil]``: train a MIL model on the cohort's embeddings (the cohort-scope ``mil`` stage): the
+        fields of :class:`wsi_convnext.mil.TrainConfig`. Runs when ``labels`` (or ``finetune.labels``) is
+        set; slides held out by ``[finetune]`` are only evaluated.""",
+        [TrainConfig],
+        extra=[("labels", Path | None, _opt(None, "labels CSV slide_id,label[,patient_id] (default: finetune.labels)"))],
+    )
+    return tile, embed, finetune, mil
 
 
-TileConfig, EmbedConfig = _library_sections()
+TileConfig, EmbedConfig, FinetuneStageConfig, MilStageConfig = _library_sections()
 
 
 @dataclass
@@ -229,6 +251,8 @@ class RunConfig:
     tile: TileConfig = field(default_factory=TileConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)  # type: ignore[valid-type]
+    mil: MilStageConfig = field(default_factory=MilStageConfig)  # type: ignore[valid-type]
     local: LocalConfig = field(default_factory=LocalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -265,6 +289,19 @@ class RunConfig:
         if not self.embed.model:
             return None
         return EncoderConfig(**_section_values(self.embed, EncoderConfig))
+
+    def mil_config(self) -> Any:
+        """:class:`wsi_convnext.mil.TrainConfig` from ``[mil]`` (unset keys keep its defaults)."""
+        from .mil.config import TrainConfig
+
+        return TrainConfig(**_section_values(self.mil, TrainConfig))
+
+    @property
+    def labels(self) -> Path | None:
+        """The slide labels of the training stages: ``mil.labels``, else ``finetune.labels``."""
+        if self.mil.labels is not None:
+            return self.mil.labels
+        return None if self.finetune.labels is None else Path(self.finetune.labels)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (paths as strings), e.g. to record a run's settings."""
@@ -361,7 +398,7 @@ def _coerce(tp: Any, value: Any) -> Any:
             return [_coerce(item, v) for v in items]
         except _Bad:
             raise _Bad(_describe(tp)) from None
-    if origin is dict:
+    if origin in (dict, Mapping):
         if isinstance(value, Mapping):
             return dict(value)
         raise _Bad("a table")
@@ -499,7 +536,14 @@ def _finish(cfg: RunConfig, source: str) -> RunConfig:
     if cfg.predict.model_dir and not cfg.embed.model:
         raise ConfigError(f"{source}: 'predict.model_dir' needs 'embed.model' (prediction reads embeddings)")
     _check_tissue(cfg, source)
-    for section, build in (("tile", cfg.tile_params), ("embed", cfg.embed_options), ("embed", cfg.encoder_config)):
+    if (cfg.finetune.labels or cfg.mil.labels) and not cfg.embed.model:
+        raise ConfigError(f"{source}: 'finetune.labels' / 'mil.labels' need 'embed.model' (the encoder to train and embed with)")
+    if cfg.finetune.labels and cfg.shard is not None:
+        raise ConfigError(f"{source}: [finetune] trains on the whole cohort; run it without 'shard'")
+    checks = [("tile", cfg.tile_params), ("embed", cfg.embed_options), ("embed", cfg.encoder_config)]
+    if cfg.labels is not None:  # TrainConfig checks its aggregator with torch: only when it trains
+        checks.append(("mil", cfg.mil_config))
+    for section, build in checks:
         try:
             build()
         except ParameterError as exc:

@@ -1,7 +1,8 @@
 """Cohort runs on Dask: the registered stages (tile → embed → predict, ...) for every slide of a cohort.
 
 * :mod:`.stages` — the stage registry (:class:`StageSpec`, :func:`register_stage`) and the
-  built-in stages;
+  built-in per-slide stages;
+* :mod:`.training` — the cohort-scope ``finetune`` (before ``embed``) and ``mil`` stages;
 * :mod:`.clusters` — the cluster registry (``local``, ``scheduler``, ``slurm``) and :func:`open_client`;
 * :mod:`.driver` — the driving loop (:func:`run_cohort`), which knows no stage by name;
 * :mod:`.shards` — stable shards for job arrays (:func:`shard_of`, :func:`select_shard`).
@@ -32,6 +33,7 @@ from .driver import (
     write_predictions,
 )
 from .shards import select_shard, shard_of
+from .training import finetune_stage, mil_stage, training_dir  # registers the cohort-scope stages
 from .stages import (
     NOOP_STAGES,
     STAGES,
@@ -61,7 +63,9 @@ __all__ = [
     "cluster_kinds",
     "dashboard_address",
     "embed_stage",
+    "finetune_stage",
     "get_stage",
+    "mil_stage",
     "local_cluster_kwargs",
     "open_client",
     "predict_stage",
@@ -75,6 +79,7 @@ __all__ = [
     "slurm_cluster_kwargs",
     "stage_plan",
     "tile_stage",
+    "training_dir",
     "unregister_stage",
     "write_predictions",
 ]

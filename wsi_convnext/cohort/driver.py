@@ -8,8 +8,11 @@ The driver knows stages only as :class:`~wsi_convnext.cohort.stages.StageSpec` o
   + :meth:`Client.submit`): when a stage finishes, the slide's next stage is submitted;
   when a slide finishes, the next slide starts. A cohort of 30,000 slides therefore never
   puts more than a few hundred tasks on the scheduler.
-* Cohort-scope stages run once, in plan order, after every slide's per-slide stages,
-  with the slides that succeeded and their final states.
+* Cohort-scope stages run once, in plan order, after every slide's earlier per-slide
+  stages, with the slides that succeeded and their states. Per-slide stages after a cohort
+  stage (``embed`` after ``finetune``) then run for those slides, with the cohort stage's
+  outputs in their state. A failed cohort stage ends the run: the slides still waiting for
+  later stages count as failed.
 * GPU stages ask for one ``GPU`` worker resource when the cluster has GPU workers
   (``resources={"GPU": 1}``); later stages get a higher priority so started slides drain
   first.
@@ -41,7 +44,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -257,8 +260,20 @@ class _Slot:
         return "the cohort" if self.slide is None else self.slide.slide_id
 
 
+def _segments(plan: Sequence[StageSpec]) -> list[tuple[int, int]]:
+    """``plan`` cut into ``(start, stop)`` segments: runs of per-slide stages, and each cohort stage alone."""
+    out: list[tuple[int, int]] = []
+    for i, spec in enumerate(plan):
+        if spec.scope == "slide" and out and plan[out[-1][0]].scope == "slide":
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
 class _Driver:
-    """Pushes every slide through the per-slide stages of ``plan``, then runs its cohort stages."""
+    """Runs the plan segment by segment: each slide through a run of per-slide stages (a
+    sliding window of slides), then a cohort stage over the slides that are still alive."""
 
     def __init__(
         self,
@@ -277,20 +292,22 @@ class _Driver:
 
         self.client, self.config, self.manifest = client, config, manifest
         self.plan = list(plan)
-        self.n_slide = sum(1 for s in self.plan if s.scope == "slide")
+        self.segments = _segments(self.plan)
+        self.seg = -1  # the segment running now
+        # A slide is finished (counted, reported) after the last per-slide stage of the plan.
+        self.last_slide_stage = max((i for i, s in enumerate(self.plan) if s.scope == "slide"), default=-1)
         self.window, self.gpu, self.progress, self.dashboard = window, gpu, progress, dashboard
         self.total = len(slides)
         self.order = list(slides)  # input order, for cohort stages
-        self.todo = iter(slides)
+        self.todo: Iterator[_Slot] = iter(())
         self.pending: dict[Any, tuple[_Slot, float]] = {}
         self.ac = as_completed(loop=client.loop, with_results=True, raise_errors=False)
         self.running = 0
         self.done = self.failed = self.skipped = self.retried = self.requeued = 0
         self.predictions: dict[str, dict[str, Any]] = {}
-        self.succeeded: dict[str, dict[str, Any]] = {}  # slide_id -> final state (for cohort stages)
+        self.alive: dict[str, _Slot] = {}  # slides with no failed stage, between segments / at the end
+        self.shared: dict[str, Any] = {}  # outputs of the cohort stages so far (join later slide states)
         self.cohort: dict[str, StageOutcome] = {}
-        self.keep_states = self.n_slide < len(self.plan)
-        self.cohort_started = False
 
     # --- submitting ------------------------------------------------------------------------
 
@@ -298,8 +315,8 @@ class _Driver:
         spec = self.plan[slot.index]
         slot.token = os.urandom(16).hex()
         if slot.slide is None:
-            subject: Any = [s for s in self.order if s.slide_id in self.succeeded]
-            state: Any = {s.slide_id: self.succeeded[s.slide_id] for s in subject}
+            subject: Any = [s for s in self.order if s.slide_id in self.alive]
+            state: Any = {s.slide_id: self.alive[s.slide_id].state for s in subject}
         else:
             subject, state = slot.slide, slot.state
             self.manifest.record(ManifestRow(slot.slide.slide_id, spec.name, "running", path=str(slot.slide.path)))
@@ -318,20 +335,37 @@ class _Driver:
         self.pending[fut.key] = (slot, time.perf_counter())
         self.ac.add(fut)
 
+    def enter(self, k: int) -> None:
+        """Start segment ``k`` of the plan: a cohort stage, or a run of per-slide stages."""
+        self.seg = k
+        if k >= len(self.segments):
+            return
+        start, _ = self.segments[k]
+        if self.plan[start].scope == "cohort":
+            self.submit(_Slot(None, start, {}))
+            return
+        if start == 0:
+            slots = [_Slot(s, 0, {}) for s in self.order]
+        else:  # after a cohort stage: the slides still alive, with its outputs in their state
+            slots = [self.alive.pop(s.slide_id) for s in self.order if s.slide_id in self.alive]
+            for slot in slots:
+                slot.index, slot.blamed, slot.innocent = start, 0, 0
+                slot.state.update(self.shared)
+        self.todo = iter(slots)
+        for _ in range(self.window):
+            if not self.start_next():
+                break
+
     def start_next(self) -> bool:
-        """Start the next slide; when there is none and nothing runs, the cohort stages."""
-        slide = next(self.todo, None)
-        if slide is None:
-            self.start_cohort_stages()
+        """Start the next slide of this segment; when none is left and nothing runs, the next segment."""
+        slot = next(self.todo, None)
+        if slot is None:
+            if self.running == 0 and not self.pending:
+                self.enter(self.seg + 1)
             return False
         self.running += 1
-        self.submit(_Slot(slide, 0, {}))
+        self.submit(slot)
         return True
-
-    def start_cohort_stages(self) -> None:
-        if self.running == 0 and not self.pending and self.n_slide < len(self.plan) and not self.cohort_started:
-            self.cohort_started = True
-            self.submit(_Slot(None, self.n_slide, {}))
 
     # --- results ---------------------------------------------------------------------------
 
@@ -395,10 +429,15 @@ class _Driver:
             pred = self.predictions[slot.slide.slide_id] = dict(outcome.data["prediction"])
             if outcome.data.get("heatmap"):
                 pred["heatmap"] = outcome.data["heatmap"]
-        if not outcome.failed and slot.index + 1 < self.n_slide:
+        if not outcome.failed and slot.index + 1 < self.segments[self.seg][1]:
             self.submit(replace(slot, index=slot.index + 1, blamed=0, innocent=0))
             return
-        self.finish_slide(slot, failed=outcome.failed)
+        if outcome.failed or slot.index == self.last_slide_stage:
+            self.finish_slide(slot, failed=outcome.failed)
+            return
+        self.running -= 1  # waits for the cohort stage that follows
+        self.alive[slot.slide.slide_id] = slot
+        self.start_next()
 
     def finish_slide(self, slot: _Slot, *, failed: bool, start: bool = True) -> None:
         assert slot.slide is not None
@@ -410,8 +449,7 @@ class _Driver:
             self.done += 1
             self.skipped += slot.skipped
             status = "skipped" if slot.skipped else "done"
-            if self.keep_states:
-                self.succeeded[slot.slide.slide_id] = slot.state
+            self.alive[slot.slide.slide_id] = slot
         if self.progress is not None:
             self.progress(
                 CohortProgress(
@@ -432,17 +470,21 @@ class _Driver:
                     dashboard=self.dashboard, stage=spec.name,
                 )  # fmt: skip
             )
-        if not outcome.failed and slot.index + 1 < len(self.plan):
-            self.submit(_Slot(None, slot.index + 1, {}))
+        if not outcome.failed:
+            self.shared.update(outcome.data)
+            self.enter(self.seg + 1)
+            return
+        if slot.index < self.last_slide_stage:  # slides waiting for later stages cannot finish
+            for slide_id in [s.slide_id for s in self.order if s.slide_id in self.alive]:
+                self.running += 1
+                self.finish_slide(self.alive.pop(slide_id), failed=True, start=False)
 
     def run(self) -> None:
-        if self.n_slide == 0:  # only cohort stages: every slide is trivially finished
-            for slide in self.todo:
+        if self.last_slide_stage < 0:  # only cohort stages: every slide is trivially finished
+            for slide in self.order:
                 self.running += 1
                 self.finish_slide(_Slot(slide, 0, {}), failed=False, start=False)
-        for _ in range(self.window):
-            if not self.start_next():
-                break
+        self.enter(0)
         for fut, result in self.ac:
             self.handle(fut, result)
 

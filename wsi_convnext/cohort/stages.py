@@ -5,19 +5,21 @@ A stage is a function plus how to schedule it:
 * ``resources``: ``"cpu"`` (any worker) or ``"gpu"`` (the task asks for one ``GPU`` worker
   resource when the cluster has GPU workers, so one GPU runs one such task at a time);
 * ``scope``: ``"slide"`` (one task per slide, chained in registry order) or ``"cohort"``
-  (one task after every slide's per-slide stages, given all the slides that succeeded);
+  (one task after every slide's earlier per-slide stages, given all the slides that
+  succeeded; its outputs join the state of every slide's later stages);
 * ``outputs``: the paths the stage writes, and ``resume``: how a rerun knows it is done:
   ``"stage"`` (the function compares its outputs' parameters itself and reports
   ``skipped``) or ``"outputs"`` (the task is skipped when every listed output exists);
 * ``enabled``: whether a given :class:`~wsi_convnext.config.RunConfig` runs the stage.
 
-The built-in stages are ``tile`` → ``embed`` → ``predict``. Adding a stage = one module
-that calls :func:`register_stage` (e.g. ``finetune``, a cohort-scope GPU stage). Stage
+The built-in stages are ``tile`` → (``finetune``) → ``embed`` → ``predict`` → (``mil``); the
+cohort-scope ``finetune`` and ``mil`` live in :mod:`.training`. Adding a stage = one module
+that calls :func:`register_stage`. Stage
 functions run on Dask workers: they must be importable there (module-level functions)
 and import heavy libraries inside.
 
 A per-slide stage is ``fn(slide, config, state) -> outputs``; ``state`` holds the outputs
-of the slide's earlier stages (e.g. ``store``). A cohort stage is ``fn(slides, config,
+of the slide's earlier stages (e.g. ``store``) and of the cohort stages before it. A cohort stage is ``fn(slides, config,
 states) -> outputs`` with ``states[slide_id]`` the final state of each slide. The returned
 mapping may hold ``tiles`` (int), ``slide_mpp`` (float, the slide's level-0 µm/px),
 ``skipped`` (bool: the output already existed) and any other picklable values that
@@ -121,15 +123,22 @@ class StageSpec:
 _REGISTRY: dict[str, StageSpec] = {}
 
 
-def register_stage(spec: StageSpec, *, replace: bool = False) -> StageSpec:
-    """Add ``spec`` to the registry (after the stages registered before it).
+def register_stage(spec: StageSpec, *, replace: bool = False, before: str | None = None) -> StageSpec:
+    """Add ``spec`` to the registry: after the stages registered before it, or just before ``before``.
 
     Raises:
-        ConfigError: A stage of that name exists and ``replace`` is false.
+        ConfigError: A stage of that name exists and ``replace`` is false, or ``before`` is unknown.
     """
     if spec.name in _REGISTRY and not replace:
         raise ConfigError(f"a cohort stage named {spec.name!r} is already registered")
-    _REGISTRY[spec.name] = spec
+    if before is None or spec.name in _REGISTRY:
+        _REGISTRY[spec.name] = spec
+        return spec
+    get_stage(before)
+    items = list(_REGISTRY.items())
+    at = [name for name, _ in items].index(before)
+    _REGISTRY.clear()
+    _REGISTRY.update([*items[:at], (spec.name, spec), *items[at:]])
     return spec
 
 
@@ -156,7 +165,10 @@ def registered_stages() -> tuple[StageSpec, ...]:
 
 
 def stage_plan(config: RunConfig, overrides: Mapping[str, StageFn | StageSpec] | None = None) -> list[StageSpec]:
-    """The stages ``config`` runs: its enabled per-slide stages in registry order, then its cohort stages.
+    """The stages ``config`` runs, in registry order.
+
+    Per-slide stages that follow a cohort stage run after it, with its outputs in their
+    state (e.g. ``tile`` → cohort ``finetune`` → ``embed`` with the fine-tuned encoder).
 
     Args:
         config: The run.
@@ -169,8 +181,7 @@ def stage_plan(config: RunConfig, overrides: Mapping[str, StageFn | StageSpec] |
             specs[name] = value
         else:
             specs[name] = replace(get_stage(name), fn=value)
-    chosen = [s for s in specs.values() if s.enabled(config)]
-    return [s for s in chosen if s.scope == "slide"] + [s for s in chosen if s.scope == "cohort"]
+    return [s for s in specs.values() if s.enabled(config)]
 
 
 # --- the built-in stages -------------------------------------------------------------------
@@ -265,12 +276,18 @@ def _worker_gpus() -> float:
 
 
 def embed_stage(slide: SlideSpec, config: RunConfig, state: Mapping[str, Any]) -> dict[str, Any]:
-    """Embed the tiles of the slide's store with ``config.embed`` (skips existing features)."""
+    """Embed the tiles of the slide's store with ``config.embed`` (skips existing features).
+
+    The encoder is ``config.encoder_config()``, with the weights ``state["encoder_weights"]``
+    when an earlier cohort stage (``finetune``) trained them.
+    """
     from ..embed import embed_store
 
     spec = config.encoder_config()
     if spec is None:
         raise ConfigError("run config: the embed stage needs [embed] model")
+    if state.get("encoder_weights"):  # a cohort stage before this one trained the encoder
+        spec = replace(spec, weights=str(state["encoder_weights"]), pretrained=False)
     encoder = _encoder(spec)
     kwargs = dataclasses.asdict(config.embed_options())
     with _gpu_slot(config.embed.device) as device:

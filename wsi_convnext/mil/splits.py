@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ConfigError, LabelsError
 from .data import LabelTable, _listing, check_fixed_assignment
 
-__all__ = ["Fold", "make_folds", "inner_validation_split", "assert_no_leak"]
+__all__ = ["Fold", "make_folds", "inner_validation_split", "holdout_split", "assert_no_leak"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,23 @@ def inner_validation_split(
         return idx, idx[:0]
     fit, val = _sgkf(n_splits, seed, np.zeros(len(idx)), yi, gi)[0]
     return idx[fit], idx[val]
+
+
+def holdout_split(table: LabelTable, test_fraction: float, *, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Hold out about ``test_fraction`` of the slides as a test set, by patient and stratified by class.
+
+    The held-out slides are for a final test that no training step sees (the encoder's
+    fine-tuning, the MIL model's cross-validation).
+
+    Returns:
+        (training slide ids, held-out slide ids), each in the table's order; the held-out
+        list is empty for ``test_fraction`` 0 or when a class has fewer than 2 patients.
+    """
+    idx = np.arange(len(table.slide_ids))
+    fit, test = inner_validation_split(
+        table.y, np.asarray(table.patient_ids, dtype=object), idx, val_fraction=test_fraction, seed=seed
+    )
+    return [table.slide_ids[i] for i in sorted(fit)], [table.slide_ids[i] for i in sorted(test)]
 
 
 def make_folds(
