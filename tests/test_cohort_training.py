@@ -1,0 +1,99 @@
+"""The cohort-scope training stages: tile → finetune (weak labels, training slides) → embed → mil,
+from one run config, on a real Dask LocalCluster with a real (tiny) training run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wsi_convnext.cohort import run_cohort, training_dir
+from wsi_convnext.config import load_config
+from wsi_convnext.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from wsi_convnext.synthetic import make_cohort
+
+    root = tmp_path_factory.mktemp("training-cohort")
+    make_cohort(root / "slides", 12, size=(2200, 1800), seed=3, pale_fraction=0.0, pen_fraction=0.0,
+                lesion_fraction=(0.05, 0.08))  # fmt: skip
+    return root / "slides"
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster, set_as_default=False) as c:
+            yield c
+
+
+def _config(cohort: Path, out: Path, **extra: Any) -> Any:
+    return load_config(None, {
+        "slides": str(cohort), "out": str(out), "report": False, "embed.model": "convnext_atto",
+        "embed.stem": "overlap", "embed.device": "cpu", "embed.batch_size": 32, "tile.mpp": 0.5,
+        "finetune.labels": str(cohort / "labels.csv"), "finetune.steps": 3, "finetune.batch_size": 8,
+        "finetune.crop_size": 64, "finetune.eval_size": 64, "finetune.val_frac": 0.0, "finetune.threads": 1,
+        "finetune.test_frac": 0.34, "mil.aggregator": "mean", "mil.folds": 2, "mil.epochs": 3, "mil.min_epochs": 1,
+        "mil.n_boot": 0, **extra,
+    })  # fmt: skip
+
+
+def test_finetune_embed_mil_from_one_config(cohort: Path, tmp_path: Path, client: Any) -> None:
+    from wsi_convnext.store import open_store
+
+    cfg = _config(cohort, tmp_path / "out")
+    assert cfg.stages == ("tile", "finetune", "embed", "mil")
+    summary = run_cohort(cfg, client=client)
+    assert summary.ok, summary.failures
+    assert summary.done == 12
+    ft, mil = summary.cohort["finetune"], summary.cohort["mil"]
+    assert ft.status == "done" and mil.status == "done"
+    train_ids = [line.split(",")[0] for line in (training_dir(cfg) / "train_labels.csv").read_text().splitlines()[1:]]
+    test_ids = [line.split(",")[0] for line in (training_dir(cfg) / "test_labels.csv").read_text().splitlines()[1:]]
+    assert len(test_ids) >= 2 and not set(train_ids) & set(test_ids)
+    assert ft.data["train_slides"] == len(train_ids) and ft.data["test_slides"] == len(test_ids)
+
+    # The encoder was trained on the training slides only, and embed used it.
+    enc_dir = Path(ft.data["encoder_dir"])
+    config = json.loads((enc_dir / "config.json").read_text())
+    trained_on = {Path(p).name.removesuffix(".zarr") for p in config["config"]["data"]}
+    assert trained_on == set(train_ids)
+    store = open_store(tmp_path / "out" / f"{test_ids[0]}.zarr")
+    (key,) = store.feature_keys
+    assert key == mil.data["feature_key"] and "random" not in key
+    assert store.feature_attrs(key)["weights_sha256"] not in ("random", None)
+
+    # MIL trained on the training slides and tested on the held-out ones.
+    metrics = json.loads((tmp_path / "out" / "training" / "test" / "metrics.json").read_text())
+    assert metrics["n"] == len(test_ids) and metrics["classes"] == ["normal", "tumor"]
+    assert mil.data["test_auc"] == metrics["auc"]["value"]
+    predictions = (tmp_path / "out" / "training" / "test" / "predictions.csv").read_text().splitlines()
+    assert predictions[0].startswith("slide_id,true_label,predicted")
+    assert sorted(r.split(",")[0] for r in predictions[1:]) == sorted(test_ids)
+
+    # A rerun finds the fine-tuned encoder finished and the features there.
+    again = run_cohort(cfg, client=client)
+    assert again.ok and again.cohort["finetune"].data["encoder_dir"] == str(enc_dir)
+    assert again.skipped == 12
+
+
+def test_training_config_errors(cohort: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'finetune.lr' must be positive, got 0"):
+        _config(cohort, tmp_path, **{"finetune.lr": 0})
+    with pytest.raises(ConfigError, match="'finetune.test_frac' must be in"):
+        _config(cohort, tmp_path, **{"finetune.test_frac": 1.5})
+    with pytest.raises(ConfigError, match="'mil.folds' must be at least 2"):
+        _config(cohort, tmp_path, **{"mil.folds": 1})
+    with pytest.raises(ConfigError, match="without 'shard'"):
+        _config(cohort, tmp_path, shard="0/2")
+    with pytest.raises(ConfigError, match="need 'embed.model'"):
+        load_config(None, {"slides": "a", "out": "o", "finetune.labels": "l.csv"})
