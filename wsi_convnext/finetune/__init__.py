@@ -4,7 +4,7 @@
 - :mod:`.train`: :func:`finetune_encoder` (resumable training loop), :func:`prepare_model`.
 - :mod:`.outputs`: the files of ENC_DIR; :func:`load_finetuned`.
 - :mod:`.predict`: :func:`predict_tiles` (per-tile class probabilities).
-- :mod:`.augment`: HED/colour jitter (until the transform registry lands).
+- colour augmentation: the registered ``hed_jitter`` and ``brightness_contrast`` tile transforms (:mod:`wsi_convnext.transforms.augment`).
 
 torch is imported by the submodules that need it, not here.
 """

@@ -17,7 +17,7 @@ __all__ = ["AUGMENTATIONS", "FinetuneConfig", "parse_freeze"]
 
 #: Augmentation recipes: geometric ones run in the loader workers, colour ones on the batch.
 AUGMENTATIONS = {
-    "histology": "random crop at the tile's µm/px, flips, 90° rotations, HED + brightness/contrast/saturation jitter",
+    "histology": "random crop at the tile's µm/px, flips, 90° rotations, HED + brightness/contrast jitter",
     "geometric": "random crop, flips and 90° rotations only",
     "none": "random crop only (centre crop when the tile is the training size)",
 }

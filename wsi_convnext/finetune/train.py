@@ -15,6 +15,7 @@ The output folder appears (atomically) only when training finished.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -270,6 +271,21 @@ def _default_workers(device_type: str) -> int:
     return max(0, min(4 if device_type == "cpu" else 8, n - 1))
 
 
+def _colour_jitter(hed_sigma: float, bcs: float = 0.1) -> Callable[..., Any]:
+    """The ``histology`` colour augmentation: HED jitter (scale and shift ±σ) then brightness/contrast
+    (±``bcs``), the registered tile transforms drawing from the generator given per batch."""
+    from ..transforms.augment import BrightnessContrast, HedJitter
+
+    steps = ([HedJitter(sigma=hed_sigma, bias=hed_sigma)] if hed_sigma > 0 else []) + [BrightnessContrast(bcs, bcs)]
+
+    def colour(x: Any, generator: Any) -> Any:
+        for t in steps:
+            x = t.apply(x, generator)
+        return x
+
+    return colour
+
+
 def _rng_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -479,11 +495,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     def net(x: torch.Tensor) -> torch.Tensor:
         return head(body(x))
 
-    colour = None
-    if cfg.augment == "histology":
-        from .augment import ColourJitter
-
-        colour = ColourJitter(hed_sigma=cfg.hed_sigma)
+    colour = _colour_jitter(cfg.hed_sigma) if cfg.augment == "histology" else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     workers = _default_workers(device.type) if cfg.num_workers is None else cfg.num_workers
     loader_kw: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_tiles, "pin_memory": cuda}
@@ -518,7 +530,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
             micro_i += 1
             if len(batch.y):
                 gen = torch.Generator().manual_seed(_rng_seed(cfg.seed, epoch, state["pos"], micro_i))
-                transform = None if colour is None else (lambda x, g=gen: colour(x, g))
+                transform = None if colour is None else functools.partial(colour, generator=gen)
                 x = encoder.preprocess(batch.tiles, device=device, transform=transform)
                 y = batch.y.to(device, non_blocking=True)
                 with autocast():

@@ -1,8 +1,10 @@
 """Training augmentations as tile transforms: HED jitter and brightness/contrast.
 
-Both draw one set of random factors per tile from their own ``torch.Generator`` (seeded, on
-the CPU, so the sequence is the same on every device) and apply them vectorised on the
-batch's device. A fixed seed and call order give identical output.
+Both draw one set of random factors per tile from a ``torch.Generator`` on the CPU (so the
+sequence is the same on every device) and apply them vectorised on the batch's device. As
+transforms they use their own seeded generator (a fixed seed and call order give identical
+output); :meth:`~_Seeded.apply` takes the caller's generator instead, which is how encoder
+training makes a batch's augmentation a function of (seed, step) and resumes bit-identically.
 """
 
 from __future__ import annotations
@@ -28,10 +30,20 @@ class _Seeded(TileTransform):
         self.generator = torch.Generator().manual_seed(self.seed)
         self._tiles = 0
 
-    def _uniform(self, shape: tuple[int, ...], low: float, high: float, like: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(x, self.generator)
+
+    def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Transform ``x`` with random factors drawn from ``generator`` (override)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _uniform(
+        shape: tuple[int, ...], low: float, high: float, like: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         import torch
 
-        u = torch.rand(shape, generator=self.generator, dtype=torch.float32)
+        u = torch.rand(shape, generator=generator, dtype=torch.float32)
         return (low + (high - low) * u).to(like.device, like.dtype)
 
     def stats(self) -> dict[str, int]:
@@ -60,15 +72,15 @@ class HedJitter(_Seeded):
     def params(self) -> dict[str, Any]:
         return {"sigma": self.sigma, "bias": self.bias, "seed": self.seed}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         import torch
 
         b = x.shape[0]
         m = torch.tensor(RGB_FROM_HED, dtype=torch.float32).to(x.device, x.dtype)  # (3 stains, 3 rgb)
         od = -x.clamp_min(1e-6).log()  # (B, 3, H, W), natural-log OD
         stains = torch.einsum("cs,bchw->bshw", torch.linalg.inv(m), od)  # od = stains @ m
-        a = self._uniform((b, 3, 1, 1), 1 - self.sigma, 1 + self.sigma, x)
-        shift = self._uniform((b, 3, 1, 1), -self.bias, self.bias, x)
+        a = self._uniform((b, 3, 1, 1), 1 - self.sigma, 1 + self.sigma, x, generator)
+        shift = self._uniform((b, 3, 1, 1), -self.bias, self.bias, x, generator)
         od = torch.einsum("sc,bshw->bchw", m, stains * a + shift)
         self._tiles += b
         return torch.exp(-od).clamp(0, 1)
@@ -95,10 +107,10 @@ class BrightnessContrast(_Seeded):
     def params(self) -> dict[str, Any]:
         return {"brightness": self.brightness, "contrast": self.contrast, "seed": self.seed}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b = x.shape[0]
-        bf = self._uniform((b, 1, 1, 1), 1 - self.brightness, 1 + self.brightness, x)
-        cf = self._uniform((b, 1, 1, 1), 1 - self.contrast, 1 + self.contrast, x)
+        bf = self._uniform((b, 1, 1, 1), 1 - self.brightness, 1 + self.brightness, x, generator)
+        cf = self._uniform((b, 1, 1, 1), 1 - self.contrast, 1 + self.contrast, x, generator)
         y = (x * bf).clamp(0, 1)
         grey = (0.299 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]).mean(dim=(1, 2)).view(b, 1, 1, 1)
         self._tiles += b
