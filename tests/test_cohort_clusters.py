@@ -67,13 +67,37 @@ def test_explicit_dashboard_address_opens_it_and_reports_the_host(tmp_path: Path
         assert url.hostname == socket.gethostname()  # reachable name, not a misleading 127.0.0.1
 
 
+def test_an_empty_dashboard_address_serves_no_dashboard(tmp_path: Path) -> None:
+    # In a fresh process, as `wsi-convnext run` is: Dask keeps the dashboard's routes once any
+    # scheduler of the process has served them (the tests above did).
+    code = f"""
+import urllib.error, urllib.request
+from wsi_convnext.config import load_config
+from wsi_convnext.cohort.clusters import open_client
+cfg = load_config(None, {{"slides": {str(tmp_path)!r}, "out": {str(tmp_path / "out")!r}, "local.n_workers": 1,
+                          "local.gpus": 0, "local.dashboard_address": ""}})
+with open_client(cfg) as info:
+    port = info.client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.services["dashboard"].port)
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{{port}}/status", timeout=5)
+        status = 200
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    print(info.dashboard, port, status)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    dashboard, port, status = r.stdout.split()[-3:]
+    assert dashboard == "None" and int(port) != 8787 and status == "404"  # health/metrics only, on a free port
+
+
 def test_slurm_scheduler_dashboard_is_local_unless_configured() -> None:
     cfg = load_config(REPO / "pipelines" / "slurm-gpu.toml")
     assert slurm_cluster_kwargs(cfg)["scheduler_options"] == {"dashboard_address": "127.0.0.1:8787"}
     cfg = replace(cfg, slurm=replace(cfg.slurm, dashboard_address=":8787"))
     assert slurm_cluster_kwargs(cfg)["scheduler_options"] == {"dashboard_address": ":8787"}
     cfg = replace(cfg, slurm=replace(cfg.slurm, dashboard_address=""))
-    assert slurm_cluster_kwargs(cfg)["scheduler_options"] == {"dashboard_address": None}
+    assert slurm_cluster_kwargs(cfg)["scheduler_options"] == {"dashboard_address": "127.0.0.1:0", "dashboard": False}
 
 
 def test_pipelines_do_not_open_the_dashboard() -> None:

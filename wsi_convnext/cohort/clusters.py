@@ -149,11 +149,17 @@ def info_of(
     )
 
 
-def _dashboard_option(value: str | None) -> str | None:
-    """Config value → scheduler ``dashboard_address``: None → localhost, '' → no dashboard."""
+def _scheduler_dashboard(value: str | None) -> dict[str, Any]:
+    """Config ``dashboard_address`` → scheduler options: None → this machine only, '' → none.
+
+    Dask's scheduler always runs its HTTP server (health, metrics); without a dashboard it
+    serves only those, on a free port of 127.0.0.1.
+    """
     if value is None:
-        return DEFAULT_DASHBOARD
-    return value or None
+        return {"dashboard_address": DEFAULT_DASHBOARD}
+    if value == "":
+        return {"dashboard_address": "127.0.0.1:0", "dashboard": False}
+    return {"dashboard_address": value}
 
 
 # --- local ---------------------------------------------------------------------------------
@@ -211,8 +217,11 @@ def local_cluster_kwargs(
         "threads_per_worker": tpw,
         "processes": True,
         "memory_limit": loc.memory_limit or int(memory // max(1, n + n_gpus)),
-        "dashboard_address": _dashboard_option(loc.dashboard_address),
     }
+    dash = _scheduler_dashboard(loc.dashboard_address)
+    kwargs["dashboard_address"] = dash.pop("dashboard_address")
+    if dash:
+        kwargs["scheduler_kwargs"] = dash
     return kwargs, n_gpus
 
 
@@ -244,7 +253,7 @@ def _open_local(config: RunConfig) -> Iterator[ClusterInfo]:
         client = stack.enter_context(Client(cluster, set_as_default=False))
         if n_gpus:
             client.wait_for_workers(kwargs["n_workers"] + n_gpus, timeout=300)
-        yield info_of(client, gpu=n_gpus > 0, dashboard=kwargs["dashboard_address"] is not None)
+        yield info_of(client, gpu=n_gpus > 0, dashboard="scheduler_kwargs" not in kwargs)
 
 
 # --- an existing scheduler ----------------------------------------------------------------
@@ -314,7 +323,7 @@ def slurm_cluster_kwargs(config: RunConfig) -> dict[str, Any]:
         "job_extra_directives": directives,
         "job_script_prologue": list(s.job_script_prologue),
         "worker_extra_args": worker_args,
-        "scheduler_options": {"dashboard_address": _dashboard_option(s.dashboard_address)},
+        "scheduler_options": _scheduler_dashboard(s.dashboard_address),
         "job_name": "wsi-convnext",
     }
     for key in ("queue", "account", "local_directory", "log_directory", "interface", "python"):
