@@ -75,6 +75,15 @@ class TimedStage:
                 fh.write(line + "\n")
 
 
+def _warm_tiling() -> None:
+    import importlib
+
+    for name in ("wsi_convnext.tiler", "wsi_convnext.jpeg_scaled", "wsi_convnext.outputs.qc", "wsi_convnext._proc",
+                 "wsi_convnext.slide.openslide", "wsi_convnext.slide.tiffslide", "openslide", "tiffslide", "tifffile",
+                 "zarr", "numcodecs", "imagecodecs", "PIL.Image"):  # fmt: skip
+        importlib.import_module(name)
+
+
 def breakdown(folder: Path, t_start: float, t_end: float) -> dict[str, float]:
     """Where a run's wall time went, from the TimedStage records (seconds)."""
     tasks = [json.loads(line) for f in folder.glob("*.jsonl") for line in f.read_text().splitlines()]
@@ -132,8 +141,9 @@ def bench_scaleout(work: Path, n_slides: int, size: tuple[int, int]) -> dict[str
             f.unlink()
         stages = {"tile": TimedStage(get_stage("tile").fn, timeline)}
         with open_client(cfg) as info:
-            # Warm the workers (imports) so that both runs time tiling, not start-up.
-            info.client.run(lambda: __import__("wsi_convnext.tiler"))
+            # Warm the workers (everything the tile stage imports on its first call) so that both
+            # runs time tiling, not each worker's one-off start-up.
+            info.client.run(_warm_tiling)
             t, wall0, cpu0 = time.perf_counter(), time.time(), _cpu_seconds()
             summary = run_cohort(cfg, client=info.client, stages=stages)
             times[f"{n_workers}w"] = time.perf_counter() - t

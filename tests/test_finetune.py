@@ -75,6 +75,13 @@ def test_finetuning_learns_on_real_he_tiles(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.parametrize(("eval_size", "expected"), [(48, 48), (None, 64)])
+def test_prediction_size_without_a_validation_part(tmp_path: Path, eval_size: int | None, expected: int) -> None:
+    """With --val-frac 0, predictions use --eval-size (default: the tile size), not the training crop."""
+    out = _tiny(tmp_path, "enc", val_frac=0.0, crop_size=32, eval_size=eval_size)
+    assert json.loads((out / "config.json").read_text())["resolved"]["eval_size"] == expected
+
+
 @pytest.mark.parametrize("stem", ["patch", "overlap"])
 def test_outputs_metadata_config_and_metrics(tiny_runs: dict[str, Path], stem: str) -> None:
     from safetensors import safe_open

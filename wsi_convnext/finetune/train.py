@@ -593,7 +593,9 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
             "train": len(train_idx), "val": len(val_idx), "test_unused": len(test_idx)},
         start=start, fingerprint=fingerprint, freeze_info=freeze_info, balance=balance,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, skipped=tiles.skipped + sorted(bad.items()),
-        crop_size=train_ds.size, eval_size=val_ds.size if val_ds is not None else train_ds.size,
+        crop_size=train_ds.size,
+        # Without a validation part, predictions still use --eval-size (default: the tile size).
+        eval_size=val_ds.size if val_ds is not None else int(cfg.eval_size or tiles.sizes.min()),
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     report("done", None, state["best"])
