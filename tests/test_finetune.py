@@ -338,6 +338,51 @@ def test_cuda_requested_but_absent(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ demo --finetune
 
 
+def test_compare_finetuned_trains_the_encoder_on_training_slides_only(tmp_path: Path) -> None:
+    """Tiny generated cohort (64-px tiles): split by patient, fine-tune, MIL per aggregator on both feature sets."""
+    from wsi_convnext.finetune import compare_finetuned, hold_out_patients
+    from wsi_convnext.inputs import discover_slides
+    from wsi_convnext.mil.data import read_labels
+    from wsi_convnext.store import open_store
+    from wsi_convnext.synthetic import make_cohort
+    from wsi_convnext.tiler import TileParams, tile_slides
+
+    make_cohort(tmp_path / "slides", 12, size=(1600, 1400), mpp=0.5, seed=0, lesion_fraction=(0.05, 0.1),
+                pen_fraction=0.0, pale_fraction=0.0)  # fmt: skip
+    results = tile_slides(discover_slides([tmp_path / "slides"]), tmp_path / "tiles", TileParams(mpp=1.0, tile_size=64))
+    stores = [str(r.store_path) for r in results]
+    split = hold_out_patients(stores, tmp_path / "slides" / "labels.csv", tmp_path / "cmp", test_fraction=1 / 3)
+    train_t, test_t = read_labels(split.train_labels), read_labels(split.test_labels)
+    assert set(train_t.labels) == set(test_t.labels) == {"normal", "tumor"}  # stratified
+    assert not set(train_t.patient_ids) & set(test_t.patient_ids)  # grouped by patient
+    assert len(split.train_stores) + len(split.test_stores) == 12
+
+    recipe = {"steps": 2, "batch_size": 8, "crop_size": 64, "eval_size": 64, "val_frac": 0.0, "num_workers": 0, "device": "cpu"}
+    cmp = compare_finetuned(split.train_stores, split.train_labels, split.test_stores, split.test_labels, tmp_path / "cmp",
+                            aggregators=["abmil", "mean"], recipe=recipe, folds=2)  # fmt: skip
+    assert [(a.aggregator, a.features) for a in cmp.arms] == [
+        ("abmil", "random"), ("abmil", "finetuned"), ("mean", "random"), ("mean", "finetuned")]  # fmt: skip
+    assert all(0.0 <= a.test_auc <= 1.0 and a.test_auc_ci[0] <= a.test_auc_ci[1] for a in cmp.arms)
+    assert cmp.best("finetuned").test_auc == max(cmp.test_auc(n)["finetuned"] for n in ("abmil", "mean"))
+    # The encoder saw the training slides' tiles and nothing else.
+    cfg = json.loads((cmp.encoder_dir / "config.json").read_text())
+    assert sorted(cfg["config"]["data"]) == sorted(split.train_stores)
+    assert cfg["data"]["n_tiles"] == sum(len(open_store(s)) for s in split.train_stores)
+    assert cfg["config"]["steps"] == 2 and cfg["config"]["crop_size"] == 64  # the recipe reached FinetuneConfig
+    # Both feature sets are in every store, train and test alike.
+    keys = {f: cmp.arm("abmil", f).feature_key for f in ("random", "finetuned")}
+    assert keys["random"].endswith("-random") and keys["finetuned"] != keys["random"]
+    assert all(set(keys.values()) <= set(open_store(s).feature_keys) for s in stores)
+    table = cmp.table()
+    assert table.count("\n| abmil |") == 1 and table.count("\n| mean |") == 1 and "held-out" in table
+    with pytest.raises(ConfigError, match="both training and test"):
+        compare_finetuned(split.train_stores, split.train_labels, split.train_stores[:1], split.test_labels, tmp_path / "x")
+    with pytest.raises(ConfigError, match="unknown finetune config key"):
+        compare_finetuned(split.train_stores, split.train_labels, split.test_stores, split.test_labels, tmp_path / "x",
+                          recipe={"stepz": 3})  # fmt: skip
+
+
+
 @pytest.mark.slow
 def test_demo_finetune_compares_random_and_finetuned_features_on_held_out_slides(tmp_path: Path) -> None:
     from wsi_convnext.demo import run_demo
