@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/mil.py [--slides 40] [--work /tmp/wsi-mil-bench] [--folds 5] [--skip-memory]
+    python benchmarks/mil.py --finetune [--slides 40] [--test-slides 40] [--ft-steps N --ft-lr LR ...]
 
 In one run:
 1. generates a synthetic cohort (half positive, lesions 1–5 % of the tissue; no pen marks or
@@ -12,6 +13,16 @@ In one run:
    positive slides the share of top-scoring tiles (top 10 % and top-1) that lie in the true
    lesion (≥ 50 % of the tile inside the lesion mask);
 3. train time per epoch, and peak RSS of training on one 100,000 × 768 float16 bag.
+
+``--finetune`` (implies ``--confounders``) measures instead what weak-label fine-tuning of the
+encoder buys on the confounded cohort: a second cohort of ``--test-slides`` slides is
+generated with another seed as the test cohort; the encoder (``convnext_atto``, patch stem) is
+fine-tuned on the tiles of the training cohort only, with their slide labels; every store is
+embedded with it; and for every aggregator MIL is cross-validated on the training cohort (the
+random-feature CV AUC is the plain ``--confounders`` figure) and its final model scored on the
+test cohort, on random and on fine-tuned features side by side
+(``wsi_convnext.finetune.compare_finetuned``). The cohorts are kept in ``--work`` between
+runs (delete it to regenerate); fine-tuning, embedding and MIL are redone each run.
 """
 
 from __future__ import annotations
@@ -50,18 +61,74 @@ print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
-def build_cohort(work: Path, n: int, seed: int, confounders: bool) -> tuple[list[Path], Path, dict[str, object]]:
+#: The fine-tuning recipe of ``--finetune`` (FinetuneConfig fields; each has an --ft-* option).
+FT_RECIPE = {"steps": 600, "batch_size": 32, "crop_size": 112, "lr": 2e-3, "freeze": "none", "threads": None}
+
+
+def build_cohort(
+    work: Path, n: int, seed: int, confounders: bool, *, embed: bool = True, reuse: bool = False
+) -> tuple[list[Path], Path, dict[str, object]]:
     from wsi_convnext.embed import embed_stores
     from wsi_convnext.inputs import discover_slides
     from wsi_convnext.synthetic import make_cohort
     from wsi_convnext.tiler import TileParams, tile_slides
 
-    slides = make_cohort(work / "slides", n, size=(4500, 4000), mpp=0.5, seed=seed, lesion_fraction=(0.01, 0.05),
-                         pen_fraction=0.15 if confounders else 0.0, pale_fraction=0.1 if confounders else 0.0)  # fmt: skip
+    labels = work / "slides" / "labels.csv"
+    slides = None
+    if reuse and labels.is_file() and len(labels.read_text().split()) - 1 != n:
+        raise SystemExit(f"{work} holds a cohort of another size than {n} slides; delete it or pass another --work")
+    if not (reuse and labels.is_file()):
+        slides = make_cohort(work / "slides", n, size=(4500, 4000), mpp=0.5, seed=seed, lesion_fraction=(0.01, 0.05),
+                             pen_fraction=0.15 if confounders else 0.0, pale_fraction=0.1 if confounders else 0.0)  # fmt: skip
     results = tile_slides(discover_slides([work / "slides"]), work / "tiles", TileParams())
     stores = [r.store_path for r in results if r.status != "failed"]
-    embed_stores(stores, model="convnext_atto", stem="patch", batch_size=32)
-    return stores, work / "slides" / "labels.csv", {s.slide_id: s for s in slides}
+    if embed:
+        embed_stores(stores, model="convnext_atto", stem="patch", batch_size=32)
+    return stores, labels, {s.slide_id: s for s in slides} if slides else {}
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    """``--finetune``: random against fine-tuned features, MIL scored on a separate test cohort."""
+    import logging
+
+    from wsi_convnext.finetune import compare_finetuned
+    from wsi_convnext.mil.aggregators import AGGREGATORS
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("wsi_convnext.tiler", "wsi_convnext.embed", "wsi_convnext.mil"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    n_test = args.test_slides or args.slides
+    train_stores, train_labels, _ = build_cohort(args.work / "train", args.slides, args.seed, True, embed=False, reuse=True)
+    test_stores, test_labels, _ = build_cohort(args.work / "test", n_test, args.seed + 1000, True, embed=False, reuse=True)
+    t_cohort = time.perf_counter() - t0
+    print(f"cohorts: {len(train_stores)} training + {len(test_stores)} test slides generated/tiled in {t_cohort:.0f} s "
+          f"(reused when already in {args.work})", flush=True)  # fmt: skip
+    recipe = {"steps": args.ft_steps, "batch_size": args.ft_batch, "crop_size": args.ft_crop, "eval_size": args.ft_crop,
+              "lr": args.ft_lr, "freeze": args.ft_freeze, "threads": args.ft_threads, "val_frac": 0.0}  # fmt: skip
+    aggregators = args.aggregators or sorted(AGGREGATORS)
+    t1 = time.perf_counter()
+    cmp = compare_finetuned(train_stores, train_labels, test_stores, test_labels, args.work / "finetune",
+                            model="convnext_atto", stem="patch", aggregators=aggregators, recipe=recipe,
+                            folds=args.folds, seed=args.seed)  # fmt: skip
+    total = time.perf_counter() - t0
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; training cohort {cmp.n_train} slides (seed "
+          f"{args.seed}), test cohort {cmp.n_test} slides (seed {args.seed + 1000}), confounders on; "
+          f"{args.folds}-fold CV on the training cohort")  # fmt: skip
+    print("recipe: " + ", ".join(f"{k}={v}" for k, v in cmp.recipe.items()))
+    print(cmp.table())
+    best_r, best_f = cmp.best("random"), cmp.best("finetuned")
+    print(f"best on random features: {best_r.aggregator} test AUC {best_r.test_auc:.3f}; best on fine-tuned "
+          f"features: {best_f.aggregator} test AUC {best_f.test_auc:.3f} (target ≥ 0.97: "
+          f"{'met' if best_f.test_auc >= 0.97 else 'NOT met'})")  # fmt: skip
+    print(f"time: cohorts {t_cohort:.0f} s, random embedding + fine-tuning + embedding + MIL "
+          f"{time.perf_counter() - t1:.0f} s (fine-tuning {cmp.finetune_seconds:.0f} s, fine-tuned embedding "
+          f"{cmp.embed_seconds:.0f} s), total {total:.0f} s")  # fmt: skip
+    doc = {"recipe": cmp.recipe, "n_train": cmp.n_train, "n_test": cmp.n_test, "seconds": {"total": total, "cohorts": t_cohort,
+           "finetune": cmp.finetune_seconds, "embed_finetuned": cmp.embed_seconds},
+           "arms": [vars(a) for a in cmp.arms]}  # fmt: skip
+    (args.work / "finetune" / "results.json").write_text(json.dumps(doc, indent=1, default=list) + "\n")
 
 
 def lesion_fraction_of_tiles(store, truth, mpp_mask: float = 2.0) -> np.ndarray:
@@ -85,7 +152,19 @@ def main() -> None:
     ap.add_argument("--aggregators", nargs="*", default=None)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--confounders", action="store_true", help="keep the cohort's pen marks and pale slides")
+    ap.add_argument("--finetune", action="store_true",
+                    help="random vs weak-label fine-tuned features on a separate test cohort (implies --confounders)")
+    ap.add_argument("--test-slides", type=int, default=None, help="--finetune: slides of the test cohort [--slides]")
+    ap.add_argument("--ft-steps", type=int, default=FT_RECIPE["steps"], help="--finetune: optimiser steps")
+    ap.add_argument("--ft-batch", type=int, default=FT_RECIPE["batch_size"], help="--finetune: tiles per step")
+    ap.add_argument("--ft-crop", type=int, default=FT_RECIPE["crop_size"], help="--finetune: training crop side, px")
+    ap.add_argument("--ft-lr", type=float, default=FT_RECIPE["lr"], help="--finetune: peak learning rate")
+    ap.add_argument("--ft-freeze", default=FT_RECIPE["freeze"], help="--finetune: none, stem or stages:K")
+    ap.add_argument("--ft-threads", type=int, default=FT_RECIPE["threads"], help="--finetune: torch threads")
     args = ap.parse_args()
+    if args.finetune:
+        run_finetune(args)
+        return
 
     from sklearn.metrics import roc_auc_score
 

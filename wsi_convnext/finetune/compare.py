@@ -137,8 +137,9 @@ class FinetuneComparison:
             )
         keys = {f: self.arms[[a.features for a in self.arms].index(f)].feature_key for f in FEATURE_SETS}
         lines.append(
-            f"\nCV AUC: cross-validation on the {self.n_train} training slides; test AUC: the "
-            f"{self.n_test} held-out slides, which the encoder never saw. Features: random "
+            f"\nCV AUC: cross-validation on the {self.n_train} training slides (on fine-tuned features not "
+            f"a held-out measure: the encoder was trained on them); test AUC: the {self.n_test} held-out "
+            f"slides, which the encoder never saw. Features: random "
             f"`{keys['random']}`, fine-tuned `{keys['finetuned']}` (fine-tuning {self.finetune_seconds:.0f} s, "
             f"embedding {self.embed_seconds:.0f} s)."
         )
