@@ -27,7 +27,7 @@ class DemoResult:
         metrics_table: The cross-validation metrics as a readable table.
         pictures: Paths of the pictures, by role.
         finetune_table: With ``finetune``: random against fine-tuned MIL AUC, side by side.
-        finetune_auc: With ``finetune``: ``{"random": test AUC, "finetuned": test AUC}``.
+        finetune_auc: With ``finetune``: ``{"random": AUC, "finetuned": AUC}`` on the held-out slides.
     """
 
     out_dir: Path
@@ -68,9 +68,9 @@ def run_demo(
         aggregator: MIL aggregator.
         folds: Cross-validation folds.
         seed: Cohort and training seed.
-        finetune: Also hold out a third of the patients, fine-tune the encoder on the weak
-            (slide) labels of the other slides, re-embed, and compare MIL on random against
-            fine-tuned features on the held-out slides
+        finetune: Also fine-tune the encoder on the weak (slide) labels of half of the patients'
+            slides, embed the other half with it, and compare MIL cross-validation on those
+            held-out slides on random against fine-tuned features
             (:func:`~wsi_convnext.finetune.compare.compare_finetuned`).
         finetune_steps: Optimiser steps of that fine-tuning (batch 32, 112-px crops).
         progress: ``progress(stage, done, total)``.
@@ -125,13 +125,13 @@ def run_demo(
     if finetune:
         from .finetune.compare import compare_finetuned, hold_out_patients
 
-        split = hold_out_patients(stores, labels, out / "finetune", test_fraction=1 / 3, seed=seed)
+        split = hold_out_patients(stores, labels, out / "finetune", held_out=0.5, seed=seed)
         comparison = compare_finetuned(
-            split.train_stores, split.train_labels, split.test_stores, split.test_labels, out / "finetune",
-            model=model, stem=stem, aggregators=[aggregator], recipe={"steps": finetune_steps}, seed=seed,
+            split.encoder_stores, split.encoder_labels, split.held_out_stores, split.held_out_labels, out / "finetune",
+            model=model, stem=stem, aggregators=[aggregator], folds=folds, recipe={"steps": finetune_steps}, seed=seed,
             progress=progress,
         )  # fmt: skip
-        ft_table, ft_auc = comparison.table(), comparison.test_auc(aggregator)
+        ft_table, ft_auc = comparison.table(), comparison.auc(aggregator)
     return DemoResult(
         out_dir=out, slides=slides_dir, tiles=tiles_dir, model=model_dir, heatmaps=heat_dir,
         metrics_table=trained.table, pictures=pictures, finetune_table=ft_table, finetune_auc=ft_auc,
