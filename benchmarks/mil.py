@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/mil.py [--slides 40] [--work /tmp/wsi-mil-bench] [--folds 5] [--skip-memory]
+    python benchmarks/mil.py --finetune [--slides 40] [--ft-slides 40] [--ft-steps N --ft-lr LR ...]
 
 In one run:
 1. generates a synthetic cohort (half positive, lesions 1–5 % of the tissue; no pen marks or
@@ -12,6 +13,17 @@ In one run:
    positive slides the share of top-scoring tiles (top 10 % and top-1) that lie in the true
    lesion (≥ 50 % of the tile inside the lesion mask);
 3. train time per epoch, and peak RSS of training on one 100,000 × 768 float16 bag.
+
+``--finetune`` (implies ``--confounders``) measures instead what weak-label fine-tuning of the
+encoder buys on the confounded cohort. A second cohort of ``--ft-slides`` slides (seed + 1000)
+is generated for the encoder alone: ``convnext_atto`` (patch stem) is fine-tuned on its tiles
+with their slide labels. The MIL cohort (``--slides``, ``--seed``: the plain ``--confounders``
+cohort) is embedded with the fine-tuned and with the random-weight encoder, and every
+aggregator is cross-validated on it (``--folds``, patient-grouped, same folds) on both feature
+sets: slides the encoder never saw, so the random-feature AUC is the plain ``--confounders``
+figure and the fine-tuned one is measured on the same folds
+(``wsi_convnext.finetune.compare_finetuned``). The cohorts are kept in ``--work`` between runs
+(delete it to regenerate); fine-tuning, embedding and MIL are redone each run.
 """
 
 from __future__ import annotations
@@ -50,18 +62,73 @@ print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
-def build_cohort(work: Path, n: int, seed: int, confounders: bool) -> tuple[list[Path], Path, dict[str, object]]:
+#: The fine-tuning recipe of ``--finetune`` (FinetuneConfig fields; each has an --ft-* option).
+FT_RECIPE = {"steps": 600, "batch_size": 32, "crop_size": 112, "lr": 2e-3, "freeze": "none", "hed_sigma": 0.05,
+             "threads": None}
+
+
+def build_cohort(
+    work: Path, n: int, seed: int, confounders: bool, *, embed: bool = True, reuse: bool = False
+) -> tuple[list[Path], Path, dict[str, object]]:
     from wsi_convnext.embed import embed_stores
     from wsi_convnext.inputs import discover_slides
     from wsi_convnext.synthetic import make_cohort
     from wsi_convnext.tiler import TileParams, tile_slides
 
-    slides = make_cohort(work / "slides", n, size=(4500, 4000), mpp=0.5, seed=seed, lesion_fraction=(0.01, 0.05),
-                         pen_fraction=0.15 if confounders else 0.0, pale_fraction=0.1 if confounders else 0.0)  # fmt: skip
+    labels = work / "slides" / "labels.csv"
+    slides = None
+    if reuse and labels.is_file() and len(labels.read_text().split()) - 1 != n:
+        raise SystemExit(f"{work} holds a cohort of another size than {n} slides; delete it or pass another --work")
+    if not (reuse and labels.is_file()):
+        slides = make_cohort(work / "slides", n, size=(4500, 4000), mpp=0.5, seed=seed, lesion_fraction=(0.01, 0.05),
+                             pen_fraction=0.15 if confounders else 0.0, pale_fraction=0.1 if confounders else 0.0)  # fmt: skip
     results = tile_slides(discover_slides([work / "slides"]), work / "tiles", TileParams())
     stores = [r.store_path for r in results if r.status != "failed"]
-    embed_stores(stores, model="convnext_atto", stem="patch", batch_size=32)
-    return stores, work / "slides" / "labels.csv", {s.slide_id: s for s in slides}
+    if embed:
+        embed_stores(stores, model="convnext_atto", stem="patch", batch_size=32)
+    return stores, labels, {s.slide_id: s for s in slides} if slides else {}
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    """``--finetune``: random against fine-tuned features, MIL on a cohort the encoder never saw."""
+    import logging
+
+    from wsi_convnext.finetune import compare_finetuned
+    from wsi_convnext.mil.aggregators import AGGREGATORS
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("wsi_convnext.tiler", "wsi_convnext.embed", "wsi_convnext.mil", "wsi_convnext.encoders"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    n_enc, enc_seed = args.ft_slides or args.slides, args.seed + 1000
+    mil_stores, mil_labels, _ = build_cohort(args.work / "mil", args.slides, args.seed, True, embed=False, reuse=True)
+    enc_stores, enc_labels, _ = build_cohort(args.work / "encoder", n_enc, enc_seed, True, embed=False, reuse=True)
+    t_cohort = time.perf_counter() - t0
+    print(f"cohorts: {len(mil_stores)} MIL + {len(enc_stores)} encoder slides generated/tiled in {t_cohort:.0f} s "
+          f"(reused when already in {args.work})", flush=True)  # fmt: skip
+    recipe = {"steps": args.ft_steps, "batch_size": args.ft_batch, "crop_size": args.ft_crop, "eval_size": args.ft_crop,
+              "lr": args.ft_lr, "freeze": args.ft_freeze, "hed_sigma": args.ft_hed_sigma, "threads": args.ft_threads,
+              "val_frac": 0.0}  # fmt: skip
+    t1 = time.perf_counter()
+    cmp = compare_finetuned(enc_stores, enc_labels, mil_stores, mil_labels, args.work / "finetune",
+                            model="convnext_atto", stem="patch", aggregators=args.aggregators or sorted(AGGREGATORS),
+                            recipe=recipe, folds=args.folds, seed=args.seed)  # fmt: skip
+    total = time.perf_counter() - t0
+    print()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; encoder fine-tuned on {cmp.n_encoder} slides (seed "
+          f"{enc_seed}); MIL: {cmp.folds}-fold CV on {cmp.n_held_out} other slides (seed {args.seed}); confounders on")  # fmt: skip
+    print("recipe: " + ", ".join(f"{k}={v}" for k, v in cmp.recipe.items()))
+    print(cmp.table())
+    best_r, best_f = cmp.best("random"), cmp.best("finetuned")
+    print(f"best on random features: {best_r.aggregator} AUC {best_r.auc:.3f}; best on fine-tuned features: "
+          f"{best_f.aggregator} AUC {best_f.auc:.3f} (target ≥ 0.97: {'met' if best_f.auc >= 0.97 else 'NOT met'})")  # fmt: skip
+    print(f"time: cohorts {t_cohort:.0f} s, fine-tuning {cmp.finetune_seconds:.0f} s, fine-tuned embedding "
+          f"{cmp.embed_seconds:.0f} s, embedding + fine-tuning + MIL {time.perf_counter() - t1:.0f} s; total {total:.0f} s")  # fmt: skip
+    doc = {"recipe": cmp.recipe, "n_encoder": cmp.n_encoder, "n_held_out": cmp.n_held_out, "folds": cmp.folds,
+           "seconds": {"total": total, "cohorts": t_cohort, "finetune": cmp.finetune_seconds,
+                       "embed_finetuned": cmp.embed_seconds},
+           "arms": [vars(a) for a in cmp.arms]}  # fmt: skip
+    (args.work / "finetune" / "results.json").write_text(json.dumps(doc, indent=1, default=list) + "\n")
 
 
 def lesion_fraction_of_tiles(store, truth, mpp_mask: float = 2.0) -> np.ndarray:
@@ -85,7 +152,20 @@ def main() -> None:
     ap.add_argument("--aggregators", nargs="*", default=None)
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--confounders", action="store_true", help="keep the cohort's pen marks and pale slides")
+    ap.add_argument("--finetune", action="store_true",
+                    help="random vs weak-label fine-tuned features, encoder trained on another cohort (implies --confounders)")
+    ap.add_argument("--ft-slides", type=int, default=None, help="--finetune: slides of the encoder's cohort [--slides]")
+    ap.add_argument("--ft-steps", type=int, default=FT_RECIPE["steps"], help="--finetune: optimiser steps")
+    ap.add_argument("--ft-batch", type=int, default=FT_RECIPE["batch_size"], help="--finetune: tiles per step")
+    ap.add_argument("--ft-crop", type=int, default=FT_RECIPE["crop_size"], help="--finetune: training crop side, px")
+    ap.add_argument("--ft-lr", type=float, default=FT_RECIPE["lr"], help="--finetune: peak learning rate")
+    ap.add_argument("--ft-freeze", default=FT_RECIPE["freeze"], help="--finetune: none, stem or stages:K")
+    ap.add_argument("--ft-hed-sigma", type=float, default=FT_RECIPE["hed_sigma"], help="--finetune: HED jitter strength")
+    ap.add_argument("--ft-threads", type=int, default=FT_RECIPE["threads"], help="--finetune: torch threads")
     args = ap.parse_args()
+    if args.finetune:
+        run_finetune(args)
+        return
 
     from sklearn.metrics import roc_auc_score
 

@@ -99,8 +99,17 @@ def test_train_bad_labels_is_one_line(cohort, tmp_path):
 
 
 def test_demo_end_to_end(tmp_path):
-    out = _ok(["demo", "--out", str(tmp_path / "demo"), "--slides", "10"])
+    # --no-finetune: the fine-tuning step (the default) is covered by test_finetune.py.
+    out = _ok(["demo", "--out", str(tmp_path / "demo"), "--slides", "10", "--no-finetune"])
     assert "AUC" in out and "heatmaps" in out
+    assert "fine-tuned test AUC" not in out and not (tmp_path / "demo" / "finetune").exists()
     for line in out.splitlines():
         if line.strip().startswith(("roc:", "heatmaps:", "qc:")):
             assert Path(line.split(":", 1)[1].strip()).is_file()
+
+
+def test_demo_fine_tunes_unless_told_not_to():
+    import typer.main
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["demo"].params}
+    assert params["finetune"].default is True and "--no-finetune" in params["finetune"].secondary_opts

@@ -345,6 +345,57 @@ def test_cuda_requested_but_absent(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ demo --finetune
 
 
+def test_compare_finetuned_keeps_encoder_and_mil_slides_apart(tmp_path: Path) -> None:
+    """Tiny generated cohort (64-px tiles): split by patient, fine-tune, MIL per aggregator on both feature sets."""
+    import csv
+
+    from wsi_convnext.finetune import compare_finetuned, hold_out_patients
+    from wsi_convnext.inputs import discover_slides
+    from wsi_convnext.mil.data import read_labels
+    from wsi_convnext.store import open_store
+    from wsi_convnext.synthetic import make_cohort
+    from wsi_convnext.tiler import TileParams, tile_slides
+
+    make_cohort(tmp_path / "slides", 12, size=(1600, 1400), mpp=0.5, seed=0, lesion_fraction=(0.05, 0.1),
+                pen_fraction=0.0, pale_fraction=0.0)  # fmt: skip
+    results = tile_slides(discover_slides([tmp_path / "slides"]), tmp_path / "tiles", TileParams(mpp=1.0, tile_size=64))
+    stores = [str(r.store_path) for r in results]
+    split = hold_out_patients(stores, tmp_path / "slides" / "labels.csv", tmp_path / "cmp", held_out=0.5)
+    enc_t, held_t = read_labels(split.encoder_labels), read_labels(split.held_out_labels)
+    assert set(enc_t.labels) == set(held_t.labels) == {"normal", "tumor"}  # stratified
+    assert not set(enc_t.patient_ids) & set(held_t.patient_ids)  # grouped by patient
+    assert len(split.encoder_stores) + len(split.held_out_stores) == 12
+
+    recipe = {"steps": 2, "batch_size": 8, "crop_size": 64, "eval_size": 64, "val_frac": 0.0, "num_workers": 0, "device": "cpu"}
+    cmp = compare_finetuned(split.encoder_stores, split.encoder_labels, split.held_out_stores, split.held_out_labels,
+                            tmp_path / "cmp", aggregators=["abmil", "mean"], recipe=recipe, folds=2)  # fmt: skip
+    assert [(a.aggregator, a.features) for a in cmp.arms] == [
+        ("abmil", "random"), ("abmil", "finetuned"), ("mean", "random"), ("mean", "finetuned")]  # fmt: skip
+    assert all(0.0 <= a.auc <= 1.0 and a.auc_ci[0] <= a.auc_ci[1] for a in cmp.arms)
+    assert cmp.best("finetuned").auc == max(cmp.auc(n)["finetuned"] for n in ("abmil", "mean"))
+    # The encoder saw the encoder slides' tiles and nothing else ...
+    cfg = json.loads((cmp.encoder_dir / "config.json").read_text())
+    assert sorted(cfg["config"]["data"]) == sorted(split.encoder_stores)
+    assert cfg["data"]["n_tiles"] == sum(len(open_store(s)) for s in split.encoder_stores)
+    assert cfg["config"]["steps"] == 2 and cfg["config"]["crop_size"] == 64  # the recipe reached FinetuneConfig
+    # ... and MIL ran on the held-out slides only, each of them predicted out of fold.
+    for arm in cmp.arms:
+        with open(tmp_path / "cmp" / f"mil-{arm.aggregator}-{arm.features}" / "oof_predictions.csv", newline="") as fh:
+            assert sorted(r["slide_id"] for r in csv.DictReader(fh)) == sorted(held_t.slide_ids)
+    keys = {f: cmp.arm("abmil", f).feature_key for f in ("random", "finetuned")}
+    assert keys["random"].endswith("-random") and keys["finetuned"] != keys["random"]
+    assert all(set(keys.values()) <= set(open_store(s).feature_keys) for s in split.held_out_stores)
+    assert not any(keys["finetuned"] in open_store(s).feature_keys for s in split.encoder_stores)
+    table = cmp.table()
+    assert table.count("\n| abmil |") == 1 and table.count("\n| mean |") == 1 and "held-out" in table
+    with pytest.raises(ConfigError, match="both encoder and held-out"):
+        compare_finetuned(split.encoder_stores, split.encoder_labels, split.encoder_stores[:1], split.held_out_labels,
+                          tmp_path / "x")  # fmt: skip
+    with pytest.raises(ConfigError, match="unknown finetune config key"):
+        compare_finetuned(split.encoder_stores, split.encoder_labels, split.held_out_stores, split.held_out_labels,
+                          tmp_path / "x", recipe={"stepz": 3})  # fmt: skip
+
+
 @pytest.mark.slow
 def test_demo_finetune_compares_random_and_finetuned_features_on_held_out_slides(tmp_path: Path) -> None:
     from wsi_convnext.demo import run_demo
@@ -354,8 +405,8 @@ def test_demo_finetune_compares_random_and_finetuned_features_on_held_out_slides
     assert all(0.0 <= v <= 1.0 for v in r.finetune_auc.values())
     assert "held-out" in r.finetune_table
     cfg = json.loads((tmp_path / "demo" / "finetune" / "encoder" / "config.json").read_text())
-    train_ids = {line.split(",")[0] for line in (tmp_path / "demo" / "finetune" / "train_labels.csv").read_text().split()[1:]}
-    test_ids = {line.split(",")[0] for line in (tmp_path / "demo" / "finetune" / "test_labels.csv").read_text().split()[1:]}
+    train_ids = {line.split(",")[0] for line in (tmp_path / "demo" / "finetune" / "encoder_labels.csv").read_text().split()[1:]}
+    test_ids = {line.split(",")[0] for line in (tmp_path / "demo" / "finetune" / "held_out_labels.csv").read_text().split()[1:]}
     assert train_ids and test_ids and not train_ids & test_ids
     assert cfg["data"]["kind"] == "stores" and cfg["data"]["n_groups"] <= len(train_ids)  # only held-in slides
 
