@@ -42,7 +42,7 @@ def _config(cohort: Path, out: Path, **extra: Any) -> Any:
         "embed.stem": "overlap", "embed.device": "cpu", "embed.batch_size": 32, "tile.mpp": 0.5,
         "finetune.labels": str(cohort / "labels.csv"), "finetune.steps": 3, "finetune.batch_size": 8,
         "finetune.crop_size": 64, "finetune.eval_size": 64, "finetune.val_frac": 0.0, "finetune.threads": 1,
-        "finetune.test_frac": 0.34, "mil.aggregator": "mean", "mil.folds": 2, "mil.epochs": 3, "mil.min_epochs": 1,
+        "finetune.held_out": 0.5, "mil.aggregator": "mean", "mil.folds": 2, "mil.epochs": 3, "mil.min_epochs": 1,
         "mil.n_boot": 0, **extra,
     })  # fmt: skip
 
@@ -57,28 +57,27 @@ def test_finetune_embed_mil_from_one_config(cohort: Path, tmp_path: Path, client
     assert summary.done == 12
     ft, mil = summary.cohort["finetune"], summary.cohort["mil"]
     assert ft.status == "done" and mil.status == "done"
-    train_ids = [line.split(",")[0] for line in (training_dir(cfg) / "train_labels.csv").read_text().splitlines()[1:]]
-    test_ids = [line.split(",")[0] for line in (training_dir(cfg) / "test_labels.csv").read_text().splitlines()[1:]]
-    assert len(test_ids) >= 2 and not set(train_ids) & set(test_ids)
-    assert ft.data["train_slides"] == len(train_ids) and ft.data["test_slides"] == len(test_ids)
+    tdir = training_dir(cfg)
+    enc_ids = [line.split(",")[0] for line in (tdir / "encoder_labels.csv").read_text().splitlines()[1:]]
+    mil_ids = [line.split(",")[0] for line in (tdir / "mil_labels.csv").read_text().splitlines()[1:]]
+    assert len(enc_ids) >= 4 and len(mil_ids) >= 4 and not set(enc_ids) & set(mil_ids)
+    assert ft.data["encoder_slides"] == len(enc_ids) and ft.data["mil_slides"] == len(mil_ids) == mil.data["slides"]
 
-    # The encoder was trained on the training slides only, and embed used it.
+    # The encoder was trained on its slides only, and embed used it on every slide.
     enc_dir = Path(ft.data["encoder_dir"])
     config = json.loads((enc_dir / "config.json").read_text())
     trained_on = {Path(p).name.removesuffix(".zarr") for p in config["config"]["data"]}
-    assert trained_on == set(train_ids)
-    store = open_store(tmp_path / "out" / f"{test_ids[0]}.zarr")
+    assert trained_on == set(enc_ids)
+    store = open_store(tmp_path / "out" / f"{mil_ids[0]}.zarr")
     (key,) = store.feature_keys
     assert key == mil.data["feature_key"] and "random" not in key
     assert store.feature_attrs(key)["weights_sha256"] not in ("random", None)
 
-    # MIL trained on the training slides and tested on the held-out ones.
-    metrics = json.loads((tmp_path / "out" / "training" / "test" / "metrics.json").read_text())
-    assert metrics["n"] == len(test_ids) and metrics["classes"] == ["normal", "tumor"]
-    assert mil.data["test_auc"] == metrics["auc"]["value"]
-    predictions = (tmp_path / "out" / "training" / "test" / "predictions.csv").read_text().splitlines()
-    assert predictions[0].startswith("slide_id,true_label,predicted")
-    assert sorted(r.split(",")[0] for r in predictions[1:]) == sorted(test_ids)
+    # MIL was cross-validated on the slides the encoder never saw.
+    oof = (tdir / "mil" / "oof_predictions.csv").read_text().splitlines()
+    assert oof[0].startswith("slide_id,true_label,predicted")
+    assert sorted(r.split(",")[0] for r in oof[1:]) == sorted(mil_ids)
+    assert (tdir / "mil" / "model.safetensors").is_file() and 0 <= mil.data["cv_auc"] <= 1
 
     # A rerun finds the fine-tuned encoder finished and the features there.
     again = run_cohort(cfg, client=client)
@@ -89,8 +88,8 @@ def test_finetune_embed_mil_from_one_config(cohort: Path, tmp_path: Path, client
 def test_training_config_errors(cohort: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'finetune.lr' must be positive, got 0"):
         _config(cohort, tmp_path, **{"finetune.lr": 0})
-    with pytest.raises(ConfigError, match="'finetune.test_frac' must be in"):
-        _config(cohort, tmp_path, **{"finetune.test_frac": 1.5})
+    with pytest.raises(ConfigError, match=r"'finetune.held_out' must be in \(0, 1\)"):
+        _config(cohort, tmp_path, **{"finetune.held_out": 1.0})
     with pytest.raises(ConfigError, match="'mil.folds' must be at least 2"):
         _config(cohort, tmp_path, **{"mil.folds": 1})
     with pytest.raises(ConfigError, match="without 'shard'"):

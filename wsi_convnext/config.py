@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 from .errors import ConfigError
-from .params import ParameterError, half_open, non_empty, non_negative, one_of, param, positive
+from .params import ParameterError, non_empty, non_negative, one_of, param, positive
 
 __all__ = [
     "EmbedConfig",
@@ -80,6 +80,10 @@ def _dashboard(v: str) -> str | None:
 
 def _address(v: str) -> str | None:
     return None if re.match(r"^[a-z0-9+]+://\S+$", v) else "must be a scheduler address such as 'tcp://host:8786'"
+
+
+def _open_fraction(v: float) -> str | None:
+    return None if 0 < v < 1 else "must be in (0, 1)"
 
 
 def _cluster_kinds() -> tuple[str, ...]:
@@ -144,17 +148,17 @@ def _library_sections() -> tuple[type, type, type, type]:
         "FinetuneStageConfig",
         """``[finetune]``: weak-label fine-tuning of the ``[embed]`` encoder on the training slides'
         tiles before embedding (the cohort-scope ``finetune`` stage); the training fields of
-        :class:`wsi_convnext.finetune.FinetuneConfig`. Runs when ``labels`` is set. ``test_frac``
-        of the patients (stratified) are held out: the encoder and the MIL model never see them.""",
+        :class:`wsi_convnext.finetune.FinetuneConfig`. Runs when ``labels`` is set. ``held_out``
+        of the patients (stratified) are kept away from the encoder; MIL is trained on those.""",
         [FinetuneConfig],
         exclude=("data", "out", "model", "stem", "weights", "pretrained", "stem_init", "overwrite"),
-        extra=[("test_frac", float | None, _opt(half_open(0, 1), "share of patients held out for testing (default 0.25)"))],
+        extra=[("held_out", float | None, _opt(_open_fraction, "share of patients kept from the encoder, for MIL (default 0.5)"))],
     )
     mil = _section(
         "MilStageConfig",
         """``[mil]``: train a MIL model on the cohort's embeddings (the cohort-scope ``mil`` stage): the
         fields of :class:`wsi_convnext.mil.TrainConfig`. Runs when ``labels`` (or ``finetune.labels``) is
-        set; slides held out by ``[finetune]`` are only evaluated.""",
+        set; with ``[finetune]`` it trains on the slides the encoder never saw.""",
         [TrainConfig],
         extra=[("labels", Path | None, _opt(None, "labels CSV slide_id,label[,patient_id] (default: finetune.labels)"))],
     )

@@ -3,17 +3,19 @@
 With ``[finetune] labels = "labels.csv"`` one run config does tile → ``finetune`` → embed
 (with the fine-tuned encoder) → ``mil``:
 
-* ``finetune`` (a GPU task when the cluster has GPU workers) holds out ``test_frac`` of the
-  labelled patients (stratified, :func:`~wsi_convnext.mil.splits.holdout_split`), writes
-  ``OUT/training/{train,test}_labels.csv`` and fine-tunes the ``[embed]`` encoder on the
-  tiles of the training slides only, with their slide labels, into ``OUT/training/encoder/``
+* ``finetune`` (a GPU task when the cluster has GPU workers) splits the labelled patients
+  once (stratified, :func:`~wsi_convnext.mil.splits.holdout_split`): ``held_out`` of them
+  (default 0.5) are kept away from the encoder. It writes ``OUT/training/encoder_labels.csv``
+  and ``mil_labels.csv`` and fine-tunes the ``[embed]`` encoder on the tiles of the encoder
+  slides only, with their slide labels, into ``OUT/training/encoder/``
   (:func:`~wsi_convnext.finetune.finetune_encoder`; rerunning resumes or finds it finished).
   Its ``encoder_weights`` output makes the per-slide ``embed`` stage that follows use them.
-* ``mil`` cross-validates ``[mil]`` on the training slides and saves the model in
-  ``OUT/training/mil/`` (:func:`~wsi_convnext.mil.api.train`); the held-out slides, which
-  neither the encoder nor the MIL model saw, are evaluated into ``OUT/training/test/``
-  (``metrics.json``, ``predictions.csv``). Without ``[finetune]``, ``[mil] labels`` trains
-  on every labelled slide (cross-validation only).
+* ``mil`` cross-validates ``[mil]`` on the held-out slides, which the encoder never saw, and
+  saves the model in ``OUT/training/mil/`` (:func:`~wsi_convnext.mil.api.train`: metrics,
+  ROC, out-of-fold predictions). MIL is never trained on the encoder's slides: a fine-tuned
+  encoder carries each of those slides' label on all its tiles, and MIL would learn that
+  shortcut instead of the lesion (measured in ``benchmarks/mil.py --finetune``). Without
+  ``[finetune]``, ``[mil] labels`` trains on every labelled slide.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_write_text
 from ..config import RunConfig
 from ..errors import ConfigError
 from .stages import Resources, StageSpec, register_stage
@@ -30,63 +31,63 @@ from .stages import Resources, StageSpec, register_stage
 if TYPE_CHECKING:
     from ..inputs import SlideSpec
 
-__all__ = ["DEFAULT_TEST_FRAC", "finetune_stage", "mil_stage", "training_dir"]
+__all__ = ["DEFAULT_HELD_OUT", "finetune_stage", "mil_stage", "training_dir"]
 
-#: Share of the labelled patients held out from fine-tuning and MIL training by default.
-DEFAULT_TEST_FRAC = 0.25
+#: Share of the labelled patients kept away from the encoder (for MIL) by default.
+DEFAULT_HELD_OUT = 0.5
 
 
 def training_dir(config: RunConfig) -> Path:
-    """``OUT/training``: the split, the fine-tuned encoder, the MIL model and the test metrics."""
+    """``OUT/training``: the split, the fine-tuned encoder and the MIL model."""
     if config.out is None:
         raise ConfigError("run config: no output folder ('out')")
     return Path(config.out) / "training"
 
 
-def _write_labels(path: Path, table: Any) -> Path:
-    rows = [f"{s},{lab},{p}" for s, lab, p in zip(table.slide_ids, table.labels, table.patient_ids)]
-    atomic_write_text(path, "slide_id,label,patient_id\n" + "\n".join(rows) + "\n")
-    return path
-
-
 def _split(config: RunConfig, slide_ids: Sequence[str]) -> tuple[Any, Any]:
-    """(training, held-out) label tables of the labelled slides among ``slide_ids``."""
+    """(encoder, MIL) label tables of the labelled slides among ``slide_ids``.
+
+    Without ``[finetune]`` the encoder part is None and MIL gets every labelled slide.
+    """
     from ..mil.data import read_labels
     from ..mil.splits import holdout_split
 
     if config.labels is None:
         raise ConfigError("run config: the training stages need 'finetune.labels' or 'mil.labels'")
     table = read_labels(config.labels)
-    present = [s for s in table.slide_ids if s in set(slide_ids)]
+    cohort = set(slide_ids)
+    present = [s for s in table.slide_ids if s in cohort]
     if not present:
         raise ConfigError(f"{config.labels}: none of its slides is in this run's cohort")
     table = table.subset(present)
-    test_frac = 0.0 if not config.finetune.labels else config.finetune.test_frac
-    test_frac = DEFAULT_TEST_FRAC if test_frac is None else test_frac
-    seed = config.finetune.seed if config.finetune.seed is not None else 0
-    fit_ids, test_ids = holdout_split(table, test_frac, seed=seed)
-    return table.subset(fit_ids), table.subset(test_ids) if test_ids else None
+    if not config.finetune.labels:
+        return None, table
+    held_out = DEFAULT_HELD_OUT if config.finetune.held_out is None else config.finetune.held_out
+    enc_ids, mil_ids = holdout_split(table, held_out, seed=config.finetune.seed or 0)
+    if not enc_ids or not mil_ids:
+        raise ConfigError(f"{config.labels}: too few patients per class to keep {held_out:g} of them from the encoder")
+    return table.subset(enc_ids), table.subset(mil_ids)
 
 
 def finetune_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Fine-tune the ``[embed]`` encoder on the training slides' tiles (weak slide labels).
+    """Fine-tune the ``[embed]`` encoder on the encoder slides' tiles (weak slide labels).
 
     Returns:
         ``encoder_weights`` (the fine-tuned ``encoder.safetensors``, used by the later
-        ``embed`` stage), ``encoder_dir``, and the training and held-out slide counts.
+        ``embed`` stage), ``encoder_dir``, and the encoder and MIL slide counts.
     """
     from ..finetune import FinetuneConfig, finetune_encoder
+    from ..mil.data import write_labels
 
     spec = config.encoder_config()
     if spec is None:
         raise ConfigError("run config: [finetune] needs [embed] model")
-    fit, test = _split(config, [s.slide_id for s in slides])
+    enc, mil = _split(config, [s.slide_id for s in slides])
     out = training_dir(config)
-    labels = _write_labels(out / "train_labels.csv", fit)
-    if test is not None:
-        _write_labels(out / "test_labels.csv", test)
-    stores = tuple(str(states[s]["store"]) for s in fit.slide_ids)
-    options = {f: v for f, v in vars(config.finetune).items() if v is not None and f not in ("labels", "test_frac")}
+    labels = write_labels(out / "encoder_labels.csv", enc)
+    write_labels(out / "mil_labels.csv", mil)
+    stores = tuple(str(states[s]["store"]) for s in enc.slide_ids)
+    options = {f: v for f, v in vars(config.finetune).items() if v is not None and f not in ("labels", "held_out")}
     options.setdefault("device", config.embed.device or "auto")
     ft = FinetuneConfig(
         data=stores, labels=str(labels), out=str(out / "encoder"), model=spec.model, stem=spec.stem or "patch",
@@ -97,37 +98,32 @@ def finetune_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mappi
     return {
         "encoder_weights": str(enc_dir / "encoder.safetensors"),
         "encoder_dir": str(enc_dir),
-        "train_slides": len(fit.slide_ids),
-        "test_slides": 0 if test is None else len(test.slide_ids),
+        "encoder_slides": len(enc.slide_ids),
+        "mil_slides": len(mil.slide_ids),
     }
 
 
 def mil_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Cross-validate and save a MIL model on the training slides; evaluate the held-out ones.
+    """Cross-validate and save a MIL model on the slides the encoder never saw (every labelled
+    slide without ``[finetune]``).
 
     Returns:
-        ``model_dir``, ``cv_auc`` (pooled out-of-fold AUC on the training slides) and, with
-        held-out slides, ``test_auc`` and ``test_dir``.
+        ``model_dir``, ``feature_key``, ``slides`` and ``cv_auc`` (pooled out-of-fold AUC).
     """
-    from ..mil.api import evaluate, train
+    from ..mil.api import train
+    from ..mil.data import write_labels
 
-    fit, test = _split(config, [s.slide_id for s in slides])
+    _, mil = _split(config, [s.slide_id for s in slides])
     out = training_dir(config)
-    keys = {states[s].get("feature_key") for s in fit.slide_ids}
+    keys = {states[s].get("feature_key") for s in mil.slide_ids}
     if len(keys) != 1 or None in keys:
-        raise ConfigError(f"the mil stage needs one feature key on every training slide, got {sorted(map(str, keys))}")
+        raise ConfigError(f"the mil stage needs one feature key on every slide, got {sorted(map(str, keys))}")
     (key,) = keys
-    labels = _write_labels(out / "train_labels.csv", fit)
-    report = train([str(states[s]["store"]) for s in fit.slide_ids], labels, out / "mil", config.mil_config(),
+    labels = write_labels(out / "mil_labels.csv", mil)
+    report = train([str(states[s]["store"]) for s in mil.slide_ids], labels, out / "mil", config.mil_config(),
                    feature_key=key, overwrite=True)  # fmt: skip
-    result: dict[str, Any] = {"model_dir": str(out / "mil"), "feature_key": key}
     pooled = report.metrics.get("pooled", {}).get("auc", {})
-    result["cv_auc"] = pooled.get("value")
-    if test is not None:
-        test_labels = _write_labels(out / "test_labels.csv", test)
-        m = evaluate(out / "mil", [str(states[s]["store"]) for s in test.slide_ids], test_labels, out / "test")
-        result.update(test_auc=m["auc"]["value"], test_dir=str(out / "test"))
-    return result
+    return {"model_dir": str(out / "mil"), "feature_key": key, "slides": len(mil.slide_ids), "cv_auc": pooled.get("value")}
 
 
 def _finetunes(config: RunConfig) -> bool:
@@ -145,10 +141,8 @@ def _finetune_resources(config: RunConfig) -> Resources:
 register_stage(
     StageSpec(
         "finetune", finetune_stage, resources=_finetune_resources, scope="cohort", enabled=_finetunes,
-        doc="weak-label fine-tuning of the encoder on the training slides (before embed)",
+        doc="weak-label fine-tuning of the encoder on the encoder slides (before embed)",
     ),  # fmt: skip
     before="embed",
 )
-register_stage(
-    StageSpec("mil", mil_stage, scope="cohort", enabled=_trains_mil, doc="MIL on the training slides; test on the held-out")
-)
+register_stage(StageSpec("mil", mil_stage, scope="cohort", enabled=_trains_mil, doc="MIL on the slides the encoder never saw"))

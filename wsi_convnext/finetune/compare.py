@@ -15,8 +15,6 @@ aggregators trained on the encoder's own slides scored 0.64–0.69 test AUC on a
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import time
@@ -149,16 +147,6 @@ class FinetuneComparison:
         return "\n".join(lines)
 
 
-def _write_labels(path: Path, rows: Sequence[tuple[str, str, str]]) -> Path:
-    from .._io import atomic_write_text
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["slide_id", "label", "patient_id"])
-    writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
-
-
 def hold_out_patients(
     stores: Sequence[PathLike], labels: PathLike, out_dir: PathLike, *, held_out: float = 0.5, seed: int = 0
 ) -> HeldOutSplit:
@@ -177,10 +165,8 @@ def hold_out_patients(
     Raises:
         ConfigError: ``held_out`` outside (0, 1), or too few patients per class to hold any out.
     """
-    import numpy as np
-
-    from ..mil.data import read_labels
-    from ..mil.splits import inner_validation_split
+    from ..mil.data import read_labels, write_labels
+    from ..mil.splits import holdout_split
     from ..store import open_store
 
     if not 0 < held_out < 1:
@@ -188,17 +174,14 @@ def hold_out_patients(
     table = read_labels(labels)
     by_id = {open_store(s).slide_id: str(s) for s in stores}
     sub = table.subset([s for s in table.slide_ids if s in by_id])
-    fit, rest = inner_validation_split(
-        sub.y, np.asarray(sub.patient_ids, dtype=object), np.arange(len(sub)), val_fraction=held_out, seed=seed
-    )
-    if len(rest) == 0:
+    fit, rest = holdout_split(sub, held_out, seed=seed)
+    if not rest:
         raise ConfigError(f"{sub.source}: too few patients per class ({len(sub)} slides) to hold any out")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = {}
-    for name, sel in (("encoder", fit), ("held_out", rest)):
-        rows = [(sub.slide_ids[i], sub.labels[i], sub.patient_ids[i]) for i in sel]
-        parts[name] = (tuple(by_id[sub.slide_ids[i]] for i in sel), _write_labels(out / f"{name}_labels.csv", rows))
+    for name, ids in (("encoder", fit), ("held_out", rest)):
+        parts[name] = (tuple(by_id[i] for i in ids), write_labels(out / f"{name}_labels.csv", sub.subset(ids)))
     return HeldOutSplit(*parts["encoder"], *parts["held_out"])
 
 

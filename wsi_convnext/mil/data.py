@@ -27,6 +27,7 @@ __all__ = [
     "Bag",
     "LabelTable",
     "read_labels",
+    "write_labels",
     "load_bags",
     "index_stores",
     "match_labels",
@@ -254,6 +255,19 @@ def _sniff_delimiter(header: str) -> str:
         if d in header:
             return d
     return ","
+
+
+def write_labels(path: str | os.PathLike[str], table: LabelTable) -> Path:
+    """Write ``table`` as a labels CSV (``slide_id,label,patient_id``), atomically; returns the path."""
+    import io
+
+    from .._io import atomic_write_text
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["slide_id", "label", "patient_id"])
+    writer.writerows(zip(table.slide_ids, table.labels, table.patient_ids))
+    return atomic_write_text(Path(path), buf.getvalue())
 
 
 def read_labels(path: str | os.PathLike[str], *, min_classes: int = 2, check_splits: bool = True) -> LabelTable:
