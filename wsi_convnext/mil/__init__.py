@@ -5,6 +5,7 @@ Submodules (torch is imported only by those that need it):
 - :mod:`.data`: :class:`~.data.Bag`, :func:`~.data.read_labels`, :func:`~.data.load_bags`.
 - :mod:`.aggregators`: aggregator registry (``mean``, ``maxpool``, ``abmil``, ``dsmil``, ``clam_sb``).
 - :mod:`.splits`: patient-grouped stratified folds.
+- :mod:`.config`: :class:`~.config.TrainConfig` (validated on construction, no torch at import).
 - :mod:`.training`: :func:`~.training.cross_validate`, :func:`~.training.train_model`.
 - :mod:`.metrics`: AUC / balanced accuracy / F1 with bootstrap CIs.
 - :mod:`.checkpoint`: safetensors + JSON checkpoints.
