@@ -373,7 +373,8 @@ def test_local_cluster_sizing() -> None:
     cfg = load_config(None, {"slides": "a", "out": "o", "local.n_workers": 3, "local.gpus": 0,
                              "local.memory_limit": "5GiB", "local.dashboard_address": ""})  # fmt: skip
     kwargs, gpus = local_cluster_kwargs(cfg, cpus=16, memory=64 * 2**30, gpus=4)
-    assert (kwargs["n_workers"], gpus, kwargs["memory_limit"], kwargs["dashboard_address"]) == (3, 0, "5GiB", None)
+    assert (kwargs["n_workers"], gpus, kwargs["memory_limit"], kwargs["dashboard_address"]) == (3, 0, "5GiB", "127.0.0.1:0")
+    assert kwargs["scheduler_kwargs"] == {"dashboard": False}  # '' = no dashboard, health/metrics on a free local port
 
 
 def test_slurm_job_script(tmp_path: Path) -> None:
