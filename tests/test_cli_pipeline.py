@@ -102,7 +102,7 @@ def test_demo_end_to_end(tmp_path):
     # --no-finetune: the fine-tuning step (the default) is covered by test_finetune.py.
     out = _ok(["demo", "--out", str(tmp_path / "demo"), "--slides", "10", "--no-finetune"])
     assert "AUC" in out and "heatmaps" in out
-    assert "fine-tuned test AUC" not in out and not (tmp_path / "demo" / "finetune").exists()
+    assert "fine-tuned AUC" not in out and not (tmp_path / "demo" / "finetune").exists()
     for line in out.splitlines():
         if line.strip().startswith(("roc:", "heatmaps:", "qc:")):
             assert Path(line.split(":", 1)[1].strip()).is_file()
