@@ -40,6 +40,22 @@ def test_help_is_instant_and_lists_commands():
         assert cmd in res.output
 
 
+def test_no_help_text_is_swallowed_as_rich_markup():
+    # Typer renders help through Rich: "[default: x]" or "[tile.tissue]" would vanish as a tag.
+    import re
+
+    import typer.main
+
+    tag = re.compile(r"(?<!\\)\[[a-z#/@][^\[\]]*\]")
+    group = typer.main.get_command(app)
+    texts = [(name, group.commands[name].help or "") for name in group.commands]
+    texts += [(f"{name} {p.name}", getattr(p, "help", None) or "") for name in group.commands
+              for p in group.commands[name].params]  # fmt: skip
+    assert [(where, text) for where, text in texts if tag.search(text)] == []
+    res = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+    assert "Epochs (default: 10 unless --steps)." in res.output
+
+
 def test_info_json_on_real_slide(cmu_slide):
     res = runner.invoke(app, ["info", str(cmu_slide), "--json"])
     assert res.exit_code == 0, res.output
