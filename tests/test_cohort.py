@@ -355,6 +355,10 @@ def test_sharded_run_writes_its_own_manifest(tmp_path: Path, client: Any) -> Non
         seen |= ids
     assert seen == {s.slide_id for s in slides}
     assert not (tmp_path / "manifest.csv").exists()
+    # A shard that draws no slide still leaves the manifest it names (header only).
+    cfg = load_config(None, {"slides": "/nowhere", "out": str(tmp_path / "empty"), "shard": "0/3", "report": False})
+    summary = run_cohort(cfg, client=client, stages=NOOP_STAGES, slides=[])
+    assert summary.total == 0 and summary.manifest.is_file() and read_manifest(summary.manifest) == []
     from wsi_convnext.outputs.report import write_report
 
     assert write_report(tmp_path).read_text().count('<tr id="slide-') == 40  # the report merges the shards

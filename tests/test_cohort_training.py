@@ -79,10 +79,16 @@ def test_finetune_embed_mil_from_one_config(cohort: Path, tmp_path: Path, client
     assert sorted(r.split(",")[0] for r in oof[1:]) == sorted(mil_ids)
     assert (tdir / "mil" / "model.safetensors").is_file() and 0 <= mil.data["cv_auc"] <= 1
 
-    # A rerun finds the fine-tuned encoder finished and the features there.
+    # A rerun finds the fine-tuned encoder finished, the features there and the MIL model up to date.
+    model_mtime = (tdir / "mil" / "model.safetensors").stat().st_mtime_ns
     again = run_cohort(cfg, client=client)
     assert again.ok and again.cohort["finetune"].data["encoder_dir"] == str(enc_dir)
     assert again.skipped == 12
+    assert again.cohort["mil"].data == mil.data
+    assert (tdir / "mil" / "model.safetensors").stat().st_mtime_ns == model_mtime
+    # Other [mil] settings retrain it.
+    other = run_cohort(_config(cohort, tmp_path / "out", **{"mil.epochs": 4}), client=client)
+    assert other.ok and (tdir / "mil" / "model.safetensors").stat().st_mtime_ns != model_mtime
 
 
 def test_training_config_errors(cohort: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ With ``[finetune] labels = "labels.csv"`` one run config does tile → ``finetun
   Its ``encoder_weights`` output makes the per-slide ``embed`` stage that follows use them.
 * ``mil`` cross-validates ``[mil]`` on the held-out slides, which the encoder never saw, and
   saves the model in ``OUT/training/mil/`` (:func:`~wsi_convnext.mil.api.train`: metrics,
-  ROC, out-of-fold predictions). MIL is never trained on the encoder's slides: a fine-tuned
+  ROC, out-of-fold predictions; a rerun with the same inputs keeps it). MIL is never trained on the encoder's slides: a fine-tuned
   encoder carries each of those slides' label on all its tiles, and MIL would learn that
   shortcut instead of the lesion (measured in ``benchmarks/mil.py --finetune``). Without
   ``[finetune]``, ``[mil] labels`` trains on every labelled slide.
@@ -20,10 +20,16 @@ With ``[finetune] labels = "labels.csv"`` one run config does tile → ``finetun
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._io import atomic_write_text
 from ..config import RunConfig
 from ..errors import ConfigError
 from .stages import Resources, StageSpec, register_stage
@@ -32,6 +38,8 @@ if TYPE_CHECKING:
     from ..inputs import SlideSpec
 
 __all__ = ["DEFAULT_HELD_OUT", "finetune_stage", "mil_stage", "training_dir"]
+
+logger = logging.getLogger(__name__)
 
 #: Share of the labelled patients kept away from the encoder (for MIL) by default.
 DEFAULT_HELD_OUT = 0.5
@@ -107,6 +115,9 @@ def mil_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[st
     """Cross-validate and save a MIL model on the slides the encoder never saw (every labelled
     slide without ``[finetune]``).
 
+    A rerun with the same ``[mil]`` settings, labels, slides and feature key finds the model
+    there (``OUT/training/mil/stage.json``) and does not retrain, unless ``overwrite``.
+
     Returns:
         ``model_dir``, ``feature_key``, ``slides`` and ``cv_auc`` (pooled out-of-fold AUC).
     """
@@ -120,10 +131,24 @@ def mil_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[st
         raise ConfigError(f"the mil stage needs one feature key on every slide, got {sorted(map(str, keys))}")
     (key,) = keys
     labels = write_labels(out / "mil_labels.csv", mil)
-    report = train([str(states[s]["store"]) for s in mil.slide_ids], labels, out / "mil", config.mil_config(),
-                   feature_key=key, overwrite=True)  # fmt: skip
+    stores = [str(states[s]["store"]) for s in mil.slide_ids]
+    mil_config = config.mil_config()
+    fingerprint = hashlib.sha256(json.dumps(
+        {"mil": dataclasses.asdict(mil_config), "feature_key": key, "stores": stores, "labels": labels.read_text()},
+        sort_keys=True, default=str,
+    ).encode()).hexdigest()  # fmt: skip
+    record = out / "mil" / "stage.json"
+    if not config.overwrite and record.is_file() and (out / "mil" / "model.safetensors").is_file():
+        with contextlib.suppress(ValueError, KeyError):
+            done = json.loads(record.read_text())
+            if done["fingerprint"] == fingerprint:
+                logger.info("mil: the model in %s is up to date; not retrained", out / "mil")
+                return dict(done["result"])
+    report = train(stores, labels, out / "mil", mil_config, feature_key=key, overwrite=True)
     pooled = report.metrics.get("pooled", {}).get("auc", {})
-    return {"model_dir": str(out / "mil"), "feature_key": key, "slides": len(mil.slide_ids), "cv_auc": pooled.get("value")}
+    result = {"model_dir": str(out / "mil"), "feature_key": key, "slides": len(mil.slide_ids), "cv_auc": pooled.get("value")}
+    atomic_write_text(record, json.dumps({"fingerprint": fingerprint, "result": result}, indent=1) + "\n")
+    return result
 
 
 def _finetunes(config: RunConfig) -> bool:

@@ -297,9 +297,12 @@ class RunManifest:
             self._sync(rewrite=True)
 
     def close(self) -> None:
-        """Merge with the file and compact it. Recording again is allowed."""
+        """Merge with the file and compact it (a run with no rows still leaves its header).
+
+        Recording again is allowed.
+        """
         with self._lock:
-            self._sync(rewrite=True)
+            self._sync(rewrite=True, create=True)
 
     def __enter__(self) -> RunManifest:
         return self
@@ -309,8 +312,11 @@ class RunManifest:
 
     # --- internals (self._lock held) -------------------------------------------------------
 
-    def _sync(self, *, rewrite: bool) -> None:
-        """Under the file lock: read the file, merge this object's rows in, rewrite if needed."""
+    def _sync(self, *, rewrite: bool, create: bool = False) -> None:
+        """Under the file lock: read the file, merge this object's rows in, rewrite if needed.
+
+        ``create`` writes a header-only file when there is nothing to merge.
+        """
         if not rewrite and not self.path.exists():
             return
         with path_lock(self.path):
@@ -323,7 +329,7 @@ class RunManifest:
             changed = any(merged.get(k) != v for k, v in disk.items()) or len(merged) != len(disk)
             self._rows = merged
             self._lines = lines
-            if (rewrite or dirty or lines > len(disk) or changed) and (merged or self.path.exists()):
+            if (rewrite or dirty or lines > len(disk) or changed) and (merged or create or self.path.exists()):
                 buf = io.StringIO()
                 writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
                 writer.writeheader()
