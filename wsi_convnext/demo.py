@@ -8,10 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .mil.config import ProgressFn
+
 logger = logging.getLogger(__name__)
 
-#: Progress callback: ``progress(stage, done, total)``.
-StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -53,7 +53,7 @@ def run_demo(
     seed: int = 0,
     finetune: bool = True,
     finetune_steps: int = 60,
-    progress: StageProgress | None = None,
+    progress: ProgressFn | None = None,
 ) -> DemoResult:
     """Generate a labelled cohort of H&E-like slides and run the whole pipeline on it.
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
-    from ..mil.api import ProgressFn
+    from ..mil.config import ProgressFn
 
 __all__ = [
     "DEFAULT_RECIPE", "ArmResult", "FinetuneComparison", "HeldOutSplit", "compare_finetuned", "hold_out_patients",

@@ -10,11 +10,12 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError, LabelsError, StoreError
+from .config import ProgressFn
 from .data import Bag, LabelTable, _listing, index_stores, load_bags, match_labels, read_labels
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ __all__ = ["TrainReport", "SlidePrediction", "train", "evaluate", "predict"]
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int], None]
 PathLike = str | os.PathLike[str]
 
 MODEL_FILES = ("model.safetensors", "config.json")

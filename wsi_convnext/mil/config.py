@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
 from ..params import at_least, check_params, half_open, non_negative, param, positive
 
-__all__ = ["TrainConfig"]
+__all__ = ["ProgressFn", "TrainConfig"]
+
+#: Progress callback of the MIL functions and the demo: ``progress(description, done, total)``.
+ProgressFn = Callable[[str, int, int], None]
 
 
 def _check_aggregator(aggregator: str, agg_kwargs: Mapping[str, Any]) -> None:

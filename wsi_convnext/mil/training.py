@@ -23,7 +23,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,14 +34,13 @@ from .aggregators import aggregator_defaults
 from .data import Bag, LabelTable, labels_for_bags
 from .metrics import summarize_cv
 from .model import FeatureStats, MILModel, TrainedModel, bag_tensor, compute_feature_stats, new_model
-from .config import TrainConfig
+from .config import ProgressFn, TrainConfig
 from .splits import Fold, inner_validation_split, make_folds
 
 __all__ = ["TrainConfig", "FitResult", "FoldResult", "CVResult", "fit", "cross_validate", "train_model"]
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 @contextmanager
