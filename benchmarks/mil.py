@@ -108,7 +108,7 @@ def run_finetune(args: argparse.Namespace) -> None:
           f"(reused when already in {args.work})", flush=True)  # fmt: skip
     recipe = {"steps": args.ft_steps, "batch_size": args.ft_batch, "crop_size": args.ft_crop, "eval_size": args.ft_crop,
               "lr": args.ft_lr, "freeze": args.ft_freeze, "hed_sigma": args.ft_hed_sigma, "threads": args.ft_threads,
-              "val_frac": 0.0}  # fmt: skip
+              "val_frac": args.ft_val_frac}  # fmt: skip
     t1 = time.perf_counter()
     cmp = compare_finetuned(enc_stores, enc_labels, mil_stores, mil_labels, args.work / "finetune",
                             model="convnext_atto", stem="patch", aggregators=args.aggregators or sorted(AGGREGATORS),
@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--ft-freeze", default=FT_RECIPE["freeze"], help="--finetune: none, stem or stages:K")
     ap.add_argument("--ft-hed-sigma", type=float, default=FT_RECIPE["hed_sigma"], help="--finetune: HED jitter strength")
     ap.add_argument("--ft-threads", type=int, default=FT_RECIPE["threads"], help="--finetune: torch threads")
+    ap.add_argument("--ft-val-frac", type=float, default=0.0,
+                    help="--finetune: share of the encoder patients for validation and model selection (0 = last weights)")
     args = ap.parse_args()
     if args.finetune:
         run_finetune(args)
