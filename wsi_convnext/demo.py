@@ -13,7 +13,6 @@ from .mil.config import ProgressFn
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class DemoResult:
     """What the demo wrote.

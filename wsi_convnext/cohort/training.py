@@ -12,10 +12,11 @@ With ``[finetune] labels = "labels.csv"`` one run config does tile → ``finetun
   Its ``encoder_weights`` output makes the per-slide ``embed`` stage that follows use them.
 * ``mil`` cross-validates ``[mil]`` on the held-out slides, which the encoder never saw, and
   saves the model in ``OUT/training/mil/`` (:func:`~wsi_convnext.mil.api.train`: metrics,
-  ROC, out-of-fold predictions; a rerun with the same inputs keeps it). MIL is never trained on the encoder's slides: a fine-tuned
-  encoder carries each of those slides' label on all its tiles, and MIL would learn that
-  shortcut instead of the lesion (measured in ``benchmarks/mil.py --finetune``). Without
-  ``[finetune]``, ``[mil] labels`` trains on every labelled slide.
+  ROC, out-of-fold predictions; a rerun with the same inputs keeps it). MIL is never trained
+  on the encoder's slides: a fine-tuned encoder carries each of those slides' label on all its
+  tiles, and MIL would learn that shortcut instead of the lesion (measured in
+  ``benchmarks/mil.py --finetune``). Without ``[finetune]``, ``[mil] labels`` trains on every
+  labelled slide.
 """
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ __all__ = ["TrainConfig", "FitResult", "FoldResult", "CVResult", "fit", "cross_v
 log = logging.getLogger(__name__)
 
 
-
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Set torch's intra-op thread count inside the block (no-op for None)."""
