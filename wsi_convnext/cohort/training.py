@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -124,6 +123,7 @@ def mil_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[st
     """
     from ..mil.api import train
     from ..mil.data import write_labels
+    from ..transforms.base import fingerprint as params_fingerprint
 
     _, mil = _split(config, [s.slide_id for s in slides])
     out = training_dir(config)
@@ -134,10 +134,8 @@ def mil_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[st
     labels = write_labels(out / "mil_labels.csv", mil)
     stores = [str(states[s]["store"]) for s in mil.slide_ids]
     mil_config = config.mil_config()
-    fingerprint = hashlib.sha256(json.dumps(
-        {"mil": dataclasses.asdict(mil_config), "feature_key": key, "stores": stores, "labels": labels.read_text()},
-        sort_keys=True, default=str,
-    ).encode()).hexdigest()  # fmt: skip
+    inputs = {"mil": dataclasses.asdict(mil_config), "feature_key": key, "stores": stores, "labels": labels.read_text()}
+    fingerprint = params_fingerprint(inputs, n=64)
     record = out / "mil" / "stage.json"
     if not config.overwrite and record.is_file() and (out / "mil" / "model.safetensors").is_file():
         with contextlib.suppress(ValueError, KeyError):
