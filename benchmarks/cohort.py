@@ -78,7 +78,7 @@ class TimedStage:
 def _warm_tiling() -> None:
     import importlib
 
-    for name in ("wsi_convnext.tiler", "wsi_convnext.jpeg_scaled", "wsi_convnext.outputs.qc", "wsi_convnext._proc",
+    for name in ("wsi_convnext.tiling.tiler", "wsi_convnext.tiling.jpeg_scaled", "wsi_convnext.outputs.qc", "wsi_convnext._proc",
                  "wsi_convnext.slide.openslide", "wsi_convnext.slide.tiffslide", "openslide", "tiffslide", "tifffile",
                  "zarr", "numcodecs", "imagecodecs", "PIL.Image"):  # fmt: skip
         importlib.import_module(name)

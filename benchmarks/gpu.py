@@ -13,7 +13,7 @@ On one CUDA GPU (sized for <= 8 minutes on an H100/H200) it measures, in one pro
   encoder's model) when ``wsi_convnext.finetune`` is importable; the row is skipped otherwise.
 
 The stores are generated here: a synthetic slide (:mod:`wsi_convnext.synthetic`), tiled with
-:func:`wsi_convnext.tiler.tile_slide`, copied to reach ``--tiles``. No downloads, random weights.
+:func:`wsi_convnext.tiling.tiler.tile_slide`, copied to reach ``--tiles``. No downloads, random weights.
 
 Without a CUDA GPU it prints why and exits 0 without measuring; ``--dry-run`` runs every row
 on the CPU at tiny sizes (``convnext_atto``, no compile), to check the script itself.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def make_stores(root: Path, n_tiles: int, side: int, workers: int) -> list[Path]:
     """Stores of a generated slide: one tiled slide, copied until ``n_tiles`` tiles in all."""
     from wsi_convnext.synthetic import SyntheticSlideSpec, write_synthetic_slide
-    from wsi_convnext.tiler import TileParams, tile_slide
+    from wsi_convnext.tiling.tiler import TileParams, tile_slide
 
     slide = write_synthetic_slide(root / "slide.svs", SyntheticSlideSpec(width=side, height=side, mpp=0.5, seed=1),
                                   workers=workers).path  # fmt: skip

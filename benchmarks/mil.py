@@ -73,7 +73,7 @@ def build_cohort(
     from wsi_convnext.embed import embed_stores
     from wsi_convnext.inputs import discover_slides
     from wsi_convnext.synthetic import make_cohort
-    from wsi_convnext.tiler import TileParams, tile_slides
+    from wsi_convnext.tiling.tiler import TileParams, tile_slides
 
     labels = work / "slides" / "labels.csv"
     slides = None
@@ -97,7 +97,7 @@ def run_finetune(args: argparse.Namespace) -> None:
     from wsi_convnext.mil.aggregators import AGGREGATORS
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("wsi_convnext.tiler", "wsi_convnext.embed", "wsi_convnext.mil", "wsi_convnext.encoders"):
+    for noisy in ("wsi_convnext.tiling.tiler", "wsi_convnext.embed", "wsi_convnext.mil", "wsi_convnext.encoders"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     t0 = time.perf_counter()
     n_enc, enc_seed = args.ft_slides or args.slides, args.seed + 1000

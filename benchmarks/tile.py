@@ -35,7 +35,7 @@ import numpy as np
 
 CHILD = r"""
 import json, resource, sys, time
-from wsi_convnext.tiler import TileParams, tile_slide
+from wsi_convnext.tiling.tiler import TileParams, tile_slide
 t0 = time.perf_counter()
 r = tile_slide(sys.argv[1], sys.argv[2], TileParams(mpp=0.5, tile_size=224, backend=sys.argv[3]), overwrite=True)
 dt = time.perf_counter() - t0
@@ -78,11 +78,11 @@ def profile(slide: Path, store, max_tiles: int = 300) -> dict:
     """Single-threaded ms per tile of each step, on regions of kept tiles from the middle of the slide."""
     from PIL import Image
 
-    from wsi_convnext.jpeg_scaled import read_region_scaled
+    from wsi_convnext.tiling.jpeg_scaled import read_region_scaled
     from wsi_convnext.slide import open_slide, resolve_mpp
     from wsi_convnext.store import encode_tile
-    from wsi_convnext.tiler import TileParams, _RegionJob, resample_tile
-    from wsi_convnext.tiling import group_regions, plan_grid
+    from wsi_convnext.tiling.tiler import TileParams, _RegionJob, resample_tile
+    from wsi_convnext.tiling.grid import group_regions, plan_grid
 
     times = {"decode (DCT-scaled)": 0.0, "resample": 0.0, "encode (JPEG q90)": 0.0, "decode (full resolution)": 0.0}
     n = 0

@@ -13,7 +13,7 @@ from wsi_convnext.inputs import discover_slides
 from wsi_convnext.mil.api import predict, train
 from wsi_convnext.mil.training import TrainConfig
 from wsi_convnext.synthetic import make_cohort
-from wsi_convnext.tiler import TileParams, tile_slides
+from wsi_convnext.tiling.tiler import TileParams, tile_slides
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", type=Path, default=Path("example-01"))

@@ -79,7 +79,7 @@ n_workers = 3
     params = cfg.tile_params()
     assert params.mpp == 1.0 and params.tile_size == 256 and params.workers == 1
     assert params.tissue.min_saturation == 0.1
-    from wsi_convnext.tiler import TileParams
+    from wsi_convnext.tiling.tiler import TileParams
 
     assert params.overlap == TileParams().overlap  # None never overrides a library default
 
@@ -163,7 +163,7 @@ def test_sections_match_the_library_signatures() -> None:
     """Every [tile]/[embed] key is a real parameter, so configs cannot silently drift."""
     from wsi_convnext.embed import embed_store
     from wsi_convnext.encoders import build_encoder
-    from wsi_convnext.tiler import TileParams
+    from wsi_convnext.tiling.tiler import TileParams
 
     tile_keys = {f.name for f in dataclasses.fields(TileConfig)}
     assert tile_keys <= {f.name for f in dataclasses.fields(TileParams)}
@@ -184,7 +184,7 @@ def test_sections_are_the_library_parameter_objects() -> None:
     """[tile] and [embed] are generated from the library's parameter objects: same keys, same checks."""
     from wsi_convnext.embed import EmbedOptions
     from wsi_convnext.encoders import EncoderConfig
-    from wsi_convnext.tiler import TileParams
+    from wsi_convnext.tiling.tiler import TileParams
 
     assert {f.name for f in dataclasses.fields(TileConfig)} == {f.name for f in dataclasses.fields(TileParams)}
     embed_sources = {f.name for f in dataclasses.fields(EncoderConfig)} | {f.name for f in dataclasses.fields(EmbedOptions)}

@@ -135,7 +135,7 @@ def test_bad_input_writes_nothing(tmp_path: Path, cmu_tiles) -> None:
 @pytest.fixture(scope="module")
 def cmu_tiled(cmu_slide: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real store tiled from CMU-1-Small-Region (real tissue mask and tissue fractions) with scores."""
-    from wsi_convnext.tiler import TileParams, tile_slide
+    from wsi_convnext.tiling.tiler import TileParams, tile_slide
 
     res = tile_slide(cmu_slide, tmp_path_factory.mktemp("tiled"), TileParams(mpp=1.0, tile_size=112, workers=1))
     store = open_store(res.store_path)

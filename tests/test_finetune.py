@@ -354,7 +354,7 @@ def test_compare_finetuned_keeps_encoder_and_mil_slides_apart(tmp_path: Path) ->
     from wsi_convnext.mil.data import read_labels
     from wsi_convnext.store import open_store
     from wsi_convnext.synthetic import make_cohort
-    from wsi_convnext.tiler import TileParams, tile_slides
+    from wsi_convnext.tiling.tiler import TileParams, tile_slides
 
     make_cohort(tmp_path / "slides", 12, size=(1600, 1400), mpp=0.5, seed=0, lesion_fraction=(0.05, 0.1),
                 pen_fraction=0.0, pale_fraction=0.0)  # fmt: skip

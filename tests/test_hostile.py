@@ -25,7 +25,7 @@ from wsi_convnext.cli import app
 from wsi_convnext.errors import BusyError, ConfigError, StoreDamagedError, StoreError, StoreExistsError, UnsafePathError
 from wsi_convnext.inputs import discover_slides
 from wsi_convnext.store import open_store, verify_store
-from wsi_convnext.tiler import TileParams, tile_slide, tile_slides
+from wsi_convnext.tiling.tiler import TileParams, tile_slide, tile_slides
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_convnext.jpeg_scaled import jpeg_level, pick_scale, read_region_scaled, read_window_scaled
+from wsi_convnext.tiling.jpeg_scaled import jpeg_level, pick_scale, read_region_scaled, read_window_scaled
 from wsi_convnext.slide import open_slide, resolve_mpp
 from wsi_convnext.store import open_store
 from wsi_convnext.synthetic import SyntheticSlideSpec, TissueSpec, write_synthetic_slide
-from wsi_convnext.tiler import TileParams, _RegionJob, resample_tile, tile_slide
-from wsi_convnext.tiling import group_regions, plan_grid
+from wsi_convnext.tiling.tiler import TileParams, _RegionJob, resample_tile, tile_slide
+from wsi_convnext.tiling.grid import group_regions, plan_grid
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -78,7 +78,7 @@ def _kill_and_check(proc: subprocess.Popen[bytes], kids: list[psutil.Process], w
 
 
 def test_sigkill_of_tile_leaves_no_workers(big_slide: Path, tmp_path: Path) -> None:
-    from wsi_convnext.tiler import PROCESS_MIN_TILES
+    from wsi_convnext.tiling.tiler import PROCESS_MIN_TILES
 
     assert (6000 // 64) ** 2 > 4 * PROCESS_MIN_TILES
     cmd = [EXE, "tile", str(big_slide), "--out", str(tmp_path / "out"), "--tile-size", "64", "--workers", "2"]

@@ -209,7 +209,7 @@ def test_save_png_failure_leaves_nothing(tmp_path: Path) -> None:
 def test_qc_on_real_slide(cmu_slide: Path, tmp_path: Path) -> None:
     import openslide
 
-    from wsi_convnext.tissue import detect_tissue, tile_tissue_fraction
+    from wsi_convnext.tiling.tissue import detect_tissue, tile_tissue_fraction
 
     with openslide.OpenSlide(str(cmu_slide)) as slide:
         w, h = slide.dimensions

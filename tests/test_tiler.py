@@ -13,7 +13,7 @@ from conftest import write_pyramid_tiff
 from wsi_convnext.errors import MppError, NoTissueError, StoreExistsError
 from wsi_convnext.slide import open_slide
 from wsi_convnext.store import open_store
-from wsi_convnext.tiler import TileParams, tile_slide
+from wsi_convnext.tiling.tiler import TileParams, tile_slide
 
 BACKENDS = ["openslide", "tiffslide"]
 
@@ -141,7 +141,7 @@ def test_small_fragment_no_tissue_names_the_knob(tmp_path, fragment_slide):
     import re
 
     from conftest import FRAGMENT_UM2
-    from wsi_convnext.tissue import TissueParams
+    from wsi_convnext.tiling.tissue import TissueParams
 
     params = TileParams(min_tissue=0.05)
     with pytest.raises(NoTissueError) as info:
@@ -244,7 +244,7 @@ def test_jpeg2000_40x_scan(tmp_path, backend):
 
 
 def test_process_and_thread_paths_write_identical_stores(tmp_path, cmu_slide, monkeypatch):
-    import wsi_convnext.tiler as tiler
+    import wsi_convnext.tiling.tiler as tiler
 
     threads = open_store(tile_slide(cmu_slide, tmp_path / "t", TileParams(workers=2)).store_path)
     monkeypatch.setattr(tiler, "PROCESS_MIN_TILES", 1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from wsi_convnext.errors import MppError
-from wsi_convnext.tiling import group_regions, plan_grid, read_window, select_level, tile_box
+from wsi_convnext.tiling.grid import group_regions, plan_grid, read_window, select_level, tile_box
 
 
 @pytest.mark.parametrize(

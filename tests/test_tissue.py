@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from wsi_convnext.errors import ConfigError, MppError, WsiConvnextError
-from wsi_convnext.tissue import (
+from wsi_convnext.tiling.tissue import (
     TissueParams,
     detect_tissue,
     explain_tissue,

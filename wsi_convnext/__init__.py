@@ -1,7 +1,7 @@
 """wsi-convnext: whole-slide tiling, ConvNeXt embedding and MIL for computational pathology.
 
-Data flow: slide (:mod:`.slide`) → tissue (:mod:`.tissue`) → tiles (:mod:`.tiling`,
-:mod:`.tiler`) → zarr store (:mod:`.store`) → embeddings (:mod:`.encoders`, :mod:`.embed`)
+Data flow: slide (:mod:`.slide`) → tissue and tiles (:mod:`.tiling`: grid, tissue, tiler)
+→ zarr store (:mod:`.store`) → embeddings (:mod:`.encoders`, :mod:`.embed`)
 → slide predictions (:mod:`.mil`). :mod:`.cohort` runs it over cohorts on Dask.
 """
 

@@ -104,7 +104,7 @@ def tile(
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels.")] = 224,
     overlap: Annotated[int, typer.Option(help="Overlap between tiles, in output pixels.")] = 0,
     min_tissue: Annotated[Optional[float], typer.Option(help="Minimum tissue fraction to keep a tile (default: 0.25).")] = None,
-    tissue: Annotated[Optional[list[str]], typer.Option("--tissue", metavar="KEY=VALUE", help="Tissue-detection parameter, repeatable, e.g. --tissue min_object_um2=1000; any TissueParams field, as in the run TOML's tile.tissue table (see wsi_convnext.tissue.TissueParams).")] = None,
+    tissue: Annotated[Optional[list[str]], typer.Option("--tissue", metavar="KEY=VALUE", help="Tissue-detection parameter, repeatable, e.g. --tissue min_object_um2=1000; any TissueParams field, as in the run TOML's tile.tissue table (see wsi_convnext.tiling.tissue.TissueParams).")] = None,
     quality: Annotated[int, typer.Option(help="JPEG quality.")] = 90,
     lossless: Annotated[bool, typer.Option(help="Store tiles as lossless PNG instead of JPEG.")] = False,
     slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without (or with wrong) metadata.")] = None,
@@ -119,8 +119,8 @@ def tile(
         from .errors import ConfigError
         from .inputs import discover_slides
         from .outputs.manifest import RunManifest
-        from .tiler import TileParams, tile_manifest_row, tile_slides
-        from .tissue import TissueParams
+        from .tiling.tiler import TileParams, tile_manifest_row, tile_slides
+        from .tiling.tissue import TissueParams
 
         try:
             tissue_params = TissueParams.from_assignments(tissue) if tissue else None

@@ -7,7 +7,7 @@ pipeline stage and cluster kind::
     out = "/data/out"             # stores, manifest.csv, report.html
     cluster = "local"             # a registered kind: "local" | "slurm" | "scheduler" (an existing Dask scheduler)
 
-    [tile]                        # the fields of wsi_convnext.tiler.TileParams; absent keys keep its defaults
+    [tile]                        # the fields of wsi_convnext.tiling.tiler.TileParams; absent keys keep its defaults
     mpp = 0.5
 
     [embed]                       # EncoderConfig + EmbedOptions fields; embedding runs when `model` is set
@@ -127,12 +127,12 @@ def _library_sections() -> tuple[type, type, type, type]:
     from .encoders import EncoderConfig
     from .finetune.config import FinetuneConfig
     from .mil.config import TrainConfig
-    from .tiler import TileParams
+    from .tiling.tiler import TileParams
 
     tile = _section(
         "TileConfig",
-        """``[tile]``: the fields of :class:`wsi_convnext.tiler.TileParams` (``[tile.tissue]``: of
-        :class:`wsi_convnext.tissue.TissueParams`). ``None`` (absent) keeps the library default;
+        """``[tile]``: the fields of :class:`wsi_convnext.tiling.tiler.TileParams` (``[tile.tissue]``: of
+        :class:`wsi_convnext.tiling.tissue.TissueParams`). ``None`` (absent) keeps the library default;
         ``workers`` defaults to 1 inside a cohort run, where slides are the unit of parallelism.""",
         [TileParams],
     )
@@ -268,13 +268,13 @@ class RunConfig:
         return tuple(s.name for s in stage_plan(self))
 
     def tile_params(self) -> Any:
-        """:class:`wsi_convnext.tiler.TileParams` from ``[tile]`` (unset keys keep its defaults).
+        """:class:`wsi_convnext.tiling.tiler.TileParams` from ``[tile]`` (unset keys keep its defaults).
 
         Raises:
             ParameterError: A value TileParams rejects (``name`` is the ``[tile]`` key).
             ConfigError: A value TissueParams rejects.
         """
-        from .tiler import TileParams
+        from .tiling.tiler import TileParams
 
         kwargs = _section_values(self.tile)
         kwargs.setdefault("workers", 1)  # slides are the unit of parallelism
@@ -511,7 +511,7 @@ def _check_tissue(cfg: RunConfig, source: str) -> None:
     """Validate ``[tile.tissue]`` keys against TissueParams when the tissue module is available."""
     if not cfg.tile.tissue:
         return
-    from .tissue import TissueParams
+    from .tiling.tissue import TissueParams
 
     known = [f.name for f in dataclasses.fields(TissueParams)]
     for key in cfg.tile.tissue:

@@ -81,7 +81,7 @@ def run_demo(
     from .mil.data import read_labels
     from .mil.training import TrainConfig
     from .synthetic import make_cohort
-    from .tiler import TileParams, tile_slides
+    from .tiling.tiler import TileParams, tile_slides
 
     def report(stage: str) -> Callable[[int, int], None]:
         return lambda done, total: progress(stage, done, total) if progress else None

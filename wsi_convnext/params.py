@@ -1,6 +1,6 @@
 """Parameter objects that validate themselves: dataclass fields carrying a check and a help text.
 
-The library's parameter objects (:class:`~wsi_convnext.tiler.TileParams`,
+The library's parameter objects (:class:`~wsi_convnext.tiling.tiler.TileParams`,
 :class:`~wsi_convnext.embed.EmbedOptions`) declare each field with :func:`param` and call
 :func:`check_params` in ``__post_init__``, so an object that exists is valid. Front ends
 name a bad value in their own words from the :class:`ParameterError` they get: the CLI as

@@ -195,7 +195,7 @@ def _out(config: RunConfig) -> Path:
 
 def tile_stage(slide: SlideSpec, config: RunConfig, state: Mapping[str, Any]) -> dict[str, Any]:
     """Tile one slide into ``OUT/<slide_id>.zarr`` (skips a finished store unless ``overwrite``)."""
-    from ..tiler import tile_slide
+    from ..tiling.tiler import tile_slide
 
     r = tile_slide(
         slide.path,

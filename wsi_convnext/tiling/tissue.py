@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import ConfigError, MppError
+from ..errors import ConfigError, MppError
 
 __all__ = [
     "TissueParams",

@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_path, cpu_count, ensure_dir, file_sha256, inside, path_lock, remove_dead_partials, write_error
-from .errors import MppError, NoTissueError, StoreError, StoreExistsError, WsiConvnextError
-from .inputs import SlideSpec, check_slide_id, slide_stem
-from .outcome import Outcome, attempt
-from .params import (
+from .._io import atomic_path, cpu_count, ensure_dir, file_sha256, inside, path_lock, remove_dead_partials, write_error
+from ..errors import MppError, NoTissueError, StoreError, StoreExistsError, WsiConvnextError
+from ..inputs import SlideSpec, check_slide_id, slide_stem
+from ..outcome import Outcome, attempt
+from ..params import (
     ParameterError, at_least, between, check_params, fraction, non_negative, one_of, param, positive, positive_finite,
 )  # fmt: skip
-from .store import (
+from ..store import (
     STORE_SUFFIX,
     TILE_CODECS,
     TILES_PER_CHUNK,
@@ -42,7 +42,7 @@ from .store import (
     is_store_dir,
     open_store,
 )
-from .tiling import Region, TileGrid, group_regions, plan_grid, tile_box
+from .grid import Region, TileGrid, group_regions, plan_grid, tile_box
 from .tissue import TissueParams
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EF
 
 
 def _backends() -> list[str]:
-    from .slide import available_backends
+    from ..slide import available_backends
 
     return ["auto", *available_backends()]
 
@@ -172,7 +172,7 @@ def slide_fingerprint(path: str | os.PathLike[str], mode: str = "quick") -> str:
     files). ``full`` adds the sha256 of every byte of the file: it notices any edit, at the
     cost of reading the whole slide once more.
     """
-    from .slide import fingerprint
+    from ..slide import fingerprint
 
     quick = fingerprint(path)
     if mode == "quick":
@@ -239,8 +239,8 @@ def _pixel_reader(reader: Any, params: TileParams) -> Iterator[Any]:
     tiffslide (tifffile + libjpeg-turbo via imagecodecs), which decoded large regions about
     4× faster than OpenSlide here (see BENCHMARKS.md). An explicit backend is always honoured.
     """
-    from .errors import SlideOpenError
-    from .slide import open_slide
+    from ..errors import SlideOpenError
+    from ..slide import open_slide
 
     fast = None
     if params.backend == "auto" and reader.backend != "tiffslide" and reader.path.suffix.lower() in _TIFF_FAMILY:
@@ -273,7 +273,7 @@ def _thumbnail_size(level_dimensions: Sequence[tuple[int, int]]) -> int:
 
 
 def _thumbnail_and_mask(reader: Any, slide_mpp: float, tissue: TissueParams) -> tuple[np.ndarray, float, Any, float]:
-    """Thumbnail, its downsample, the :class:`~wsi_convnext.tissue.TissueReport` and the mask's downsample."""
+    """Thumbnail, its downsample, the :class:`~wsi_convnext.tiling.tissue.TissueReport` and the mask's downsample."""
     from PIL import Image
 
     from .tissue import explain_tissue
@@ -437,7 +437,7 @@ def tile_slide(
         WsiConvnextError: Any failure (missing/corrupt slide, no mpp, no tissue, read errors,
             full disk). Nothing is left at the final store path in that case.
     """
-    from .slide import open_slide, resolve_mpp
+    from ..slide import open_slide, resolve_mpp
 
     t0 = time.perf_counter()
     params = params or TileParams()
@@ -559,7 +559,7 @@ def tile_slide(
             }
             # The QC picture and the store appear together: a failed commit leaves neither.
             with atomic_path(qc_path) as qc_tmp:
-                from .outputs.qc import save_png
+                from ..outputs.qc import save_png
 
                 save_png(qc_tmp, qc_image)
                 writer.commit(
@@ -589,7 +589,7 @@ _WORKER_READER: Any = None
 
 def _init_worker(path: str, backend: str, backend_ref: str) -> None:
     global _WORKER_READER
-    from .slide import ensure_backend, open_slide
+    from ..slide import ensure_backend, open_slide
 
     # A spawned worker starts from a fresh interpreter: re-register a user's backend there.
     ensure_backend(backend, backend_ref)
@@ -617,8 +617,8 @@ def _tile_pool(reader: Any, n_tiles: int, workers: int) -> Iterator[tuple[Any, C
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from ._proc import child_initializer
-    from .slide import backend_reference
+    from .._proc import child_initializer
+    from ..slide import backend_reference
 
     if workers > 1 and n_tiles >= PROCESS_MIN_TILES and not multiprocessing.current_process().daemon:
         pool: Any = ProcessPoolExecutor(
@@ -665,7 +665,7 @@ def _write_qc(
     frac: np.ndarray, removed: np.ndarray | None = None, *, failed: str | None = None,
 ) -> Path:  # fmt: skip
     """Write the QC picture of a slide (see :func:`_render_qc`); returns its path."""
-    from .outputs.qc import save_png
+    from ..outputs.qc import save_png
 
     return save_png(qc_path, _render_qc(thumb, thumb_ds, mask, grid, slide_id, frac, removed, failed=failed))
 
@@ -677,7 +677,7 @@ def _render_qc(
     """The QC picture: tissue outline, kept tiles, removed objects (orange); ``failed`` titles a failure."""
     from PIL import Image
 
-    from .outputs.qc import render_qc
+    from ..outputs.qc import render_qc
 
     scale = QC_MAX_SIZE / max(thumb.shape[:2])
     if scale < 1:
@@ -695,7 +695,7 @@ def _render_qc(
 
 def _write_thumbnail_qc(qc_path: Path, reader: Any, slide_id: str, failed: str) -> Path | None:
     """QC picture of a slide that failed before tissue detection: its thumbnail, titled; None if unreadable."""
-    from .outputs.qc import render_qc, save_png
+    from ..outputs.qc import render_qc, save_png
 
     try:
         thumb = reader.thumbnail(QC_MAX_SIZE)

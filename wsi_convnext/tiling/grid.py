@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MppError
+from ..errors import MppError
 
 # Slack for float noise in level downsamples (e.g. 4.000152 reported for a 4× level).
 _DOWNSAMPLE_RTOL = 1e-3

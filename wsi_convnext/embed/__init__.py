@@ -35,19 +35,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._io import cpu_count
-from .encoders import DEFAULT_MODEL
-from .errors import ConfigError, EncoderError, StoreError, StoreExistsError, WsiConvnextError, one_line
-from .outcome import Outcome, failure_fields
-from .params import at_least, check_params, non_negative, one_of, param
-from .store import STORE_SUFFIX, TileStore, find_stores, open_store
+from .._io import cpu_count
+from ..encoders import DEFAULT_MODEL
+from ..errors import ConfigError, EncoderError, StoreError, StoreExistsError, WsiConvnextError, one_line
+from ..outcome import Outcome, failure_fields
+from ..params import at_least, check_params, non_negative, one_of, param
+from ..store import STORE_SUFFIX, TileStore, find_stores, open_store
 
 if TYPE_CHECKING:
     import torch
 
-    from .data import StoreTileStream
-    from .encoders import Encoder
-    from .transforms import TileTransform
+    from ..data import StoreTileStream
+    from ..encoders import Encoder
+    from ..transforms import TileTransform
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -210,7 +210,7 @@ def prepare_forward(
     """
     import torch
 
-    from .encoders import resolve_device
+    from ..encoders import resolve_device
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     prec = _precision(dev, amp, channels_last)
@@ -341,7 +341,7 @@ class _ThreadBudget:
         self.forward_tiles += n
         if self.batches <= _CALIBRATION_BATCHES:
             return
-        from .data import plan_decode_threads
+        from ..data import plan_decode_threads
 
         decode = self.stream.decode_seconds_per_tile or 0.0
         forward = self.forward_seconds / max(1, self.forward_tiles)
@@ -465,7 +465,7 @@ def _embed_many(
     """Embed stores through one :class:`~wsi_convnext.data.StoreTileStream`; per-store failures are recorded."""
     import torch
 
-    from .data import StoreTileStream, decode_on_device
+    from ..data import StoreTileStream, decode_on_device
 
     forward, prec = prepare_forward(encoder, dev, amp=o.amp, channels_last=o.channels_last, compile=o.compile)
     key = feature_key(encoder, transform)
@@ -669,7 +669,7 @@ def embed_store(
     """
     import torch
 
-    from .encoders import resolve_device
+    from ..encoders import resolve_device
 
     options = EmbedOptions(batch_size=batch_size, dtype=dtype, num_workers=num_workers, amp=amp,
                            channels_last=channels_last, compile=compile, decode_on=decode_on)  # fmt: skip
@@ -737,7 +737,7 @@ def embed_stores(
         DeviceError: A device is not available.
         ConfigError, EncoderError, WeightsError: Bad options, model or weights.
     """
-    from .encoders import build_encoder, resolve_device
+    from ..encoders import build_encoder, resolve_device
 
     options = EmbedOptions(batch_size=batch_size, dtype=dtype, num_workers=num_workers, amp=amp,
                            channels_last=channels_last, compile=compile, decode_on=decode_on)  # fmt: skip
@@ -850,7 +850,7 @@ def _embed_on_devices(
     """Split ``paths`` among ``devices`` and embed each share in its own (spawned) process."""
     import multiprocessing as mp
 
-    from .encoders import resolve_device
+    from ..encoders import resolve_device
 
     resolved = [resolve_device(d) for d in devices]  # DeviceError before anything starts
     shards = split_stores([_n_tiles_hint(p) for p in paths], len(devices))
