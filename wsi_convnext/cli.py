@@ -485,6 +485,19 @@ def heatmap(
             typer.echo(f"{sid}: {paths.heatmap}  {paths.montage}")
 
 
+@app.command()
+def view(
+    path: Annotated[Path, typer.Argument(help="A run or tile output folder, one store, or a slide.")],
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 exposes the slides to the network.")] = "127.0.0.1",
+) -> None:
+    """Serve a slide viewer with the pipeline's overlays (tissue, tiles, scores) and print its URL; Ctrl-C stops it."""
+    with _errors():
+        from .outputs.viewer import ViewerServer
+
+        ViewerServer(path, host=host, port=port).serve_forever(lambda url: typer.echo(f"viewer: {url}  (Ctrl-C stops it)"))
+
+
 # --- demo / run -----------------------------------------------------------------------------
 
 

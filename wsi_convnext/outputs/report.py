@@ -25,13 +25,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .._io import atomic_write_text
 from .manifest import ManifestRow, read_manifests
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["THUMB_SIZE", "SlideSummary", "summarise", "write_report"]
+__all__ = ["THUMB_SIZE", "SlideSummary", "run_predictions", "summarise", "write_report"]
 
 #: Longest side of an embedded thumbnail, in pixels.
 THUMB_SIZE = 360
@@ -151,6 +152,15 @@ def _read_predictions(path: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def run_predictions(out_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """``slide_id -> {"label", "probabilities", ["heatmap"]}`` from a run's ``predictions.csv`` and its shards."""
+    out = Path(out_dir)
+    preds: dict[str, dict[str, Any]] = {}
+    for f in [out / "predictions.csv", *sorted(out.glob("predictions-shard-*.csv"))]:
+        preds.update(_read_predictions(f))
+    return preds
+
+
 def _fmt(value: Any, spec: str = "") -> str:
     if value is None or value == "":
         return ""
@@ -169,6 +179,7 @@ def write_report(
     title: str = "wsi-convnext run",
     report_images: int = 500,
     path: str | os.PathLike[str] | None = None,
+    viewer_url: str | None = None,
 ) -> Path:
     """Write the run report (atomically) and return its path.
 
@@ -181,15 +192,12 @@ def write_report(
         title: Page title.
         report_images: Most slides shown with pictures.
         path: Where to write (default ``out_dir/report.html``).
+        viewer_url: Base URL of a running ``wsi-convnext view`` of ``out_dir``; each slide id
+            then links to its view there.
     """
     out = Path(out_dir)
     rows = list(rows) if rows is not None else read_manifests(out)
-    if predictions is not None:
-        preds = dict(predictions)
-    else:
-        preds = {}
-        for f in [out / "predictions.csv", *sorted(out.glob("predictions-shard-*.csv"))]:
-            preds.update(_read_predictions(f))
+    preds = dict(predictions) if predictions is not None else run_predictions(out)
     slides = summarise(rows)
     by_status = Counter(s.status for s in slides)
     stages: dict[str, Counter[str]] = {}
@@ -234,8 +242,11 @@ def write_report(
     order = {st: i for i, st in enumerate(_STATUS_ORDER)}
     for s in sorted(slides, key=lambda s: (order.get(s.status, 9), s.slide_id)):
         stage_txt = " ".join(f"{k}:{v}" for k, v in s.stages.items())
+        sid = html.escape(s.slide_id)
+        if viewer_url:
+            sid = f'<a href="{html.escape(viewer_url.rstrip("/"))}/view/{html.escape(quote(s.slide_id))}">{sid}</a>'
         parts.append(
-            f'<tr id="slide-{html.escape(s.slide_id)}"><td title="{html.escape(s.path)}">{html.escape(s.slide_id)}</td>'
+            f'<tr id="slide-{html.escape(s.slide_id)}"><td title="{html.escape(s.path)}">{sid}</td>'
             f"<td>{_status(s.status)}</td><td>{html.escape(stage_txt)}</td>"
             f'<td class="num">{_fmt(s.tiles)}</td><td class="num">{_fmt(s.slide_mpp, ".4g")}</td>'
             f'<td class="num">{s.seconds:.1f}</td>'
