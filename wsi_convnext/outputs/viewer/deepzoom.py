@@ -218,7 +218,7 @@ class DeepZoom:
         quality: JPEG quality of the tiles.
     """
 
-    def __init__(self, source: RegionSource, cache: TileCache, name: str, *, quality: int = 80) -> None:
+    def __init__(self, source: RegionSource, cache: TileCache, name: str, *, quality: int = 90) -> None:
         self.source = source
         self.grid = DeepZoomGrid(*source.dimensions)
         self.cache = cache
