@@ -174,3 +174,11 @@ def test_report_renders_in_chromium(run_out: Path, tmp_path: Path) -> None:
     # The pictures are painted, not only laid out: a QC thumbnail's pink is on screen.
     pink = (np.abs(arr - np.array([230, 180, 200])).max(axis=2) < 30).mean()
     assert pink > 0.001, "no QC thumbnail colour in the screenshot"
+
+
+def test_report_links_to_a_running_viewer(run_out: Path) -> None:
+    plain = write_report(run_out).read_text(encoding="utf-8")
+    assert "/view/" not in plain
+    page = write_report(run_out, path=run_out / "linked.html", viewer_url="http://127.0.0.1:8000/").read_text(encoding="utf-8")
+    assert '<a href="http://127.0.0.1:8000/view/ok-1">ok-1</a>' in page
+    assert 'href="http://127.0.0.1:8000/view/bad%3C3%3E">bad&lt;3&gt;</a>' in page  # quoted and escaped

@@ -146,7 +146,7 @@
     }
     const img = $("tile-image");
     img.src = api + "/tiles/" + i;
-    img.title = info.tile_size + " px at " + info.target_mpp + " µm/px";
+    $("tile-caption").textContent = "stored tile: " + info.tile_size + " px at " + info.target_mpp + " µm/px";
     const e = ov.extent0;
     for (const [k, v] of [["x", c[0]], ["y", c[1]], ["width", e], ["height", e]]) state.pick.setAttribute(k, v);
     state.pick.setAttribute("visibility", "visible");
