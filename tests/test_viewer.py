@@ -167,6 +167,28 @@ def test_deepzoom_tiles_are_cached(cmu_slide: Path) -> None:
         assert dz.tile(dz.grid.level_count - 1, 2, 2) is first and cache.hits == 1 and cache.misses == 1
 
 
+def test_coarse_tiles_of_a_flat_slide_come_from_an_overview(tmp_path: Path) -> None:
+    """A slide without a pyramid never needs a whole-level read for a coarse tile."""
+    from conftest import write_pyramid_tiff
+
+    yy, xx = np.mgrid[0:1000, 0:1500]
+    image = np.stack([xx * 255 // 1499, yy * 255 // 999, np.full_like(xx, 128)], axis=-1).astype(np.uint8)
+    path = write_pyramid_tiff(tmp_path / "flat.svs", image, downsamples=(1,))
+    with open_slide(path) as reader:
+        assert reader.level_count == 1
+        src = SlideSource(reader, max_read_pixels=200_000, overview_size=512)
+        dz = DeepZoom(src, TileCache(), "flat")
+        top = dz.grid.level_count - 1
+        full = dz.source.region(dz.grid.level0_box(top, 1, 1), (256, 256))
+        assert src._overview is None and np.abs(full.astype(int) - image[253:509, 253:509]).max() <= 1
+        level = top - 3  # 8× down: the whole slide in one 188×125 tile, 1.5 Mpx to read
+        left, up, right, bottom = dz.grid.tile_bounds(level, 0, 0)
+        coarse = dz.source.region(dz.grid.level0_box(level, 0, 0), (right - left, bottom - up))
+        assert src._overview is not None and coarse.shape == (125, 188, 3)
+        expected = image[::8, ::8][:125, :188].astype(int)
+        assert np.abs(coarse.astype(int) - expected)[2:-2, 2:-2].mean() < 3
+
+
 def test_thumbnail_source_maps_level0_boxes() -> None:
     thumb = np.zeros((100, 50, 3), np.uint8)
     thumb[:50, :25] = (255, 0, 0)

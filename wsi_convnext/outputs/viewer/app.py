@@ -54,7 +54,6 @@ def make_app(catalog: Catalog, *, workers: int = 4) -> Any:
     """The tornado ``Application`` serving ``catalog``."""
     web = _tornado_web()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsi-view")
-    report_dir = Path(tempfile.mkdtemp(prefix="wsi-convnext-view-"))
 
     class Base(web.RequestHandler):
         def set_default_headers(self) -> None:
@@ -97,10 +96,13 @@ def make_app(catalog: Catalog, *, workers: int = 4) -> Any:
             if not catalog.has_run:
                 raise web.HTTPError(404)
             base = f"{self.request.protocol}://{self.request.host}"
-            path = report_dir / "report.html"
-            await self.blocking(lambda: write_report(catalog.root, path=path, viewer_url=base))
+
+            def render() -> bytes:
+                with tempfile.TemporaryDirectory(prefix="wsi-convnext-view-") as tmp:
+                    return write_report(catalog.root, path=Path(tmp) / "report.html", viewer_url=base).read_bytes()
+
             self.set_header("Content-Type", "text/html; charset=utf-8")
-            self.write(path.read_bytes())
+            self.write(await self.blocking(render))
 
     class Slides(Base):
         def get(self) -> None:
@@ -188,6 +190,8 @@ class ViewerServer:
             raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host") from exc
         bound = self._sockets[0].getsockname()
         self.host, self.port = host, int(bound[1])
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning("the viewer listens on %s: anyone who can reach this machine can see these slides", host)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
         self._thread: threading.Thread | None = None

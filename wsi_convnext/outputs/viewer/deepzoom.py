@@ -127,11 +127,30 @@ def _resize(image: np.ndarray, box: tuple[float, float, float, float], size: tup
 
 
 class SlideSource:
-    """Pixels read from a slide (any registered backend), from the best pyramid level."""
+    """Pixels read from a slide (any registered backend), from the best pyramid level.
 
-    def __init__(self, reader: BaseSlideReader) -> None:
+    A coarse Deep Zoom tile of a slide without a coarse enough pyramid level (a flat TIFF)
+    would need a read of more than ``max_read_pixels``; such tiles come from an overview of
+    the slide instead (:meth:`BaseSlideReader.thumbnail`, read block by block once, long side
+    ``overview_size`` px), so memory stays bounded on any slide.
+    """
+
+    def __init__(self, reader: BaseSlideReader, *, max_read_pixels: int = 4096 * 4096, overview_size: int = 4096) -> None:
         self.reader = reader
         self.dimensions = reader.dimensions
+        self.max_read_pixels = int(max_read_pixels)
+        self.overview_size = int(overview_size)
+        self._overview: ThumbnailSource | None = None
+        self._lock = threading.Lock()
+
+    def overview(self) -> ThumbnailSource:
+        """The whole slide at ``overview_size`` px (read once)."""
+        with self._lock:
+            if self._overview is None:
+                thumb = self.reader.thumbnail(self.overview_size)
+                ds = max(self.dimensions[0] / thumb.shape[1], self.dimensions[1] / thumb.shape[0])
+                self._overview = ThumbnailSource(thumb, ds, self.dimensions)
+            return self._overview
 
     def region(self, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
         """Read ``box`` from the coarsest level at least as fine as the output, then resize."""
@@ -142,6 +161,8 @@ class SlideSource:
         x0, y0 = math.floor(left), math.floor(top)
         w = max(1, math.ceil((right - x0) / ds))
         h = max(1, math.ceil((bottom - y0) / ds))
+        if w * h > self.max_read_pixels:
+            return self.overview().region(box, size)
         image = self.reader.read_region((x0, y0), level, (w, h))
         local = ((left - x0) / ds, (top - y0) / ds, (right - x0) / ds, (bottom - y0) / ds)
         if (w, h) == tuple(size) and local == (0.0, 0.0, float(w), float(h)):
