@@ -7,7 +7,6 @@ import html
 import io
 import json
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cdp import find_chromium
 from wsi_convnext.outputs.manifest import ManifestRow, RunManifest
 from wsi_convnext.outputs.report import summarise, write_report
 
@@ -124,14 +124,7 @@ def test_report_without_pictures_or_rows(tmp_path: Path) -> None:
     assert page.imgs == [] and "0 slides" in " ".join(page.text)
 
 
-def _chromium() -> str | None:
-    """A headless-capable Chromium on PATH (Debian's `chromium` or `chromium-headless-shell`)."""
-    for name in ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
+_chromium = find_chromium
 
 _CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=10000"]
 
