@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -342,9 +343,12 @@ def test_cli_view_serves_and_prints_url(run_dir: Path) -> None:
         assert match, f"no URL printed: {line!r}"
         status, _, body = _get(match.group(0))
         assert status == 200 and CMU_ID in body.decode()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C is the normal way to stop it
+        assert proc.wait(30) == 0
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
 
 def test_cli_view_port_in_use(run_dir: Path, server: ViewerServer) -> None:

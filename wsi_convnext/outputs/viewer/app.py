@@ -51,7 +51,7 @@ def _tornado_web() -> Any:
 
 
 def make_app(catalog: Catalog, *, workers: int = 4) -> Any:
-    """The tornado ``Application`` serving ``catalog``."""
+    """The tornado ``Application`` serving ``catalog`` (its reads run in ``settings["wsi_convnext_pool"]``)."""
     web = _tornado_web()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsi-view")
 
@@ -165,6 +165,7 @@ def make_app(catalog: Catalog, *, workers: int = 4) -> Any:
         template_path=str(TEMPLATE_DIR),
         autoescape="xhtml_escape",
         compress_response=True,
+        wsi_convnext_pool=pool,
     )
 
 
@@ -209,7 +210,8 @@ class ViewerServer:
 
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        server = HTTPServer(make_app(self.catalog))
+        app = make_app(self.catalog)
+        server = HTTPServer(app)
         server.add_sockets(self._sockets)
         if ready is not None:
             ready(self.url)
@@ -218,11 +220,15 @@ class ViewerServer:
         finally:
             server.stop()
             await server.close_all_connections()
+            app.settings["wsi_convnext_pool"].shutdown(wait=False, cancel_futures=True)
             self.catalog.close()
 
     def serve_forever(self, on_ready: Callable[[str], None] | None = None) -> None:
-        """Serve in this thread until :meth:`stop` or Ctrl-C; ``on_ready(url)`` once listening."""
-        asyncio.run(self._serve(on_ready))
+        """Serve in this thread until :meth:`stop` or Ctrl-C (both return normally); ``on_ready(url)`` once listening."""
+        try:
+            asyncio.run(self._serve(on_ready))
+        except KeyboardInterrupt:
+            logger.info("viewer stopped")
 
     def start(self) -> str:
         """Serve from a daemon thread; returns the URL once listening."""
