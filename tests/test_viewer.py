@@ -359,6 +359,12 @@ def test_cli_view_port_in_use(run_dir: Path, server: ViewerServer) -> None:
 # --- the page in a real Chromium ------------------------------------------------------------------
 
 
+def _open_view(browser: Browser, base: str, sid: str) -> None:
+    browser.goto(f"{base}/view/{sid}")
+    browser.wait_for("window.wsiView && wsiView.ready && wsiView.fullyLoaded()")
+    assert not browser.console, browser.console
+
+
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH for a headless browser check (apt-get install chromium)")
 def test_viewer_in_chromium(server: ViewerServer, tmp_path: Path) -> None:
     base = server.url.rstrip("/")
@@ -367,9 +373,7 @@ def test_viewer_in_chromium(server: ViewerServer, tmp_path: Path) -> None:
         # The slide list links to the view.
         browser.goto(base + "/")
         assert browser.js(f"document.querySelector('a[href=\"/view/{CMU_ID}\"]') !== null")
-        browser.goto(f"{base}/view/{CMU_ID}")
-        browser.wait_for("window.wsiView && wsiView.ready && wsiView.fullyLoaded()")
-        assert not browser.console, browser.console
+        _open_view(browser, base, CMU_ID)
         # Deep Zoom tiles loaded with HTTP 200.
         dz = [(u, s) for u, s in browser.responses if "/dzi/" in u and u.endswith(".jpeg")]
         assert len(dz) >= 4 and all(s == 200 for _, s in dz), dz[:10]
@@ -400,3 +404,43 @@ def test_viewer_in_chromium(server: ViewerServer, tmp_path: Path) -> None:
         assert browser.js("document.getElementById('tile-image').naturalWidth") == 112
     finally:
         browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH for a headless browser check (apt-get install chromium)")
+def test_view_of_a_real_tile_embed_train_predict_output(tmp_path: Path, cmu_slide: Path) -> None:
+    """The CLI pipeline's own output (MIL attention written by `predict`) in the viewer, in Chromium."""
+    from wsi_convnext.synthetic import make_cohort
+
+    make_cohort(tmp_path / "slides", 8, size=(1600, 1400), seed=5, pen_fraction=0.0, pale_fraction=0.0,
+                lesion_fraction=(0.04, 0.08))  # fmt: skip
+    shutil.copy(cmu_slide, tmp_path / "CMU-1.svs")
+    tiles = tmp_path / "tiles"
+    for args in (
+        lambda: ["tile", str(tmp_path / "slides"), str(tmp_path / "CMU-1.svs"), "--out", str(tiles), "--workers", "1"],
+        lambda: ["embed", str(tiles), "--model", "convnext_atto", "--batch-size", "16"],
+        lambda: ["train", *map(str, sorted(tiles.glob("slide_*.zarr"))), "--labels", str(tmp_path / "slides" / "labels.csv"),
+                 "--aggregator", "abmil", "--folds", "2", "--epochs", "3", "--out", str(tmp_path / "model")],
+        lambda: ["predict", str(tmp_path / "model"), str(tiles), "--out", str(tiles / "predictions.csv")],
+    ):  # fmt: skip
+        result = runner.invoke(app, args())
+        assert result.exit_code == 0, f"{args()[0]}: {result.output}"
+    cat = build_catalog(tiles)
+    assert cat.has_run and len(cat.slides) == 9 and all(s.status == "done" and s.prediction for s in cat.slides.values())
+    ov = cat.view("CMU-1").overlays()
+    attention = [name for name, col in ov["scores"].items() if col["kind"] == "attention"]
+    assert len(attention) == 1 and len(ov["scores"][attention[0]]["values"]) == len(ov["coords"]) > 0
+    cat.close()
+    server = ViewerServer(tiles, port=0)
+    base = server.start().rstrip("/")
+    browser = Browser(str(find_chromium()), tmp_path / "profile")
+    try:
+        _open_view(browser, base, "CMU-1")
+        assert browser.js("document.getElementById('heatmap').value") == attention[0]
+        assert browser.js("document.querySelectorAll('#layer-heat rect').length") == len(ov["coords"])
+        assert browser.js("document.getElementById('prediction').textContent").startswith("predicted ")
+        dz = [s for u, s in browser.responses if "/dzi/" in u and u.endswith(".jpeg")]
+        assert dz and set(dz) == {200}
+    finally:
+        browser.close()
+        server.stop()

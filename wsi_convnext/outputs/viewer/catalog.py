@@ -242,14 +242,28 @@ class SlideView:
                 tiles=len(self.store), target_mpp=self.store.mpp, tile_size=self.store.tile_size,
                 extent0=self.store.extent0, score_arrays=self.store.score_keys,
             )  # fmt: skip
+            if out["prediction"] is None:
+                out["prediction"] = self._stored_prediction()
         return out
+
+    def _stored_prediction(self) -> dict[str, Any] | None:
+        """The slide prediction ``predict`` recorded with its tile scores (no predictions CSV at hand)."""
+        for name in self.store.score_keys if self.store is not None else []:
+            try:
+                attrs = self.store.score_attrs(name)
+            except StoreError:
+                continue
+            if isinstance(attrs.get("predicted_class"), str) and isinstance(attrs.get("probabilities"), dict):
+                probs = {str(k): float(v) for k, v in attrs["probabilities"].items() if isinstance(v, (int, float))}
+                return {"label": attrs["predicted_class"], "probabilities": probs, "model": str(attrs.get("model", name))}
+        return None
 
     def overlays(self) -> dict[str, Any]:
         """Tile grid, tissue outline and per-tile score columns, in level-0 px.
 
         ``scores`` maps each column name (``<array>`` or ``<array>_<column>``, as the exports
-        name them) to ``{"values", "min", "max"}``; unreadable arrays are left out and named in
-        ``problems``.
+        name them) to ``{"values", "min", "max", "kind"}`` (``kind``: the array's ``score``
+        attribute, e.g. ``attention``); unreadable arrays are left out and named in ``problems``.
         """
         import numpy as np
 
@@ -271,7 +285,9 @@ class SlideView:
         scores = {}
         for col, values in score_columns(item).items():
             finite = values[np.isfinite(values)]
+            array = max((n for n in arrays if col == n or col.startswith(f"{n}_")), key=len)
             scores[col] = {
+                "kind": str(attrs[array].get("score", "")),
                 "values": [_num(v) for v in values.tolist()],
                 "min": _num(float(finite.min())) if finite.size else None,
                 "max": _num(float(finite.max())) if finite.size else None,

@@ -83,7 +83,7 @@
     const names = Object.keys(ov.scores);
     const cols = names.concat(ov.coords.length ? ["tissue_fraction"] : []);
     cols.forEach((n) => { const o = document.createElement("option"); o.value = n; o.textContent = n; sel.appendChild(o); });
-    const first = names.find((n) => n.startsWith("attention")) || names[0];
+    const first = names.find((n) => ov.scores[n].kind === "attention") || names.find((n) => n.startsWith("attention")) || names[0];
     if (first) sel.value = first;
     $("problems").textContent = ov.problems.join("; ");
     applyLayers();
