@@ -307,6 +307,23 @@ def test_path_traversal_is_refused(server: ViewerServer, path: str) -> None:
     assert b"root:" not in body and b"wsi-convnext.tiles" not in body
 
 
+def test_slide_list_follows_a_running_output_folder(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "growing"
+    shutil.copytree(run_dir / f"{CMU_ID}.zarr", out / "first.zarr")
+    s = ViewerServer(out, port=0)
+    base = s.start().rstrip("/")
+    try:
+        assert [x["slide_id"] for x in json.loads(_get(base + "/api/slides")[2])] == ["first"]
+        shutil.copytree(run_dir / f"{CMU_ID}.zarr", out / "second.zarr")
+        shutil.copy(run_dir / "manifest.csv", out / "manifest.csv")
+        slides = {x["slide_id"]: x for x in json.loads(_get(base + "/api/slides")[2])}
+        assert set(slides) == {"first", "second", CMU_ID, "openslide-unreadable"}
+        assert slides["openslide-unreadable"]["status"] == "failed"
+        assert _get(f"{base}/api/slides/second")[0] == 200 and 'href="/report"' in _get(base + "/")[2].decode()
+    finally:
+        s.stop()
+
+
 def test_missing_slide_served_from_the_store(moved_dir: Path) -> None:
     s = ViewerServer(moved_dir, port=0)
     base = s.start().rstrip("/")

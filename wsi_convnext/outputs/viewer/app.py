@@ -78,7 +78,8 @@ def make_app(catalog: Catalog, *, workers: int = 4) -> Any:
             self.write(json.dumps(data, allow_nan=False, separators=(",", ":")))
 
     class Index(Base):
-        def get(self) -> None:
+        async def get(self) -> None:
+            await self.blocking(catalog.refresh)
             self.render(
                 "index.html", root=str(catalog.root), slides=list(catalog.slides.values()), has_run=catalog.has_run
             )
@@ -105,7 +106,8 @@ def make_app(catalog: Catalog, *, workers: int = 4) -> Any:
             self.write(await self.blocking(render))
 
     class Slides(Base):
-        def get(self) -> None:
+        async def get(self) -> None:
+            await self.blocking(catalog.refresh)
             self.send_json([s.summary() for s in catalog.slides.values()])
 
     class SlideInfo(Base):

@@ -140,6 +140,19 @@ class Catalog:
                 view = self._views[slide_id] = SlideView(entry, self.cache)
             return view
 
+    def refresh(self) -> None:
+        """Re-read PATH's slide list, statuses and predictions (a run may still be writing it).
+
+        Views already opened stay open; a slide that appeared since is listed and viewable.
+        """
+        try:
+            fresh = build_catalog(self.root)
+        except InputNotFoundError as exc:
+            logger.warning("%s", exc)
+            return
+        with self._lock:
+            self.slides, self.has_run = fresh.slides, fresh.has_run
+
     def close(self) -> None:
         """Close every opened slide."""
         with self._lock:
