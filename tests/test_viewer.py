@@ -314,12 +314,18 @@ def test_slide_list_follows_a_running_output_folder(run_dir: Path, tmp_path: Pat
     base = s.start().rstrip("/")
     try:
         assert [x["slide_id"] for x in json.loads(_get(base + "/api/slides")[2])] == ["first"]
-        shutil.copytree(run_dir / f"{CMU_ID}.zarr", out / "second.zarr")
         shutil.copy(run_dir / "manifest.csv", out / "manifest.csv")
+        # The slide file of a listed slide is viewable before its store exists; its overlays come once it does.
+        assert CMU_ID in {x["slide_id"] for x in json.loads(_get(base + "/api/slides")[2])}
+        assert json.loads(_get(f"{base}/api/slides/{CMU_ID}")[2])["has_store"] is False
+        assert json.loads(_get(f"{base}/api/slides/{CMU_ID}/overlays")[2])["coords"] == []
+        shutil.copytree(run_dir / f"{CMU_ID}.zarr", out / f"{CMU_ID}.zarr")
+        shutil.copytree(run_dir / f"{CMU_ID}.zarr", out / "second.zarr")
         slides = {x["slide_id"]: x for x in json.loads(_get(base + "/api/slides")[2])}
         assert set(slides) == {"first", "second", CMU_ID, "openslide-unreadable"}
         assert slides["openslide-unreadable"]["status"] == "failed"
         assert _get(f"{base}/api/slides/second")[0] == 200 and 'href="/report"' in _get(base + "/")[2].decode()
+        assert len(json.loads(_get(f"{base}/api/slides/{CMU_ID}/overlays")[2])["coords"]) == slides[CMU_ID]["tiles"]
     finally:
         s.stop()
 

@@ -86,7 +86,7 @@ def make_app(catalog: Catalog, *, workers: int = 4) -> Any:
 
     class View(Base):
         def get(self, sid: str) -> None:
-            if sid not in catalog.slides:
+            if sid not in catalog.slides or not catalog.slides[sid].viewable:
                 raise web.HTTPError(404)
             self.render("view.html", slide=catalog.slides[sid])
 

@@ -14,10 +14,12 @@ numeric or image arrays are read.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,10 @@ from .deepzoom import DeepZoom, SlideSource, ThumbnailSource, TileCache
 logger = logging.getLogger(__name__)
 
 __all__ = ["Catalog", "SlideView", "ViewerSlide", "build_catalog"]
+
+_generation = itertools.count()
+#: A request for a slide without a store re-reads PATH at most this often, seconds.
+_REFRESH_SECONDS = 2.0
 
 
 @dataclass
@@ -124,27 +130,42 @@ class Catalog:
     cache: TileCache = field(default_factory=TileCache)
     _views: dict[str, SlideView] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _refreshed: float = field(default_factory=time.monotonic, repr=False)
 
     def view(self, slide_id: str) -> SlideView:
-        """The opened view of ``slide_id`` (opened once, then reused).
+        """The opened view of ``slide_id`` (opened once, then reused; reopened when its store appears).
 
         Raises:
             KeyError: No such slide in the catalog, or nothing to show for it.
         """
         entry = self.slides.get(slide_id)
+        if entry is None or entry.store is None:  # it may have appeared since the list was read
+            self.refresh(max_age=_REFRESH_SECONDS)
+            entry = self.slides.get(slide_id)
         if entry is None or not entry.viewable:
             raise KeyError(slide_id)
         with self._lock:
             view = self._views.get(slide_id)
+            if view is not None and (view.entry.store, view.entry.slide_path) != (entry.store, entry.slide_path):
+                view.close()  # a store appeared (or moved) since it was opened
+                view = None
             if view is None:
                 view = self._views[slide_id] = SlideView(entry, self.cache)
+            view.entry = entry
             return view
 
-    def refresh(self) -> None:
+    def refresh(self, *, max_age: float = 0.0) -> None:
         """Re-read PATH's slide list, statuses and predictions (a run may still be writing it).
 
         Views already opened stay open; a slide that appeared since is listed and viewable.
+
+        Args:
+            max_age: Skip when the list was read less than this many seconds ago.
         """
+        now = time.monotonic()
+        if now - self._refreshed < max_age:
+            return
+        self._refreshed = now
         try:
             fresh = build_catalog(self.root)
         except InputNotFoundError as exc:
@@ -236,7 +257,8 @@ class SlideView:
                 self.message = "no slide file recorded; showing the stored thumbnail"
         else:
             raise StoreError(f"{entry.slide_id}: {self.message or 'nothing to show'}")
-        self.deepzoom = DeepZoom(source, cache, entry.slide_id)
+        # A reopened view (its store appeared) never sees the tiles cached for the old one.
+        self.deepzoom = DeepZoom(source, cache, f"{entry.slide_id}#{next(_generation)}")
 
     def info(self) -> dict[str, Any]:
         """What the page needs to set up the view (sizes in level-0 px, mpp in µm/px)."""

@@ -153,7 +153,9 @@
   }
 
   async function main() {
-    const info = await (await fetch(api)).json();
+    const resp = await fetch(api);
+    if (!resp.ok) throw new Error("nothing to show for this slide (HTTP " + resp.status + ")");
+    const info = await resp.json();
     state.info = info;
     if (info.message) $("message").textContent = info.message;
     if (info.prediction) {
