@@ -222,6 +222,15 @@ def test_catalog_of_an_output_folder(run_dir: Path) -> None:
     cat.close()
 
 
+def test_a_malformed_predictions_csv_hides_no_slide(run_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(run_dir / f"{CMU_ID}.zarr", out / f"{CMU_ID}.zarr")
+    (out / "predictions.csv").write_text("no,key,columns\n1,2,3\n")
+    cat = build_catalog(out)
+    assert list(cat.slides) == [CMU_ID] and cat.slides[CMU_ID].prediction is None
+    assert "predictions not shown" in caplog.text
+
+
 def test_catalog_of_a_store_a_slide_and_bad_paths(run_dir: Path, cmu_slide: Path, tmp_path: Path) -> None:
     assert list(build_catalog(run_dir / f"{CMU_ID}.zarr").slides) == [CMU_ID]
     cat = build_catalog(cmu_slide)

@@ -102,7 +102,12 @@ def _from_folder(root: Path) -> dict[str, ViewerSlide]:
         v.tiles = s.tiles if s.tiles is not None else v.tiles
         if v.slide_path is None and s.path:
             v.slide_path = Path(s.path)
-    for sid, pred in run_predictions(root).items():
+    try:
+        predictions = run_predictions(root)
+    except (WsiConvnextError, OSError) as exc:  # a malformed predictions CSV must not hide the slides
+        logger.warning("%s: predictions not shown: %s", root, one_line(exc, 300))
+        predictions = {}
+    for sid, pred in predictions.items():
         if sid in slides:
             slides[sid].prediction = {"label": pred.get("label", ""), "probabilities": pred.get("probabilities") or {}}
     if not slides:
@@ -168,8 +173,8 @@ class Catalog:
         self._refreshed = now
         try:
             fresh = build_catalog(self.root)
-        except InputNotFoundError as exc:
-            logger.warning("%s", exc)
+        except (WsiConvnextError, OSError) as exc:
+            logger.warning("%s: slide list not refreshed: %s", self.root, one_line(exc, 300))
             return
         with self._lock:
             self.slides, self.has_run = fresh.slides, fresh.has_run
