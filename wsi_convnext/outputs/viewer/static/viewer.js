@@ -185,7 +185,8 @@
       const i = tileAt(p.x, p.y);
       if (i >= 0) showTile(i);
     });
-    ["show-outline", "show-grid", "heatmap", "opacity"].forEach((id) => $(id).addEventListener("input", applyLayers));
+    ["show-outline", "show-grid", "heatmap"].forEach((id) => $(id).addEventListener("input", applyLayers));
+    $("opacity").addEventListener("input", () => state.heat && state.heat.setAttribute("opacity", $("opacity").value));
     await new Promise((resolve) => viewer.addOnceHandler("open", resolve));
     state.ov = await (await fetch(api + "/overlays")).json();
     drawOverlays();
