@@ -416,6 +416,9 @@ def test_viewer_in_chromium(server: ViewerServer, tmp_path: Path) -> None:
         assert browser.js("document.querySelectorAll('#layer-outline path').length") >= 1
         assert browser.js("document.getElementById('heatmap').value") == "attention"
         assert browser.js("document.getElementById('scalebar-text').textContent").endswith(("µm", "mm"))
+        # The opacity slider sets the heatmap's opacity.
+        browser.js("(() => { const o = document.getElementById('opacity'); o.value = '0.9'; o.dispatchEvent(new Event('input')); })()")
+        assert browser.js("document.getElementById('layer-heat').getAttribute('opacity')") == "0.9"
         # Toggling the attention heatmap changes what is on screen.
         with_heat = browser.screenshot().astype(np.int16)
         browser.js("(() => { const s = document.getElementById('heatmap'); s.value = ''; s.dispatchEvent(new Event('input')); })()")
