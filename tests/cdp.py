@@ -10,7 +10,9 @@ import asyncio
 import base64
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -45,6 +47,7 @@ class Browser:
                 "about:blank",
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Debian's `chromium` is a shell wrapper: close() ends the whole group
         )  # fmt: skip
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
@@ -144,10 +147,13 @@ class Browser:
             ws.close()
         if getattr(self, "loop", None) is not None:
             self.loop.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
             try:
                 self.proc.wait(10)
+                time.sleep(0.5)  # the browser's children leave after the wrapper
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                continue
