@@ -118,8 +118,8 @@ def tile(
     with _errors():
         from .errors import ConfigError
         from .inputs import discover_slides
-        from .outputs.manifest import RunManifest
-        from .tiling.tiler import TileParams, tile_manifest_row, tile_slides
+        from .outputs.manifest import RunManifest, tile_manifest_row
+        from .tiling.tiler import TileParams, tile_slides
         from .tiling.tissue import TissueParams
 
         try:

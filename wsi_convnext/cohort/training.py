@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, json_sha256
 from ..config import RunConfig
 from ..errors import ConfigError
 from .stages import Resources, StageSpec, register_stage
@@ -123,7 +123,6 @@ def mil_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[st
     """
     from ..mil.api import train
     from ..mil.data import write_labels
-    from ..transforms.base import fingerprint as params_fingerprint
 
     _, mil = _split(config, [s.slide_id for s in slides])
     out = training_dir(config)
@@ -135,18 +134,18 @@ def mil_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[st
     stores = [str(states[s]["store"]) for s in mil.slide_ids]
     mil_config = config.mil_config()
     inputs = {"mil": dataclasses.asdict(mil_config), "feature_key": key, "stores": stores, "labels": labels.read_text()}
-    fingerprint = params_fingerprint(inputs, n=64)
+    inputs_fingerprint = json_sha256(inputs, round_floats=6)
     record = out / "mil" / "stage.json"
     if not config.overwrite and record.is_file() and (out / "mil" / "model.safetensors").is_file():
         with contextlib.suppress(ValueError, KeyError):
             done = json.loads(record.read_text())
-            if done["fingerprint"] == fingerprint:
+            if done["fingerprint"] == inputs_fingerprint:
                 logger.info("mil: the model in %s is up to date; not retrained", out / "mil")
                 return dict(done["result"])
     report = train(stores, labels, out / "mil", mil_config, feature_key=key, overwrite=True)
     pooled = report.metrics.get("pooled", {}).get("auc", {})
     result = {"model_dir": str(out / "mil"), "feature_key": key, "slides": len(mil.slide_ids), "cv_auc": pooled.get("value")}
-    atomic_write_text(record, json.dumps({"fingerprint": fingerprint, "result": result}, indent=1) + "\n")
+    atomic_write_text(record, json.dumps({"fingerprint": inputs_fingerprint, "result": result}, indent=1) + "\n")
     return result
 
 

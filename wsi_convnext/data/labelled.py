@@ -155,8 +155,8 @@ class LabelledTiles:
             "n_skipped": len(self.skipped),
         }
 
-    def fingerprint(self) -> str:
-        """sha256 over (ref, label, group) of every tile, in order."""
+    def data_fingerprint(self) -> str:
+        """sha256 over (ref, label, group) of every tile, in order: what the data fingerprint of a training run names."""
         import hashlib
 
         h = hashlib.sha256()

@@ -144,7 +144,7 @@ def write_outputs(
     cfg_doc = {
         "kind": "wsi_convnext.finetune", "config": config.to_dict(), "resolved": resolved,
         "model": config.model, "stem": config.stem, "classes": classes, "fingerprint": fingerprint,
-        "data": tiles.summary() | {"fingerprint": tiles.fingerprint()}, "split": split_sizes,
+        "data": tiles.summary() | {"fingerprint": tiles.data_fingerprint()}, "split": split_sizes,
         "start": start.to_dict(), "freeze": freeze_info, "preprocessing": dict(encoder.preprocessing),
         "versions": {"wsi_convnext": __version__, "torch": torch.__version__, "timm": timm.__version__},
     }  # fmt: skip

@@ -392,7 +392,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     train_tiles.require_classes(2)
 
     encoder, head, start = prepare_model(cfg, tiles.classes)
-    fingerprint = cfg.fingerprint(tiles.fingerprint(), start.weights_sha256)
+    fingerprint = cfg.training_fingerprint(tiles.data_fingerprint(), start.weights_sha256)
     if out.exists():
         done = read_fingerprint(out)
         if done == fingerprint and not cfg.overwrite:

@@ -18,13 +18,12 @@ The resolution comes from slide metadata only (see :mod:`.mpp`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -450,7 +449,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> BaseSlide
     raise err from last
 
 
-# --------------------------------------------------------------------------- info / fingerprint
+# --------------------------------------------------------------------------------------- info
 def slide_info(path: str | os.PathLike[str], backend: str = "auto") -> dict[str, Any]:
     """JSON-ready summary of a slide (for ``wsi-convnext info``).
 
@@ -487,50 +486,6 @@ def slide_info(path: str | os.PathLike[str], backend: str = "auto") -> dict[str,
             "associated_images": list(reader.associated_images),
             "file_size_bytes": reader.path.stat().st_size,
         }
-
-
-def fingerprint(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) -> str:
-    """Cheap content fingerprint of a slide for change detection (hex sha256).
-
-    Hashes the file size, the first and the last ``chunk_bytes`` (1 MiB) of the file and, for
-    multi-file formats, the names and sizes of the companion files (the MIRAX data folder of a
-    ``.mrxs``; the sibling ``.dcm`` files of a DICOM series). It is deliberately *not* a
-    full-file hash: hashing a multi-gigabyte slide takes tens of seconds, while headers,
-    directories and tile tables sit at the start or the end of the file and any rewrite
-    (re-scan, conversion, truncation) changes the size or those regions. A change that only
-    touches tile bytes in the middle of the file, keeping the size, goes unnoticed.
-
-    Raises:
-        InputNotFoundError: ``path`` does not exist.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"{p}: slide file not found")
-    h = hashlib.sha256(b"wsi-convnext-fingerprint-v1\0")
-    size = p.stat().st_size
-    h.update(str(size).encode() + b"\0")
-    with p.open("rb") as fh:
-        h.update(fh.read(chunk_bytes))
-        if size > chunk_bytes:
-            fh.seek(max(chunk_bytes, size - chunk_bytes))
-            h.update(fh.read(chunk_bytes))
-    for name, fsize in _companion_files(p):
-        h.update(f"\0{name}\0{fsize}".encode())
-    return h.hexdigest()
-
-
-def _companion_files(p: Path) -> Iterator[tuple[str, int]]:
-    suffix = p.suffix.lower()
-    if suffix == ".mrxs":
-        data_dir = p.with_suffix("")
-        if data_dir.is_dir():
-            for f in sorted(data_dir.iterdir()):
-                if f.is_file():
-                    yield f"{data_dir.name}/{f.name}", f.stat().st_size
-    elif suffix == ".dcm":
-        for f in sorted(p.parent.glob("*")):
-            if f != p and f.suffix.lower() == ".dcm" and f.is_file():
-                yield f.name, f.stat().st_size
 
 
 # --------------------------------------------------------------------------- small helpers
