@@ -121,6 +121,7 @@ def predict_tiles(
     import torch
     from torch.utils.data import DataLoader
 
+    from ..encoders import resolve_precision
     from ..mil.metrics import compute_metrics
     from .outputs import load_finetuned
 
@@ -146,7 +147,8 @@ def predict_tiles(
     ok = np.ones(len(tiles), dtype=bool)
     done = 0
     t0 = time.perf_counter()
-    cuda = dev.type == "cuda"
+    prec = resolve_precision(dev)
+    enc.to(channels_last=prec.channels_last)
     with torch.inference_mode():
         for batch in loader:
             for i, reason in batch.bad:
@@ -156,7 +158,7 @@ def predict_tiles(
                 skipped.append((str(tiles.refs[i]), reason))
             if len(batch.y):
                 x = enc.preprocess(batch.tiles, device=dev)
-                with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False):
+                with prec.autocast(dev):
                     logits = head(enc.model(x))
                 probs[batch.index.numpy()] = torch.softmax(logits.float(), -1).cpu().numpy()
             done += len(batch.y) + len(batch.bad)
