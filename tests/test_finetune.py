@@ -351,7 +351,7 @@ def test_compare_finetuned_keeps_encoder_and_mil_slides_apart(tmp_path: Path) ->
 
     from wsi_convnext.finetune import compare_finetuned, hold_out_patients
     from wsi_convnext.inputs import discover_slides
-    from wsi_convnext.mil.data import read_labels
+    from wsi_convnext.labels import read_labels
     from wsi_convnext.store import open_store
     from wsi_convnext.synthetic import make_cohort
     from wsi_convnext.tiling.tiler import TileParams, tile_slides

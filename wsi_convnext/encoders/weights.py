@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_path, file_sha256
-from ..errors import InputNotFoundError, WeightsError, one_line
+from ..errors import InputNotFoundError, WeightsError, listing, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -251,18 +251,13 @@ def unwrap_state_dict(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> d
         sd = inner
     tensors = {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise WeightsError(f"weights file {path} holds no tensors (keys: {_fmt_keys([str(k) for k in sd])})")
+        raise WeightsError(f"weights file {path} holds no tensors (keys: {listing([str(k) for k in sd], _MAX_LISTED_KEYS)})")
     while True:
         tensors = clean_state_dict(tensors)
         prefix = next((p for p in _EXTRA_PREFIXES if all(k.startswith(p) for k in tensors)), None)
         if prefix is None:
             return tensors
         tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
-
-
-def _fmt_keys(keys: list[str], n: int = _MAX_LISTED_KEYS) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _cfg_modules(model: nn.Module, field: str) -> list[str]:
@@ -295,12 +290,12 @@ def _check_fits(
         return
     parts = []
     if missing:
-        parts.append(f"missing keys {_fmt_keys(missing)}")
+        parts.append(f"missing keys {listing(missing, _MAX_LISTED_KEYS)}")
     if unexpected:
-        parts.append(f"unexpected keys {_fmt_keys(unexpected)}")
+        parts.append(f"unexpected keys {listing(unexpected, _MAX_LISTED_KEYS)}")
     if mismatched:
         shown = [f"{k} {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}" for k in mismatched]
-        parts.append(f"shape mismatch {_fmt_keys(shown)}")
+        parts.append(f"shape mismatch {listing(shown, _MAX_LISTED_KEYS)}")
     first = [f"{c}.weight" for c in _cfg_modules(model, "first_conv")]
     hint = (
         f" (the first conv {first[0]} differs: another stem or input channels)"

@@ -120,7 +120,7 @@ def write_outputs(
     from safetensors.torch import save_file
 
     from .. import __version__
-    from ..mil.metrics import compute_metrics, metrics_to_json
+    from ..labels.metrics import compute_metrics, metrics_to_json
 
     classes = list(tiles.classes)
     meta = weights_metadata(config.model, config.stem, {

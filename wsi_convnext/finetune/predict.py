@@ -36,7 +36,7 @@ class TilePredictions:
         probs: (N, C) class probabilities, rows aligned with ``tiles``.
         classes: Class names (columns of ``probs``).
         labelled: Whether ``tiles.y`` holds true labels.
-        metrics: ``wsi_convnext.mil.metrics.compute_metrics`` output when labelled, else None.
+        metrics: ``wsi_convnext.labels.metrics.compute_metrics`` output when labelled, else None.
         csv: The CSV written, or None.
         score_name: Name of the per-tile scores written into stores, or None.
         tiles_per_second: Inference throughput (decode + forward).
@@ -122,7 +122,7 @@ def predict_tiles(
     from torch.utils.data import DataLoader
 
     from ..encoders import resolve_precision
-    from ..mil.metrics import compute_metrics
+    from ..labels.metrics import compute_metrics
     from .outputs import load_finetuned
 
     model = load_finetuned(enc_dir, device=device)

@@ -284,7 +284,7 @@ def _evaluate(
     """Validation loss and metrics: (metrics, y, probs)."""
     import torch
 
-    from ..mil.metrics import balanced_accuracy, roc_auc
+    from ..labels.metrics import balanced_accuracy, roc_auc
 
     ys: list[np.ndarray] = []
     ps: list[np.ndarray] = []
