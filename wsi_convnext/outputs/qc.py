@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .._image import rgb_uint8
 from .._io import atomic_write_bytes
 from ..errors import ConfigError, WsiConvnextError
 
@@ -41,23 +42,8 @@ Color = tuple[int, int, int]
 
 
 def _rgb8(image: Any, name: str) -> np.ndarray:
-    """(H, W, 3) uint8 copy of an RGB(A)/grey image (uint8, or float in [0, 1]); RGBA over white."""
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=-1)
-    if a.ndim != 3 or a.shape[-1] not in (3, 4):
-        raise ConfigError(f"{name} must be an (H, W, 3) RGB or (H, W, 4) RGBA image, got shape {a.shape}")
-    if a.dtype != np.uint8:
-        if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-            raise ConfigError(f"{name} must hold uint8 or float intensities, got dtype {a.dtype}")
-        f = a.astype(np.float32)
-        if np.issubdtype(a.dtype, np.floating) and np.nanmax(f, initial=0.0) <= 1.0:
-            f = f * 255.0
-        a = np.clip(np.nan_to_num(f, nan=255.0) + 0.5, 0, 255).astype(np.uint8)
-    if a.shape[-1] == 4:
-        w = a[..., 3:].astype(np.float32) / 255.0
-        return (a[..., :3].astype(np.float32) * w + 255.0 * (1.0 - w) + 0.5).astype(np.uint8)
-    return np.array(a, dtype=np.uint8, copy=True)
+    """(H, W, 3) uint8 copy of an image to draw on (:func:`~wsi_convnext._image.rgb_uint8`)."""
+    return np.array(rgb_uint8(image, name)[0])
 
 
 def _check_geometry(thumb_downsample: float, coords: Any, extent: float) -> tuple[float, np.ndarray, float]:

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .._image import rgb_uint8
 from ..errors import ConfigError, InputNotFoundError, SlideOpenError, SlideReadError
 from .mpp import APERIO_APPMAG, aperio_value, float_or_none, metadata_mpp
 from .tiff import TiffTags
@@ -505,31 +506,11 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
 
 
 def to_rgb(arr: np.ndarray, path: Path) -> np.ndarray:
-    """Any backend pixel array -> (h, w, 3) uint8 RGB, alpha composited on white."""
-    a = np.asarray(arr)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.dtype == np.uint16:
-        a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    elif a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype != np.uint8:
-        raise SlideReadError(f"{path}: unsupported pixel type {a.dtype}; convert the slide to 8-bit RGB")
-    c = a.shape[2]
-    if c == 3:
-        return np.ascontiguousarray(a)
-    if c == 1:
-        return np.repeat(a, 3, axis=2)
-    if c == 2:  # grey + alpha
-        a = np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2)
-    elif c > 4:
-        raise SlideReadError(f"{path}: {c}-channel images are not supported; convert the slide to RGB")
-    rgb, alpha = a[..., :3], a[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    alpha16 = alpha.astype(np.uint16)
-    out = (rgb.astype(np.uint16) * alpha16 + 255 * (255 - alpha16) + 127) // 255
-    return out.astype(np.uint8)
+    """Any backend pixel array -> (h, w, 3) uint8 RGB, alpha composited on white (:func:`~wsi_convnext._image.rgb_uint8`)."""
+    try:
+        return rgb_uint8(arr, f"{path}: the pixels")[0]
+    except ConfigError as exc:
+        raise SlideReadError(f"{exc}; convert the slide to 8-bit RGB") from exc
 
 
 def _to_level0(v: int, downsample: float) -> int:
