@@ -14,32 +14,18 @@ Submodules (torch is imported only by those that need it):
 
 from __future__ import annotations
 
-from .._lazy import lazy_getattr
+from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "Bag": "data",
-    "load_bags": "data",
-    "AGGREGATORS": "aggregators",
-    "Aggregator": "aggregators",
-    "AggregatorOutput": "aggregators",
-    "register_aggregator": "aggregators",
-    "build_aggregator": "aggregators",
-    "TrainConfig": "config",
-    "CVResult": "training",
-    "cross_validate": "training",
-    "train_model": "training",
-    "TrainedModel": "model",
-    "make_synthetic_cohort": "synthetic",
-    "save_model": "checkpoint",
-    "load_model": "checkpoint",
-    "train": "api",
-    "evaluate": "api",
-    "predict": "api",
-    "TrainReport": "api",
-    "SlidePrediction": "api",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "data": ("Bag", "load_bags"),
+        "aggregators": ("AGGREGATORS", "Aggregator", "AggregatorOutput", "register_aggregator", "build_aggregator"),
+        "config": ("TrainConfig",),
+        "training": ("CVResult", "cross_validate", "train_model"),
+        "model": ("TrainedModel",),
+        "synthetic": ("make_synthetic_cohort",),
+        "checkpoint": ("save_model", "load_model"),
+        "api": ("train", "evaluate", "predict", "TrainReport", "SlidePrediction"),
+    },
+)
