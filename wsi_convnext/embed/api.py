@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..encoders import DEFAULT_MODEL
 from ..errors import ConfigError
@@ -100,19 +100,13 @@ def embed_stores(
     weights: str | os.PathLike[str] | None = None,
     pretrained: bool = False,
     encoder: Encoder | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device | None = "auto",
     devices: Sequence[str] | None = None,
-    dtype: str = DEFAULT_DTYPE,
     overwrite: bool = False,
-    num_workers: int | None = None,
-    amp: bool | None = None,
-    channels_last: bool | None = None,
-    compile: bool = False,
     transform: TileTransform | None = None,
-    decode_on: str = "host",
     progress: ProgressFn | None = None,
     on_result: Callable[[EmbedResult], None] | None = None,
+    **options: Any,
 ) -> list[EmbedResult]:
     """Embed several stores with one encoder; a failing store is recorded and the rest continue.
 
@@ -131,11 +125,12 @@ def embed_stores(
         devices: Several devices (e.g. ``["cuda:0", "cuda:1"]``): the stores are split among
             them, one process per device, each building its own encoder. CPU devices share
             the cores evenly.
-        batch_size, dtype, overwrite, num_workers, amp, channels_last, compile, transform, decode_on:
-            See :func:`embed_store`.
+        overwrite, transform: See :func:`embed_store`.
         progress: Per-slide tile progress, ``progress(tiles_done, tiles_total)``.
         on_result: Called with each slide's result as soon as it is known (in store order
             with one device; in completion order with several).
+        **options: :class:`EmbedOptions` fields (``batch_size``, ``dtype``, ``num_workers``,
+            ``amp``, ``channels_last``, ``compile``, ``decode_on``; see :func:`embed_store`).
 
     Returns:
         One result per store, in store order.
@@ -147,14 +142,13 @@ def embed_stores(
     """
     from ..encoders import build_encoder, resolve_device
 
-    options = EmbedOptions(batch_size=batch_size, dtype=dtype, num_workers=num_workers, amp=amp,
-                           channels_last=channels_last, compile=compile, decode_on=decode_on)  # fmt: skip
+    opts = EmbedOptions(**options)
     paths = find_stores(stores)
     if devices is not None and len(devices) > 1:
         if encoder is not None:
             raise ConfigError("a prebuilt encoder runs on one device; pass model/stem/weights to use several devices")
         kwargs = dict(model=model, stem=stem, weights=weights, pretrained=pretrained, overwrite=overwrite,
-                      transform=transform, **dataclasses.asdict(options))  # fmt: skip
+                      transform=transform, **dataclasses.asdict(opts))  # fmt: skip
         from .devices import embed_on_devices
 
         return embed_on_devices(paths, list(devices), kwargs, progress=progress, on_result=on_result)
@@ -166,6 +160,6 @@ def embed_stores(
     if encoder is None:
         encoder = build_encoder(model, stem=stem, weights=weights, pretrained=pretrained)
     out = embed_many(
-        paths, encoder, dev, options, overwrite=overwrite, progress=progress, transform=transform, on_result=on_result
+        paths, encoder, dev, opts, overwrite=overwrite, progress=progress, transform=transform, on_result=on_result
     )
     return [r for r in out.results if r is not None]
