@@ -161,7 +161,7 @@ def measure_throughput(model: str, stems: list[str], *, batch: int, crop: int, e
 
 
 def _metric(y: np.ndarray, p: np.ndarray, which: str) -> float:
-    from wsi_convnext.mil.metrics import balanced_accuracy, roc_auc
+    from wsi_convnext.labels.metrics import balanced_accuracy, roc_auc
 
     return balanced_accuracy(y, p) if which == "balanced_accuracy" else roc_auc(y, p)
 

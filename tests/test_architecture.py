@@ -148,6 +148,20 @@ def test_only_cohort_imports_dask() -> None:
     assert all(in_cohort(m) for m in users), f"dask outside cohort: {sorted(m for m in users if not in_cohort(m))}"
 
 
+@pytest.mark.parametrize("room", ["wsi_convnext.labels", "wsi_convnext.data"])
+def test_labels_and_data_stand_below_mil_and_finetune(room: str) -> None:
+    """Labels, splits and metrics are shared by data/, mil/, finetune/: they and data/ import neither."""
+    mods = [m for m in _modules() if m == room or m.startswith(room + ".")]
+    assert mods
+    bad = {m: sorted(i for i in _imports(m) if _top_room(i) in ("mil", "finetune", "cohort")) for m in mods}
+    assert not {m: v for m, v in bad.items() if v}, f"{room} imports a room above it: {bad}"
+
+
+def _top_room(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "wsi_convnext" else ""
+
+
 def test_store_imports_no_torch() -> None:
     reached = _closure("wsi_convnext.store")
     bad = {m: libs for m, libs in _external(reached, "wsi_convnext.store").items() if {"torch", "timm"} & libs}

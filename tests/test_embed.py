@@ -291,7 +291,7 @@ def test_many_stores_stream_through_one_loader(
 
 def test_auto_thread_budget_is_measured_and_restored(cohort_folder: Path, embedded_alone: Path,
                                                      weights_file: Path, tmp_path: Path) -> None:  # fmt: skip
-    from wsi_convnext.embed import _THREAD_PLANS
+    from wsi_convnext.embed.threads import _THREAD_PLANS
 
     folder = _copy(cohort_folder, tmp_path / "auto")
     threads = torch.get_num_threads()

@@ -613,6 +613,11 @@ def test_weights_metadata_stem_is_picked_up_and_checked(stem: str, tmp_path: Pat
         meta = fh.metadata()
     assert meta["wsi_convnext.model"] == MODEL and meta["wsi_convnext.stem"] == stem
     assert meta["wsi_convnext.fingerprint"] == "abc"
+    # The one reader gives back what the one writer recorded (finetune writes with it too).
+    from wsi_convnext.encoders import META_PREFIX, read_weights_metadata, weights_metadata
+
+    written = weights_metadata(MODEL, stem, {"fingerprint": "abc"})
+    assert read_weights_metadata(path) == {k: v for k, v in written.items() if k.startswith(META_PREFIX)}
     x = np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     enc = build_encoder(MODEL, weights=path)  # stem=None: from the metadata
     assert enc.stem.name == stem and enc.config.stem == stem

@@ -99,7 +99,7 @@ def test_outputs_metadata_config_and_metrics(tiny_runs: dict[str, Path], stem: s
     assert cfg["fingerprint"] == meta["wsi_convnext.fingerprint"]
     assert cfg["start"]["kind"] == "scratch" and cfg["start"]["init_seed"] == 0
     assert cfg["classes"] == ["blue", "red"] and cfg["config"]["stem"] == stem
-    assert FinetuneConfig.from_dict(cfg["config"]).fingerprint(cfg["data"]["fingerprint"], "random") == cfg["fingerprint"]
+    assert FinetuneConfig.from_dict(cfg["config"]).training_fingerprint(cfg["data"]["fingerprint"], "random") == cfg["fingerprint"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [set(r) >= {"train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_auc"} for r in metrics["history"]] == [True]
     assert "95% CI" in (out / "metrics.md").read_text()
@@ -351,7 +351,7 @@ def test_compare_finetuned_keeps_encoder_and_mil_slides_apart(tmp_path: Path) ->
 
     from wsi_convnext.finetune import compare_finetuned, hold_out_patients
     from wsi_convnext.inputs import discover_slides
-    from wsi_convnext.mil.data import read_labels
+    from wsi_convnext.labels import read_labels
     from wsi_convnext.store import open_store
     from wsi_convnext.synthetic import make_cohort
     from wsi_convnext.tiling.tiler import TileParams, tile_slides

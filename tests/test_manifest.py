@@ -119,8 +119,9 @@ def test_shard_manifests_merge(tmp_path: Path) -> None:
 
 
 def test_tiler_rows_fit(tmp_path: Path) -> None:
-    """The `tile` command records tiler.tile_manifest_row dicts with the same writer."""
-    from wsi_convnext.tiling.tiler import TileResult, tile_manifest_row
+    """The `tile` command records tile_manifest_row rows with the same writer."""
+    from wsi_convnext.outputs.manifest import tile_manifest_row
+    from wsi_convnext.tiling.tiler import TileResult
 
     result = TileResult(slide_id="s", store_path=tmp_path / "s.zarr", n_tiles=7, seconds=0.5, slide_mpp=0.5,
                         path=tmp_path / "s.svs")  # fmt: skip

@@ -16,7 +16,7 @@ from wsi_convnext.mil.aggregators import (
     register_aggregator,
 )
 from wsi_convnext.mil.data import labels_for_bags
-from wsi_convnext.mil.metrics import roc_auc
+from wsi_convnext.labels.metrics import roc_auc
 from wsi_convnext.mil.model import TrainedModel
 from wsi_convnext.mil.synthetic import make_synthetic_cohort
 from wsi_convnext.mil.training import TrainConfig, fit

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from wsi_convnext.errors import InputNotFoundError, LabelsError, WsiConvnextError
-from wsi_convnext.mil.data import Bag, LabelTable, labels_for_bags, match_labels, read_labels
+from wsi_convnext.labels import LabelTable, match_labels, read_labels
+from wsi_convnext.mil.data import Bag, labels_for_bags
 
 
 def _csv(tmp_path: Path, text: str, name: str = "labels.csv") -> Path:
@@ -81,7 +82,7 @@ def test_match_labels_unknown_and_unlabeled(tmp_path: Path, caplog: pytest.LogCa
     with pytest.raises(LabelsError, match="labelled slide.*have no store: c"):
         match_labels(["a", "b", "z"], t)
     # ...and a store without a label is ignored with a warning and listed.
-    with caplog.at_level(logging.WARNING, logger="wsi_convnext.mil.data"):
+    with caplog.at_level(logging.WARNING, logger="wsi_convnext.labels.table"):
         idx, unlabeled = match_labels(["z", "b", "a", "c", "w"], t)
     assert [["z", "b", "a", "c", "w"][i] for i in idx] == ["a", "b", "c"]
     assert unlabeled == ["z", "w"]

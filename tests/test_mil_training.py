@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wsi_convnext.errors import ConfigError, LabelsError
-from wsi_convnext.mil.data import LabelTable
+from wsi_convnext.labels import LabelTable
 from wsi_convnext.mil.synthetic import make_synthetic_cohort
 from wsi_convnext.mil.training import TrainConfig, cross_validate, train_model
 

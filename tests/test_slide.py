@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from wsi_convnext.slide import (
     SLIDE_EXTENSIONS,
     BaseSlideReader,
     SlideMetadata,
-    fingerprint,
     open_slide,
     register_backend,
     resolve_mpp,
@@ -461,7 +459,7 @@ def test_concurrent_reads_match_sequential(
                         np.testing.assert_array_equal(a, b)
 
 
-# --------------------------------------------------------------------------- info, fingerprint, registry
+# --------------------------------------------------------------------------- info, registry
 def test_slide_info(cmu_slide: Path) -> None:
     info = slide_info(cmu_slide)
     assert json.loads(json.dumps(info)) == info
@@ -475,41 +473,6 @@ def test_slide_info(cmu_slide: Path) -> None:
     assert sorted(info["associated_images"]) == ["label", "macro", "thumbnail"]
     assert info["file_size_bytes"] == cmu_slide.stat().st_size
     assert slide_info(cmu_slide, backend="tiffslide")["backend"] == "tiffslide"
-
-
-def test_fingerprint(tmp_path: Path, slides_dir: Path) -> None:
-    f = tmp_path / "a.svs"
-    data = bytes(range(256)) * 4
-    f.write_bytes(data)
-    fp = fingerprint(f, chunk_bytes=64)
-    assert len(fp) == 64 and fp == fingerprint(f, chunk_bytes=64)
-    middle = bytearray(data)
-    middle[500] ^= 1
-    f.write_bytes(middle)
-    assert fingerprint(f, chunk_bytes=64) == fp  # documented: the middle is not hashed
-    tail = bytearray(data)
-    tail[-1] ^= 1
-    f.write_bytes(tail)
-    assert fingerprint(f, chunk_bytes=64) != fp
-    f.write_bytes(data + b"\0")
-    assert fingerprint(f, chunk_bytes=64) != fp
-    with pytest.raises(InputNotFoundError):
-        fingerprint(tmp_path / "missing.svs")
-    # DICOM series: a change in a sibling file changes the fingerprint of the opened file.
-    for name in ("openslide-boxes_0.dcm", "openslide-boxes_1.dcm"):
-        shutil.copy(slides_dir / name, tmp_path / name)
-    fp0 = fingerprint(tmp_path / "openslide-boxes_0.dcm")
-    with (tmp_path / "openslide-boxes_1.dcm").open("ab") as fh:
-        fh.write(b"\0")
-    assert fingerprint(tmp_path / "openslide-boxes_0.dcm") != fp0
-    # MIRAX: the data folder's files count.
-    mrxs = tmp_path / "s.mrxs"
-    mrxs.write_bytes(b"[GENERAL]\n")
-    (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "Data0000.dat").write_bytes(b"x")
-    fp_m = fingerprint(mrxs)
-    (tmp_path / "s" / "Data0000.dat").write_bytes(b"xy")
-    assert fingerprint(mrxs) != fp_m
 
 
 def test_slide_extensions() -> None:

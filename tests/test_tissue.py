@@ -308,7 +308,7 @@ def test_bad_mpp(bad) -> None:
         detect_tissue(np.zeros((8, 8, 3), np.uint8), bad)
 
 
-@pytest.mark.parametrize("shape", [(8, 8, 2), (8,), (2, 8, 8, 3)])
+@pytest.mark.parametrize("shape", [(8, 8, 5), (8,), (2, 8, 8, 3)])
 def test_bad_image_shape(shape) -> None:
     with pytest.raises(ConfigError):
         detect_tissue(np.zeros(shape, np.uint8), MPP)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -29,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import BusyError, ConfigError, OutputWriteError, UnsafePathError
 
@@ -162,6 +164,27 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def json_sha256(obj: Any, n: int = 64, *, round_floats: int | None = None) -> str:
+    """The first ``n`` hex digits of the sha256 of ``obj`` as canonical JSON: the one hash of a value.
+
+    Canonical: keys sorted, default separators, anything JSON cannot hold written with ``str``;
+    with ``round_floats``, floats are first rounded to that many decimals (so float noise in
+    parameters does not change a key).
+    """
+
+    def canon(v: Any) -> Any:
+        if isinstance(v, float):
+            return round(v, round_floats)  # type: ignore[arg-type]
+        if isinstance(v, dict):
+            return {str(k): canon(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [canon(x) for x in v]
+        return v
+
+    text = json.dumps(obj if round_floats is None else canon(obj), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
 # --- output paths ---------------------------------------------------------------------------

@@ -118,8 +118,8 @@ def tile(
     with _errors():
         from .errors import ConfigError
         from .inputs import discover_slides
-        from .outputs.manifest import RunManifest
-        from .tiling.tiler import TileParams, tile_manifest_row, tile_slides
+        from .outputs.manifest import RunManifest, tile_manifest_row
+        from .tiling.tiler import TileParams, tile_slides
         from .tiling.tissue import TissueParams
 
         try:
@@ -366,7 +366,7 @@ def predict_tiles(
     """Per-tile class probabilities (and metrics when labels are known); for stores also scores/<name> for heatmaps."""
     with _errors():
         from .finetune import predict_tiles as run_predict_tiles
-        from .mil.metrics import format_metrics_table
+        from .labels.metrics import format_metrics_table
 
         with _progress_bar("predicting tiles") as update:
             res = run_predict_tiles(
@@ -427,7 +427,7 @@ def evaluate(
     """Score a trained model on a labelled set."""
     with _errors():
         from .mil.api import evaluate as evaluate_mil
-        from .mil.metrics import format_metrics_table
+        from .labels.metrics import format_metrics_table
         from .store import find_stores
 
         metrics = evaluate_mil(model_dir, find_stores(stores), labels, out)

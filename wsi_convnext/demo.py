@@ -78,7 +78,7 @@ def run_demo(
     from .outputs.heatmap import heatmaps
     from .inputs import discover_slides
     from .mil.api import train
-    from .mil.data import read_labels
+    from .labels.table import read_labels
     from .mil.training import TrainConfig
     from .synthetic import make_cohort
     from .tiling.tiler import TileParams, tile_slides

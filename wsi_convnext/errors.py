@@ -8,6 +8,8 @@ offending file or option, and say what to do.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class WsiConvnextError(Exception):
     """Base class of all wsi-convnext errors."""
@@ -95,3 +97,10 @@ def one_line(error: BaseException | str, limit: int | None = None) -> str:
     if limit is not None and len(text) > limit:
         text = text[: limit - 1] + "…"
     return text
+
+
+def listing(items: Iterable[object], n: int = 5) -> str:
+    """The first ``n`` items for a message, comma-separated, with ``(+K more)`` for the rest."""
+    items = list(items)
+    shown = ", ".join(str(i) for i in items[:n])
+    return shown + (f" (+{len(items) - n} more)" if len(items) > n else "")

@@ -4,7 +4,7 @@ With ``[finetune] labels = "labels.csv"`` one run config does tile → ``finetun
 (with the fine-tuned encoder) → ``mil``:
 
 * ``finetune`` (a GPU task when the cluster has GPU workers) splits the labelled patients
-  once (stratified, :func:`~wsi_convnext.mil.splits.holdout_split`): ``held_out`` of them
+  once (stratified, :func:`~wsi_convnext.labels.splits.holdout_split`): ``held_out`` of them
   (default 0.5) are kept away from the encoder. It writes ``OUT/training/encoder_labels.csv``
   and ``mil_labels.csv`` and fine-tunes the ``[embed]`` encoder on the tiles of the encoder
   slides only, with their slide labels, into ``OUT/training/encoder/``
@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, json_sha256
 from ..config import RunConfig
 from ..errors import ConfigError
 from .stages import Resources, StageSpec, register_stage
@@ -57,8 +57,8 @@ def _split(config: RunConfig, slide_ids: Sequence[str]) -> tuple[Any, Any]:
 
     Without ``[finetune]`` the encoder part is None and MIL gets every labelled slide.
     """
-    from ..mil.data import read_labels
-    from ..mil.splits import holdout_split
+    from ..labels.table import read_labels
+    from ..labels.splits import holdout_split
 
     if config.labels is None:
         raise ConfigError("run config: the training stages need 'finetune.labels' or 'mil.labels'")
@@ -85,7 +85,7 @@ def finetune_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mappi
         ``embed`` stage), ``encoder_dir``, and the encoder and MIL slide counts.
     """
     from ..finetune import FinetuneConfig, finetune_encoder
-    from ..mil.data import write_labels
+    from ..labels.table import write_labels
 
     spec = config.encoder_config()
     if spec is None:
@@ -122,8 +122,7 @@ def mil_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[st
         ``model_dir``, ``feature_key``, ``slides`` and ``cv_auc`` (pooled out-of-fold AUC).
     """
     from ..mil.api import train
-    from ..mil.data import write_labels
-    from ..transforms.base import fingerprint as params_fingerprint
+    from ..labels.table import write_labels
 
     _, mil = _split(config, [s.slide_id for s in slides])
     out = training_dir(config)
@@ -135,18 +134,18 @@ def mil_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mapping[st
     stores = [str(states[s]["store"]) for s in mil.slide_ids]
     mil_config = config.mil_config()
     inputs = {"mil": dataclasses.asdict(mil_config), "feature_key": key, "stores": stores, "labels": labels.read_text()}
-    fingerprint = params_fingerprint(inputs, n=64)
+    inputs_fingerprint = json_sha256(inputs, round_floats=6)
     record = out / "mil" / "stage.json"
     if not config.overwrite and record.is_file() and (out / "mil" / "model.safetensors").is_file():
         with contextlib.suppress(ValueError, KeyError):
             done = json.loads(record.read_text())
-            if done["fingerprint"] == fingerprint:
+            if done["fingerprint"] == inputs_fingerprint:
                 logger.info("mil: the model in %s is up to date; not retrained", out / "mil")
                 return dict(done["result"])
     report = train(stores, labels, out / "mil", mil_config, feature_key=key, overwrite=True)
     pooled = report.metrics.get("pooled", {}).get("auc", {})
     result = {"model_dir": str(out / "mil"), "feature_key": key, "slides": len(mil.slide_ids), "cv_auc": pooled.get("value")}
-    atomic_write_text(record, json.dumps({"fingerprint": fingerprint, "result": result}, indent=1) + "\n")
+    atomic_write_text(record, json.dumps({"fingerprint": inputs_fingerprint, "result": result}, indent=1) + "\n")
     return result
 
 

@@ -7,34 +7,20 @@
 
 from __future__ import annotations
 
-from .._lazy import lazy_getattr
+from .._lazy import lazy_exports
 
 # Names import their submodule on first use: `stores` imports torch, `labelled` does not.
-_EXPORTS = {
-    "BALANCE_MODES": "labelled",
-    "IMAGE_SUFFIXES": "labelled",
-    "SIZE_POLICIES": "labelled",
-    "CorruptTileError": "labelled",
-    "EpochSampler": "labelled",
-    "LabelledBatch": "labelled",
-    "LabelledTileDataset": "labelled",
-    "LabelledTiles": "labelled",
-    "collate_tiles": "labelled",
-    "csv_tiles": "labelled",
-    "grouped_split": "labelled",
-    "image_folder_tiles": "labelled",
-    "load_labelled_tiles": "labelled",
-    "store_tiles": "labelled",
-    "DECODE_THREAD_PREFIX": "stores",
-    "PREFETCH_BYTES": "stores",
-    "StoreTileDataset": "stores",
-    "StoreTileStream": "stores",
-    "TileBatch": "stores",
-    "TileSpan": "stores",
-    "decode_on_device": "stores",
-    "plan_decode_threads": "stores",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "labelled": (
+            "BALANCE_MODES", "IMAGE_SUFFIXES", "SIZE_POLICIES", "CorruptTileError", "EpochSampler", "LabelledBatch",
+            "LabelledTileDataset", "LabelledTiles", "collate_tiles", "csv_tiles", "grouped_split",
+            "image_folder_tiles", "load_labelled_tiles", "store_tiles",
+        ),
+        "stores": (
+            "DECODE_THREAD_PREFIX", "PREFETCH_BYTES", "StoreTileDataset", "StoreTileStream", "TileBatch",
+            "TileSpan", "decode_on_device", "plan_decode_threads",
+        ),
+    },
+)

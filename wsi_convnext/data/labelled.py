@@ -8,7 +8,7 @@ Three sources, one result type (:class:`LabelledTiles`):
 - **CSV** (:func:`csv_tiles`): ``path,label[,group][,split]``; ``path`` relative to the CSV's
   folder (or absolute); ``split`` is ``train``/``val``/``test``.
 - **Weak labels over tile stores** (:func:`store_tiles`): zarr stores plus a labels CSV
-  ``slide_id,label[,patient_id][,split]`` (read with :func:`wsi_convnext.mil.data.read_labels`);
+  ``slide_id,label[,patient_id][,split]`` (read with :func:`wsi_convnext.labels.read_labels`);
   every tile takes its slide's label and its group is the patient (else the slide).
 
 Image files are checked when listed (the header is read, not the pixels): a corrupt or
@@ -41,7 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, CorruptTileError, InputNotFoundError, LabelsError, StoreError
+from ..errors import ConfigError, CorruptTileError, InputNotFoundError, LabelsError, StoreError, listing
+from ..labels.splits import inner_validation_split
+from ..labels.table import read_labels, sort_classes
 
 __all__ = [
     "BALANCE_MODES",
@@ -73,12 +75,6 @@ BALANCE_MODES = {
     "class_group": "every class the same weight, and within a class every group (slide/patient) the same weight",
 }
 _SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-_MAX_LISTED = 5
-
-
-def _listing(items: Sequence[object], n: int = _MAX_LISTED) -> str:
-    shown = ", ".join(str(i) for i in items[:n])
-    return shown + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 # ----------------------------------------------------------------------------------- tile lists
@@ -155,8 +151,8 @@ class LabelledTiles:
             "n_skipped": len(self.skipped),
         }
 
-    def fingerprint(self) -> str:
-        """sha256 over (ref, label, group) of every tile, in order."""
+    def data_fingerprint(self) -> str:
+        """sha256 over (ref, label, group) of every tile, in order: what the data fingerprint of a training run names."""
         import hashlib
 
         h = hashlib.sha256()
@@ -169,7 +165,7 @@ class LabelledTiles:
         present = [self.classes[i] for i in sorted(set(self.y.tolist()))]
         if len(present) < n:
             raise LabelsError(
-                f"{self.source}: only {len(present)} class(es) ({_listing(present) or 'none'}) among {len(self)} "
+                f"{self.source}: only {len(present)} class(es) ({listing(present) or 'none'}) among {len(self)} "
                 f"tiles; training needs tiles of at least {n} classes"
             )
 
@@ -203,18 +199,16 @@ def _check_images(
                 raise CorruptTileError(f"{exc} (listed in {source}); remove it or drop --strict to skip it") from exc
             skipped.append((refs[i], str(exc)))
     if skipped:
-        logger.warning("%s: skipped %d unreadable file(s): %s", source, len(skipped), _listing([s[0] for s in skipped]))
+        logger.warning("%s: skipped %d unreadable file(s): %s", source, len(skipped), listing([s[0] for s in skipped]))
     return keep, np.asarray(sizes, dtype=np.int64).reshape(-1, 2), skipped
 
 
 def _class_index(labels: list[str], classes: Sequence[str] | None, source: str, where: list[str]) -> tuple[tuple[str, ...], np.ndarray]:
-    from ..mil.data import sort_classes
-
     cls = tuple(sort_classes(labels)) if classes is None else tuple(str(c) for c in classes)
     lut = {c: i for i, c in enumerate(cls)}
     unknown = [f"{lab!r} ({w})" for lab, w in zip(labels, where) if lab not in lut]
     if unknown:
-        raise LabelsError(f"{source}: unknown label(s) {_listing(unknown)}; the classes are {list(cls)}")
+        raise LabelsError(f"{source}: unknown label(s) {listing(unknown)}; the classes are {list(cls)}")
     return cls, np.array([lut[lab] for lab in labels], dtype=np.int64)
 
 
@@ -351,19 +345,18 @@ def store_tiles(
 
     Raises:
         InputNotFoundError: No stores, or no store with a label.
-        LabelsError: Bad labels CSV (see :func:`~wsi_convnext.mil.data.read_labels`) or unknown labels.
+        LabelsError: Bad labels CSV (see :func:`~wsi_convnext.labels.read_labels`) or unknown labels.
     """
-    from ..mil.data import read_labels
     from ..store import find_stores, open_store
 
     paths = find_stores(stores)
     if not paths:
-        raise InputNotFoundError(f"no tile stores (*.zarr) in {_listing([str(s) for s in stores])}")
+        raise InputNotFoundError(f"no tile stores (*.zarr) in {listing([str(s) for s in stores])}")
     table = None
     if labels is not None:
         table = read_labels(labels, min_classes=1)
         by_id = {s: i for i, s in enumerate(table.slide_ids)}
-    src = str(labels) if labels is not None else _listing([str(s) for s in stores])
+    src = str(labels) if labels is not None else listing([str(s) for s in stores])
     store_paths: list[str] = []
     refs: list[np.ndarray] = []
     y_names: list[str] = []
@@ -390,7 +383,7 @@ def store_tiles(
         split_of.append(table.split[i] if table is not None and table.split is not None else "")
         sizes.append(st.tile_size)
     if unlabelled:
-        logger.warning("%s: %d store(s) have no label and are left out: %s", src, len(unlabelled), _listing(unlabelled))
+        logger.warning("%s: %d store(s) have no label and are left out: %s", src, len(unlabelled), listing(unlabelled))
     if not store_paths:
         raise InputNotFoundError(f"{src}: none of the {len(paths)} store(s) has a label row (slide_id) or any tiles")
     if table is not None:
@@ -445,10 +438,10 @@ def load_labelled_tiles(
             raise InputNotFoundError(f"{it}: does not exist; pass an image folder, a CSV or tile stores")
     if all(_is_store_input(it) for it in items):
         if labels is None and require_label:
-            raise LabelsError(f"stores {_listing([str(i) for i in items])} need --labels slide_id,label[,patient_id]")
+            raise LabelsError(f"stores {listing([str(i) for i in items])} need --labels slide_id,label[,patient_id]")
         return store_tiles(items, labels, classes=classes)
     if len(items) != 1:
-        raise ConfigError(f"pass one image folder or one CSV, not {len(items)} inputs ({_listing([str(i) for i in items])})")
+        raise ConfigError(f"pass one image folder or one CSV, not {len(items)} inputs ({listing([str(i) for i in items])})")
     if labels is not None:
         raise ConfigError(f"--labels applies to tile stores; {items[0]} is not a store (put labels in its CSV)")
     it = items[0]
@@ -480,7 +473,7 @@ def grouped_split(
             by_group.setdefault(g, set()).add(s)
         both = sorted(g for g, s in by_group.items() if len(s) > 1)
         if both:
-            raise LabelsError(f"{tiles.source}: group(s) {_listing(both)} appear in several splits; give each group one split")
+            raise LabelsError(f"{tiles.source}: group(s) {listing(both)} appear in several splits; give each group one split")
         parts = [np.flatnonzero(tiles.split == s) for s in ("train", "val", "test")]
     else:
         if not 0 <= val_frac < 1:
@@ -489,15 +482,13 @@ def grouped_split(
         if val_frac == 0:
             parts = [idx, idx[:0], idx[:0]]
         else:
-            from ..mil.splits import inner_validation_split
-
             fit, val = inner_validation_split(tiles.y, tiles.groups.astype(str), idx, val_fraction=val_frac, seed=seed)
             parts = [np.sort(fit), np.sort(val), idx[:0]]
     train = parts[0]
     train_classes = set(tiles.y[train].tolist())
     outside = sorted({tiles.classes[c] for p in parts[1:] for c in tiles.y[p].tolist()} - {tiles.classes[c] for c in train_classes})
     if outside:
-        raise LabelsError(f"{tiles.source}: class(es) {_listing(outside)} have no training tiles; put some of their groups in the training split")
+        raise LabelsError(f"{tiles.source}: class(es) {listing(outside)} have no training tiles; put some of their groups in the training split")
     return parts[0], parts[1], parts[2]
 
 
@@ -637,7 +628,7 @@ class LabelledTileDataset:
             shapes = sorted({(int(h), int(w)) for h, w in tiles.sizes.tolist()})
             if len(shapes) > 1:
                 raise ConfigError(
-                    f"{tiles.source}: tiles have {len(shapes)} different sizes ({_listing([f'{h}x{w}' for h, w in shapes])}); "
+                    f"{tiles.source}: tiles have {len(shapes)} different sizes ({listing([f'{h}x{w}' for h, w in shapes])}); "
                     "make them one size or use --on-size crop"
                 )
         min_side = int(sides.min())
@@ -648,7 +639,7 @@ class LabelledTileDataset:
         if len(small):
             names = [f"{tiles.refs[i]} ({tiles.sizes[i][0]}x{tiles.sizes[i][1]})" for i in small]
             raise ConfigError(
-                f"{tiles.source}: {len(small)} tile(s) are smaller than the {self.size}-px training size: {_listing(names)}; "
+                f"{tiles.source}: {len(small)} tile(s) are smaller than the {self.size}-px training size: {listing(names)}; "
                 "tiles are never upscaled (it would change µm/px): use a smaller --crop-size or remove them"
             )
         self._stores: dict[int, Any] = {}

@@ -8,6 +8,8 @@
 - :mod:`.weights`: weights files (safetensors-first, ``weights_only=True``), their metadata, and
   timm's pretrained weights through the Hugging Face cache.
 - :mod:`.device`: :func:`resolve_device`.
+- :mod:`.precision`: the one precision policy (:func:`resolve_precision`, :class:`Precision`),
+  used by embed, finetune and predict-tiles.
 
 Adding an encoder family = writing one module that subclasses :class:`EncoderFamily` and calls
 :func:`register_family`; :func:`build_encoder` then builds its model names.
@@ -34,13 +36,16 @@ from .base import (
 )
 from .convnext import DEFAULT_STEM, STEMS, ConvNeXtFamily, StemSpec, convert_patch_stem_to_overlap, register_stem
 from .device import resolve_device
+from .precision import PRECISIONS, Precision, resolve_precision
 from .weights import (
     ENCODER_FILE,
     META_MODEL,
+    META_PREFIX,
     META_STEM,
     find_pretrained_file,
     load_weights,
     read_weights_metadata,
+    weights_metadata,
     save_encoder_weights,
 )
 
@@ -52,7 +57,9 @@ __all__ = [
     "ENCODER_FILE",
     "FAMILIES",
     "META_MODEL",
+    "META_PREFIX",
     "META_STEM",
+    "PRECISIONS",
     "RANDOM",
     "RESIZE_POLICIES",
     "STEMS",
@@ -61,6 +68,7 @@ __all__ = [
     "Encoder",
     "EncoderConfig",
     "EncoderFamily",
+    "Precision",
     "Stem",
     "StemSpec",
     "TileTransformFn",
@@ -73,5 +81,7 @@ __all__ = [
     "register_family",
     "register_stem",
     "resolve_device",
+    "resolve_precision",
     "save_encoder_weights",
+    "weights_metadata",
 ]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_path, file_sha256
-from ..errors import InputNotFoundError, WeightsError, one_line
+from ..errors import InputNotFoundError, WeightsError, listing, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENCODER_FILE",
     "META_MODEL",
+    "META_PREFIX",
     "META_STEM",
     "find_pretrained_file",
     "hf_hub_cache",
@@ -46,14 +47,17 @@ __all__ = [
     "resolve_weights_path",
     "save_encoder_weights",
     "unwrap_state_dict",
+    "weights_metadata",
 ]
 
 logger = logging.getLogger(__name__)
 
+#: Prefix of every wsi-convnext entry in a safetensors file's metadata.
+META_PREFIX = "wsi_convnext."
 #: safetensors metadata / config.json key naming the model the weights were made for.
-META_MODEL = "wsi_convnext.model"
+META_MODEL = f"{META_PREFIX}model"
 #: safetensors metadata / config.json key naming the stem the weights were made with.
-META_STEM = "wsi_convnext.stem"
+META_STEM = f"{META_PREFIX}stem"
 #: The encoder file of a ``finetune`` output folder (accepted when ``--weights`` names the folder).
 ENCODER_FILE = "encoder.safetensors"
 #: Sidecar with the same information, read when the weights file has no metadata.
@@ -130,7 +134,7 @@ def read_weights_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
         try:
             with safe_open(str(p), framework="pt") as fh:
-                meta = {k: str(v) for k, v in (fh.metadata() or {}).items() if k.startswith("wsi_convnext.")}
+                meta = {k: str(v) for k, v in (fh.metadata() or {}).items() if k.startswith(META_PREFIX)}
         except Exception:  # noqa: BLE001 - an unreadable file is reported by read_state_dict
             meta = {}
     if META_MODEL in meta:
@@ -144,12 +148,27 @@ def read_weights_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         raise WeightsError(f"{sidecar} (beside weights {p.name}) is not valid JSON: {one_line(exc)}") from exc
     if not isinstance(cfg, dict):
         return meta
-    found: dict[str, Any] = {k: v for k, v in cfg.items() if k.startswith("wsi_convnext.")}
+    found: dict[str, Any] = {k: v for k, v in cfg.items() if k.startswith(META_PREFIX)}
     for nested in ("wsi_convnext", "encoder"):
         sub = cfg.get(nested)
         if not found and isinstance(sub, dict) and isinstance(sub.get("model"), str):
             found = {META_MODEL: sub["model"], META_STEM: sub.get("stem")}
     return {**{k: str(v) for k, v in found.items() if isinstance(v, str) and v}, **meta}
+
+
+def weights_metadata(model: str, stem: str, extra: Mapping[str, object] | None = None) -> dict[str, str]:
+    """The safetensors metadata of weights made for ``model`` with ``stem`` (what :func:`read_weights_metadata` reads).
+
+    Args:
+        model: The timm model name (:data:`META_MODEL`).
+        stem: The stem name (:data:`META_STEM`).
+        extra: More entries (e.g. a training fingerprint), written with ``str``; keys without a
+            dot get the :data:`META_PREFIX`.
+    """
+    meta = {"format": "pt", META_MODEL: model, META_STEM: stem}
+    for key, value in (extra or {}).items():
+        meta[key if "." in key else f"{META_PREFIX}{key}"] = str(value)
+    return meta
 
 
 def save_encoder_weights(
@@ -171,9 +190,7 @@ def save_encoder_weights(
     """
     from safetensors.torch import save_file
 
-    meta = {"format": "pt", META_MODEL: encoder.config.model, META_STEM: encoder.stem.name}
-    for key, value in (metadata or {}).items():
-        meta[key if "." in key else f"wsi_convnext.{key}"] = str(value)
+    meta = weights_metadata(encoder.config.model, encoder.stem.name, metadata)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder.model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -234,18 +251,13 @@ def unwrap_state_dict(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> d
         sd = inner
     tensors = {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise WeightsError(f"weights file {path} holds no tensors (keys: {_fmt_keys([str(k) for k in sd])})")
+        raise WeightsError(f"weights file {path} holds no tensors (keys: {listing([str(k) for k in sd], _MAX_LISTED_KEYS)})")
     while True:
         tensors = clean_state_dict(tensors)
         prefix = next((p for p in _EXTRA_PREFIXES if all(k.startswith(p) for k in tensors)), None)
         if prefix is None:
             return tensors
         tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
-
-
-def _fmt_keys(keys: list[str], n: int = _MAX_LISTED_KEYS) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
 def _cfg_modules(model: nn.Module, field: str) -> list[str]:
@@ -278,12 +290,12 @@ def _check_fits(
         return
     parts = []
     if missing:
-        parts.append(f"missing keys {_fmt_keys(missing)}")
+        parts.append(f"missing keys {listing(missing, _MAX_LISTED_KEYS)}")
     if unexpected:
-        parts.append(f"unexpected keys {_fmt_keys(unexpected)}")
+        parts.append(f"unexpected keys {listing(unexpected, _MAX_LISTED_KEYS)}")
     if mismatched:
         shown = [f"{k} {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}" for k in mismatched]
-        parts.append(f"shape mismatch {_fmt_keys(shown)}")
+        parts.append(f"shape mismatch {listing(shown, _MAX_LISTED_KEYS)}")
     first = [f"{c}.weight" for c in _cfg_modules(model, "first_conv")]
     hint = (
         f" (the first conv {first[0]} differs: another stem or input channels)"

@@ -13,28 +13,15 @@ torch is imported by the submodules that need it, not here.
 
 from __future__ import annotations
 
-from .._lazy import lazy_getattr
+from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "AUGMENTATIONS": "config",
-    "FinetuneConfig": "config",
-    "parse_freeze": "config",
-    "FinetuneProgress": "train",
-    "finetune_encoder": "train",
-    "prepare_model": "train",
-    "work_dir": "train",
-    "FinetunedModel": "outputs",
-    "load_finetuned": "outputs",
-    "predict_tiles": "predict",
-    "TilePredictions": "predict",
-    "ArmResult": "compare",
-    "FinetuneComparison": "compare",
-    "HeldOutSplit": "compare",
-    "compare_finetuned": "compare",
-    "hold_out_patients": "compare",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "config": ("AUGMENTATIONS", "FinetuneConfig", "parse_freeze"),
+        "train": ("FinetuneProgress", "finetune_encoder", "prepare_model", "work_dir"),
+        "outputs": ("FinetunedModel", "load_finetuned"),
+        "predict": ("predict_tiles", "TilePredictions"),
+        "compare": ("ArmResult", "FinetuneComparison", "HeldOutSplit", "compare_finetuned", "hold_out_patients"),
+    },
+)

@@ -165,8 +165,8 @@ def hold_out_patients(
     Raises:
         ConfigError: ``held_out`` outside (0, 1), or too few patients per class to hold any out.
     """
-    from ..mil.data import read_labels, write_labels
-    from ..mil.splits import holdout_split
+    from ..labels.table import read_labels, write_labels
+    from ..labels.splits import holdout_split
     from ..store import open_store
 
     if not 0 < held_out < 1:
@@ -226,7 +226,7 @@ def compare_finetuned(
     """
     from ..embed import embed_stores
     from ..mil.api import train
-    from ..mil.data import read_labels
+    from ..labels.table import read_labels
     from ..mil.training import TrainConfig
     from .config import FinetuneConfig
     from .train import finetune_encoder

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import numbers
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .._io import json_sha256
 from ..data.labelled import BALANCE_MODES, SIZE_POLICIES
 from ..errors import ConfigError
 from ..params import at_least, check_params, fraction, half_open, non_negative, one_of, param, positive
@@ -176,11 +175,8 @@ class FinetuneConfig:
         """The fields that decide the result (no output path, device, worker count...)."""
         return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
 
-    def fingerprint(self, data_fingerprint: str = "", start_sha256: str = "") -> str:
+    def training_fingerprint(self, data_fingerprint: str = "", start_sha256: str = "") -> str:
         """sha256 of the result-deciding fields, the data (tiles, labels, groups) and the starting weights."""
         # Inputs are named by content (data fingerprint, weights sha256), not by path.
         cfg = {k: v for k, v in self.result_dict().items() if k not in ("data", "labels", "weights")}
-        payload = json.dumps(
-            {"config": cfg, "data": data_fingerprint, "start": start_sha256}, sort_keys=True, default=str
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()
+        return json_sha256({"config": cfg, "data": data_fingerprint, "start": start_sha256})

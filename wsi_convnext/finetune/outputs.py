@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._io import atomic_dir, atomic_write_text
+from ..encoders.weights import CONFIG_FILE, ENCODER_FILE, weights_metadata
 from ..errors import InputNotFoundError, WeightsError
 
 if TYPE_CHECKING:
@@ -41,9 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FinetunedModel", "load_finetuned", "read_fingerprint", "write_outputs"]
 
-ENCODER_FILE = "encoder.safetensors"
 HEAD_FILE = "head.safetensors"
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "metrics.md"
 CURVES_FILE = "curves.png"
@@ -121,14 +120,12 @@ def write_outputs(
     from safetensors.torch import save_file
 
     from .. import __version__
-    from ..mil.metrics import compute_metrics, metrics_to_json
+    from ..labels.metrics import compute_metrics, metrics_to_json
 
     classes = list(tiles.classes)
-    meta = {
-        "wsi_convnext.kind": "finetuned_encoder", "wsi_convnext.model": config.model,
-        "wsi_convnext.stem": config.stem, "wsi_convnext.fingerprint": fingerprint,
-        "wsi_convnext.classes": json.dumps(classes), "wsi_convnext.version": __version__,
-    }  # fmt: skip
+    meta = weights_metadata(config.model, config.stem, {
+        "kind": "finetuned_encoder", "fingerprint": fingerprint, "classes": json.dumps(classes), "version": __version__,
+    })  # fmt: skip
     best_eval = None
     if best_state.get("val_probs") is not None:
         vy = best_state["val_y"].numpy()
@@ -144,7 +141,7 @@ def write_outputs(
     cfg_doc = {
         "kind": "wsi_convnext.finetune", "config": config.to_dict(), "resolved": resolved,
         "model": config.model, "stem": config.stem, "classes": classes, "fingerprint": fingerprint,
-        "data": tiles.summary() | {"fingerprint": tiles.fingerprint()}, "split": split_sizes,
+        "data": tiles.summary() | {"fingerprint": tiles.data_fingerprint()}, "split": split_sizes,
         "start": start.to_dict(), "freeze": freeze_info, "preprocessing": dict(encoder.preprocessing),
         "versions": {"wsi_convnext": __version__, "torch": torch.__version__, "timm": timm.__version__},
     }  # fmt: skip

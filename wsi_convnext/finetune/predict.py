@@ -36,7 +36,7 @@ class TilePredictions:
         probs: (N, C) class probabilities, rows aligned with ``tiles``.
         classes: Class names (columns of ``probs``).
         labelled: Whether ``tiles.y`` holds true labels.
-        metrics: ``wsi_convnext.mil.metrics.compute_metrics`` output when labelled, else None.
+        metrics: ``wsi_convnext.labels.metrics.compute_metrics`` output when labelled, else None.
         csv: The CSV written, or None.
         score_name: Name of the per-tile scores written into stores, or None.
         tiles_per_second: Inference throughput (decode + forward).
@@ -121,7 +121,8 @@ def predict_tiles(
     import torch
     from torch.utils.data import DataLoader
 
-    from ..mil.metrics import compute_metrics
+    from ..encoders import resolve_precision
+    from ..labels.metrics import compute_metrics
     from .outputs import load_finetuned
 
     model = load_finetuned(enc_dir, device=device)
@@ -146,7 +147,8 @@ def predict_tiles(
     ok = np.ones(len(tiles), dtype=bool)
     done = 0
     t0 = time.perf_counter()
-    cuda = dev.type == "cuda"
+    prec = resolve_precision(dev)
+    enc.to(channels_last=prec.channels_last)
     with torch.inference_mode():
         for batch in loader:
             for i, reason in batch.bad:
@@ -156,7 +158,7 @@ def predict_tiles(
                 skipped.append((str(tiles.refs[i]), reason))
             if len(batch.y):
                 x = enc.preprocess(batch.tiles, device=dev)
-                with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False):
+                with prec.autocast(dev):
                     logits = head(enc.model(x))
                 probs[batch.index.numpy()] = torch.softmax(logits.float(), -1).cpu().numpy()
             done += len(batch.y) + len(batch.bad)

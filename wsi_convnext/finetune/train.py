@@ -38,8 +38,10 @@ from ..data.labelled import (
     grouped_split,
     load_labelled_tiles,
 )
+from ..encoders.weights import CONFIG_FILE, ENCODER_FILE
 from ..errors import ConfigError, StoreExistsError, WeightsError
 from .config import FinetuneConfig, parse_freeze
+from .outputs import HEAD_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -51,9 +53,6 @@ __all__ = ["FinetuneProgress", "StartPoint", "finetune_encoder", "prepare_model"
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
-ENCODER_FILE = "encoder.safetensors"
-HEAD_FILE = "head.safetensors"
-CONFIG_FILE = "config.json"
 
 
 @dataclass(frozen=True)
@@ -113,18 +112,6 @@ def work_dir(out: str | Path) -> Path:
 # ----------------------------------------------------------------------------------- model set-up
 
 
-def _read_weights_metadata(path: Path) -> dict[str, str]:
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception:  # noqa: BLE001 - unreadable files are reported by load_weights
-        return {}
-
-
 def _resolve_start(config: FinetuneConfig) -> tuple[Path | None, dict[str, Any]]:
     """(weights file, earlier finetune config) for ``--weights`` (a file or an ENC_DIR)."""
     if config.weights is None:
@@ -159,18 +146,18 @@ def prepare_model(
     """
     import torch
 
-    from ..encoders import build_encoder
+    from ..encoders import META_MODEL, META_STEM, build_encoder, read_weights_metadata
 
     weights, source = _resolve_start(config)
     if weights is not None:
-        meta = _read_weights_metadata(weights)
-        src_model = meta.get("wsi_convnext.model") or source.get("model")
+        meta = read_weights_metadata(weights)
+        src_model = meta.get(META_MODEL) or source.get("model")
         if src_model and src_model.split(".")[0] != config.model.split(".")[0]:
             raise WeightsError(
                 f"weights file {weights} was trained for model {src_model!r}, not {config.model!r}; pass --model {src_model}"
             )
-        if meta.get("wsi_convnext.stem") and not source:
-            source = {"model": meta.get("wsi_convnext.model"), "stem": meta.get("wsi_convnext.stem")}
+        if meta.get(META_STEM) and not source:
+            source = {"model": meta.get(META_MODEL), "stem": meta.get(META_STEM)}
     kwargs: dict[str, Any] = {"drop_path_rate": config.drop_path} if config.drop_path > 0 else {}
     encoder = build_encoder(
         # Starting from a checkpoint of another stem is a conversion the user asked for by
@@ -297,7 +284,7 @@ def _evaluate(
     """Validation loss and metrics: (metrics, y, probs)."""
     import torch
 
-    from ..mil.metrics import balanced_accuracy, roc_auc
+    from ..labels.metrics import balanced_accuracy, roc_auc
 
     ys: list[np.ndarray] = []
     ps: list[np.ndarray] = []
@@ -392,7 +379,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     train_tiles.require_classes(2)
 
     encoder, head, start = prepare_model(cfg, tiles.classes)
-    fingerprint = cfg.fingerprint(tiles.fingerprint(), start.weights_sha256)
+    fingerprint = cfg.training_fingerprint(tiles.data_fingerprint(), start.weights_sha256)
     if out.exists():
         done = read_fingerprint(out)
         if done == fingerprint and not cfg.overwrite:
@@ -476,17 +463,22 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     # ---- device, precision
     encoder.model.to(device)
     head.to(device)
+    from ..encoders import resolve_precision
+
     cuda = device.type == "cuda"
+    prec = resolve_precision(device)
+    encoder.to(channels_last=prec.channels_last)
     if cuda:
-        encoder.to(channels_last=True)
         torch.backends.cudnn.benchmark = True
     for st in optimizer.state.values():  # optimiser moments follow the parameters
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and k != "step":
                 st[k] = v.to(device)
 
-    def autocast() -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    autocast = functools.partial(prec.autocast, device)
+    # float16 autocast (CUDA without bfloat16) needs loss scaling; a no-op otherwise. Its state is
+    # not checkpointed: a resumed float16 run starts with a fresh scale.
+    scaler = torch.amp.GradScaler(device.type, enabled=prec.autocast_dtype == "float16")
 
     body: Callable[[torch.Tensor], torch.Tensor] = encoder.model
     if cfg.compile and cuda:
@@ -535,12 +527,13 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
                 y = batch.y.to(device, non_blocking=True)
                 with autocast():
                     loss = criterion(net(x).float(), y) / cfg.accumulate
-                loss.backward()
+                scaler.scale(loss).backward()
                 acc_loss += float(loss.detach())
                 n_seen += len(batch.y)
             if micro_i % cfg.accumulate:
                 continue
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             micro_i = 0

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, LabelsError, StoreError
+from ..errors import ConfigError, LabelsError, StoreError, listing
 from .config import ProgressFn
-from .data import Bag, LabelTable, _listing, index_stores, load_bags, match_labels, read_labels
+from ..labels.table import LabelTable, match_labels, read_labels
+from .data import Bag, index_stores, load_bags
 
 if TYPE_CHECKING:
     from .model import TrainedModel
@@ -96,7 +97,7 @@ def _labeled_bags(
     if no_emb:
         raise LabelsError(
             f"{table.source}: {len(no_emb)} labelled slide(s) have no embeddings in their store: "
-            f"{_listing(no_emb)}; embed them first or remove the rows"
+            f"{listing(no_emb)}; embed them first or remove the rows"
         )
     bags = load_bags([by_id[s] for s in matched], feature_key, in_memory=in_memory, progress=progress)
     return bags, table.subset(matched), unlabeled
@@ -158,7 +159,7 @@ def train(
 
     Args:
         stores: Zarr store paths (one per slide); stores without a label are ignored with a warning.
-        labels_csv: Labels CSV (see :func:`~wsi_convnext.mil.data.read_labels`).
+        labels_csv: Labels CSV (see :func:`~wsi_convnext.labels.read_labels`).
         out_dir: Output folder.
         config: Aggregator, folds, seed and optimisation settings
             (:class:`~wsi_convnext.mil.training.TrainConfig`; its default aggregator is ``dsmil``,
@@ -175,7 +176,7 @@ def train(
         ConfigError: Bad options or an existing model in ``out_dir`` without ``overwrite``.
     """
     from .checkpoint import save_model
-    from .metrics import format_metrics_table, metrics_to_json
+    from ..labels.metrics import format_metrics_table, metrics_to_json
     from .plots import plot_roc
     from .training import TrainConfig, cross_validate, train_model
 
@@ -239,7 +240,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a saved model on labelled stores.
 
-    Returns :func:`~wsi_convnext.mil.metrics.compute_metrics` output plus ``"model"``, ``"classes"``
+    Returns :func:`~wsi_convnext.labels.metrics.compute_metrics` output plus ``"model"``, ``"classes"``
     and ``"unlabeled_slides"``. With ``out_dir``: writes ``metrics.json``, ``metrics.txt``,
     ``roc.png`` and ``predictions.csv`` there. A single-class evaluation set is allowed (AUC is then
     undefined: null), e.g. to measure specificity on negatives.
@@ -249,7 +250,7 @@ def evaluate(
             model's classes, or label-file errors.
     """
     from .checkpoint import load_model
-    from .metrics import compute_metrics, format_metrics_table, metrics_to_json
+    from ..labels.metrics import compute_metrics, format_metrics_table, metrics_to_json
     from .plots import plot_roc
 
     model = load_model(model_dir)
@@ -257,7 +258,7 @@ def evaluate(
     unknown = sorted(set(table.labels) - set(model.classes))
     if unknown:
         raise LabelsError(
-            f"{table.source}: label(s) {_listing(unknown)} are not classes of the model ({list(model.classes)})"
+            f"{table.source}: label(s) {listing(unknown)} are not classes of the model ({list(model.classes)})"
         )
     bags, table, unlabeled = _labeled_bags(
         stores, table, model.feature_key, require_all=require_all, in_memory=False, progress=None

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputNotFoundError, WeightsError
 from .._io import atomic_path, atomic_write_text, file_sha256
-from .metrics import _json_safe
+from ..labels.metrics import _json_safe
 
 __all__ = ["save_model", "load_model", "WEIGHTS_FILE", "CONFIG_FILE", "FORMAT", "FORMAT_VERSION"]
 

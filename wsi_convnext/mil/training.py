@@ -31,11 +31,12 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, LabelsError
 from .aggregators import aggregator_defaults
-from .data import Bag, LabelTable, labels_for_bags
-from .metrics import summarize_cv
+from ..labels.metrics import summarize_cv
+from ..labels.table import LabelTable
+from .data import Bag, labels_for_bags
 from .model import FeatureStats, MILModel, TrainedModel, bag_tensor, compute_feature_stats, new_model
 from .config import ProgressFn, TrainConfig
-from .splits import Fold, inner_validation_split, make_folds
+from ..labels.splits import Fold, inner_validation_split, make_folds
 
 __all__ = ["TrainConfig", "FitResult", "FoldResult", "CVResult", "fit", "cross_validate", "train_model"]
 
@@ -244,7 +245,7 @@ class CVResult:
         fold_of: Test fold per slide (-1 if never tested).
         tile_scores: Out-of-fold tile scores per slide id (N,).
         folds: Per-fold results.
-        metrics: :func:`~wsi_convnext.mil.metrics.summarize_cv` output.
+        metrics: :func:`~wsi_convnext.labels.metrics.summarize_cv` output.
         aggregator, aggregator_kwargs, config, seed: What was run.
     """
 
@@ -326,7 +327,7 @@ def cross_validate(
         progress: ``progress(description, done, total)`` callback.
 
     Raises:
-        LabelsError: See :func:`~wsi_convnext.mil.splits.make_folds` and label matching.
+        LabelsError: See :func:`~wsi_convnext.labels.splits.make_folds` and label matching.
         ConfigError: Unknown aggregator, option or positive class.
     """
     cfg = config or TrainConfig()

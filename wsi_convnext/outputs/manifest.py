@@ -29,11 +29,14 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._io import atomic_write_text, path_lock
 from ..errors import one_line
 from ..outcome import MAX_ERROR as OUTCOME_MAX_ERROR
+
+if TYPE_CHECKING:
+    from ..tiling.tiler import TileResult
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ __all__ = [
     "manifest_name",
     "read_manifest",
     "read_manifests",
+    "tile_manifest_row",
 ]
 
 MANIFEST_NAME = "manifest.csv"
@@ -139,6 +143,16 @@ class ManifestRow:
             finished=raw.get("finished") or "",
             qc=raw.get("qc") or "",
         )
+
+
+def tile_manifest_row(result: TileResult) -> ManifestRow:
+    """The ``tile`` stage row of a :class:`~wsi_convnext.tiling.tiler.TileResult` (the ``tile`` command's manifest)."""
+    return ManifestRow(
+        slide_id=result.slide_id, stage="tile", status=result.status, path=str(result.path or ""),
+        error_type=result.error_type or "", error=result.error or "",
+        tiles=result.n_tiles if result.status != "failed" else None, slide_mpp=result.slide_mpp,
+        seconds=result.seconds, qc=str(result.qc_path) if result.qc_path else "",
+    )  # fmt: skip
 
 
 def _parse(path: Path) -> tuple[dict[tuple[str, str], ManifestRow], int, bool]:

@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .._image import rgb_uint8
 from .._io import atomic_write_bytes
-from ..errors import ConfigError
+from ..errors import ConfigError, WsiConvnextError
 
-__all__ = ["render_qc", "overlay_scores", "montage", "save_png"]
+if TYPE_CHECKING:
+    from ..tiling.grid import TileGrid
+
+__all__ = ["QC_MAX_SIZE", "render_qc", "render_tiling_qc", "overlay_scores", "montage", "save_png", "write_failed_qc",
+           "write_tiling_qc"]
+
+logger = logging.getLogger(__name__)
+
+#: Longest side of a slide's tiling QC picture, in pixels.
+QC_MAX_SIZE = 1280
 
 Color = tuple[int, int, int]
 
@@ -31,23 +42,8 @@ Color = tuple[int, int, int]
 
 
 def _rgb8(image: Any, name: str) -> np.ndarray:
-    """(H, W, 3) uint8 copy of an RGB(A)/grey image (uint8, or float in [0, 1]); RGBA over white."""
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=-1)
-    if a.ndim != 3 or a.shape[-1] not in (3, 4):
-        raise ConfigError(f"{name} must be an (H, W, 3) RGB or (H, W, 4) RGBA image, got shape {a.shape}")
-    if a.dtype != np.uint8:
-        if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-            raise ConfigError(f"{name} must hold uint8 or float intensities, got dtype {a.dtype}")
-        f = a.astype(np.float32)
-        if np.issubdtype(a.dtype, np.floating) and np.nanmax(f, initial=0.0) <= 1.0:
-            f = f * 255.0
-        a = np.clip(np.nan_to_num(f, nan=255.0) + 0.5, 0, 255).astype(np.uint8)
-    if a.shape[-1] == 4:
-        w = a[..., 3:].astype(np.float32) / 255.0
-        return (a[..., :3].astype(np.float32) * w + 255.0 * (1.0 - w) + 0.5).astype(np.uint8)
-    return np.array(a, dtype=np.uint8, copy=True)
+    """(H, W, 3) uint8 copy of an image to draw on (:func:`~wsi_convnext._image.rgb_uint8`)."""
+    return np.array(rgb_uint8(image, name)[0])
 
 
 def _check_geometry(thumb_downsample: float, coords: Any, extent: float) -> tuple[float, np.ndarray, float]:
@@ -473,3 +469,44 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     # Level 3 is ~5× faster than Pillow's default for a few % more bytes.
     pil.save(buf, format="PNG", compress_level=3)
     return atomic_write_bytes(dest, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- tiling QC
+
+
+def write_tiling_qc(
+    qc_path: Path, thumb: np.ndarray, thumb_ds: float, mask: np.ndarray, grid: TileGrid, slide_id: str,
+    frac: np.ndarray, removed: np.ndarray | None = None, *, failed: str | None = None,
+) -> Path:  # fmt: skip
+    """Write the QC picture of a slide (see :func:`render_tiling_qc`); returns its path."""
+    return save_png(qc_path, render_tiling_qc(thumb, thumb_ds, mask, grid, slide_id, frac, removed, failed=failed))
+
+
+def render_tiling_qc(
+    thumb: np.ndarray, thumb_ds: float, mask: np.ndarray, grid: TileGrid, slide_id: str, frac: np.ndarray,
+    removed: np.ndarray | None = None, *, failed: str | None = None,
+) -> np.ndarray:  # fmt: skip
+    """The QC picture: tissue outline, kept tiles, removed objects (orange); ``failed`` titles a failure."""
+    scale = QC_MAX_SIZE / max(thumb.shape[:2])
+    if scale < 1:
+        size = (max(1, round(thumb.shape[1] * scale)), max(1, round(thumb.shape[0] * scale)))
+        thumb_ds *= thumb.shape[1] / size[0]
+        thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BILINEAR))
+    title = f"{slide_id}: {len(grid)} tiles, {grid.tile_size}px @ {grid.target_mpp:g} µm/px"
+    if failed:
+        title = f"{slide_id}: FAILED, {failed} ({grid.tile_size}px @ {grid.target_mpp:g} µm/px)"
+    if removed is not None and removed.any():
+        title += "\ngreen: tissue; orange: removed (small pieces, ink)"
+    return render_qc(thumb, thumb_ds, mask, grid.coords, grid.extent0, tissue_fraction=frac, title=title,
+                     removed=removed)  # fmt: skip
+
+
+def write_failed_qc(qc_path: Path, reader: Any, slide_id: str, failed: str) -> Path | None:
+    """QC picture of a slide that failed before tissue detection: its thumbnail, titled; None if unreadable."""
+    try:
+        thumb = reader.thumbnail(QC_MAX_SIZE)
+        image = render_qc(thumb, 1.0, None, np.zeros((0, 2)), 1.0, title=f"{slide_id}: FAILED, {failed}")
+        return save_png(qc_path, image)
+    except (WsiConvnextError, OSError):
+        logger.debug("%s: no QC picture", slide_id, exc_info=True)
+        return None

@@ -1,7 +1,8 @@
 """Slide reading: one small, thread-safe interface over OpenSlide and tiffslide.
 
 * :mod:`.base`: :class:`BaseSlideReader` (the one abstract slide), :class:`SlideMetadata`,
-  the backend registry and :func:`open_slide`, :func:`slide_info`, :func:`fingerprint`;
+  the backend registry and :func:`open_slide`, :func:`slide_info`;
+* :mod:`.fingerprint`: :func:`slide_fingerprint`, the content hash that notices a changed slide file;
 * :mod:`.openslide`, :mod:`.tiffslide`: the built-in backends, one module each (``"auto"``
   tries them in this order);
 * :mod:`.tiff`: TIFF tag reading and truncation checks;
@@ -20,16 +21,17 @@ from .base import (
     available_backends,
     backend_reference,
     ensure_backend,
-    fingerprint,
     open_slide,
     register_backend,
     slide_info,
 )
+from .fingerprint import FINGERPRINT_MODES, slide_fingerprint
 from .mpp import resolve_mpp
 from .openslide import OpenSlideReader
 from .tiffslide import TiffSlideReader
 
 __all__ = [
+    "FINGERPRINT_MODES",
     "SLIDE_EXTENSIONS",
     "BaseSlideReader",
     "OpenSlideReader",
@@ -38,9 +40,9 @@ __all__ = [
     "available_backends",
     "backend_reference",
     "ensure_backend",
-    "fingerprint",
     "open_slide",
     "register_backend",
     "resolve_mpp",
+    "slide_fingerprint",
     "slide_info",
 ]

@@ -18,13 +18,12 @@ The resolution comes from slide metadata only (see :mod:`.mpp`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
@@ -32,6 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .._image import rgb_uint8
 from ..errors import ConfigError, InputNotFoundError, SlideOpenError, SlideReadError
 from .mpp import APERIO_APPMAG, aperio_value, float_or_none, metadata_mpp
 from .tiff import TiffTags
@@ -450,7 +450,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> BaseSlide
     raise err from last
 
 
-# --------------------------------------------------------------------------- info / fingerprint
+# --------------------------------------------------------------------------------------- info
 def slide_info(path: str | os.PathLike[str], backend: str = "auto") -> dict[str, Any]:
     """JSON-ready summary of a slide (for ``wsi-convnext info``).
 
@@ -489,50 +489,6 @@ def slide_info(path: str | os.PathLike[str], backend: str = "auto") -> dict[str,
         }
 
 
-def fingerprint(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) -> str:
-    """Cheap content fingerprint of a slide for change detection (hex sha256).
-
-    Hashes the file size, the first and the last ``chunk_bytes`` (1 MiB) of the file and, for
-    multi-file formats, the names and sizes of the companion files (the MIRAX data folder of a
-    ``.mrxs``; the sibling ``.dcm`` files of a DICOM series). It is deliberately *not* a
-    full-file hash: hashing a multi-gigabyte slide takes tens of seconds, while headers,
-    directories and tile tables sit at the start or the end of the file and any rewrite
-    (re-scan, conversion, truncation) changes the size or those regions. A change that only
-    touches tile bytes in the middle of the file, keeping the size, goes unnoticed.
-
-    Raises:
-        InputNotFoundError: ``path`` does not exist.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise InputNotFoundError(f"{p}: slide file not found")
-    h = hashlib.sha256(b"wsi-convnext-fingerprint-v1\0")
-    size = p.stat().st_size
-    h.update(str(size).encode() + b"\0")
-    with p.open("rb") as fh:
-        h.update(fh.read(chunk_bytes))
-        if size > chunk_bytes:
-            fh.seek(max(chunk_bytes, size - chunk_bytes))
-            h.update(fh.read(chunk_bytes))
-    for name, fsize in _companion_files(p):
-        h.update(f"\0{name}\0{fsize}".encode())
-    return h.hexdigest()
-
-
-def _companion_files(p: Path) -> Iterator[tuple[str, int]]:
-    suffix = p.suffix.lower()
-    if suffix == ".mrxs":
-        data_dir = p.with_suffix("")
-        if data_dir.is_dir():
-            for f in sorted(data_dir.iterdir()):
-                if f.is_file():
-                    yield f"{data_dir.name}/{f.name}", f.stat().st_size
-    elif suffix == ".dcm":
-        for f in sorted(p.parent.glob("*")):
-            if f != p and f.suffix.lower() == ".dcm" and f.is_file():
-                yield f.name, f.stat().st_size
-
-
 # --------------------------------------------------------------------------- small helpers
 def open_error(path: Path, backend: str, reason: str) -> SlideOpenError:
     err = SlideOpenError(f"{path}: {backend} cannot open it: {reason}")
@@ -550,31 +506,11 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
 
 
 def to_rgb(arr: np.ndarray, path: Path) -> np.ndarray:
-    """Any backend pixel array -> (h, w, 3) uint8 RGB, alpha composited on white."""
-    a = np.asarray(arr)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.dtype == np.uint16:
-        a = ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    elif a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype != np.uint8:
-        raise SlideReadError(f"{path}: unsupported pixel type {a.dtype}; convert the slide to 8-bit RGB")
-    c = a.shape[2]
-    if c == 3:
-        return np.ascontiguousarray(a)
-    if c == 1:
-        return np.repeat(a, 3, axis=2)
-    if c == 2:  # grey + alpha
-        a = np.concatenate([np.repeat(a[..., :1], 3, axis=2), a[..., 1:]], axis=2)
-    elif c > 4:
-        raise SlideReadError(f"{path}: {c}-channel images are not supported; convert the slide to RGB")
-    rgb, alpha = a[..., :3], a[..., 3:4]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    alpha16 = alpha.astype(np.uint16)
-    out = (rgb.astype(np.uint16) * alpha16 + 255 * (255 - alpha16) + 127) // 255
-    return out.astype(np.uint8)
+    """Any backend pixel array -> (h, w, 3) uint8 RGB, alpha composited on white (:func:`~wsi_convnext._image.rgb_uint8`)."""
+    try:
+        return rgb_uint8(arr, f"{path}: the pixels")[0]
+    except ConfigError as exc:
+        raise SlideReadError(f"{exc}; convert the slide to 8-bit RGB") from exc
 
 
 def _to_level0(v: int, downsample: float) -> int:

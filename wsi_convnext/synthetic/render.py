@@ -127,27 +127,33 @@ class _TissueLook:
     loose: float  # fraction of loose (pale) stroma
 
 
+#: Ranges of the per-slide texture of each tissue class, drawn in this order by :func:`_looks`:
+#: nuclei (density range ×1e-4, then the fixed :class:`_NucleiParams` fields), eosin, h_tint,
+#: fibre sigmas (along, across), loose.
+_LOOK_RANGES = {
+    "normal": (
+        (((8, 22), (2.0, 2.8), (1.0, 1.3), (0.9, 1.25), 0.05, 0.0), ((8, 22), (2.4, 3.4), (1.8, 3.5), (0.7, 1.0), 0.05, 0.0)),
+        (0.75, 1.05), (0.02, 0.07), ((5, 10), (0.8, 1.5)), (0.05, 0.25),
+    ),
+    "lesion": (
+        (((55, 75), (3.8, 5.8), (1.0, 1.7), (1.25, 1.7), 0.18, 0.35), ((6, 12), (2.0, 2.6), (1.0, 1.2), (1.1, 1.4), 0.05, 0.0)),
+        (0.55, 0.75), (0.24, 0.34), ((3, 5), (1.5, 2.5)), (0.0, 0.05),
+    ),
+}  # fmt: skip
+
+
 def _looks(rng: np.random.Generator) -> tuple[_TissueLook, _TissueLook]:
-    normal = _TissueLook(
-        nuclei=(
-            _NucleiParams(rng.uniform(8, 22) * 1e-4, (2.0, 2.8), (1.0, 1.3), (0.9, 1.25), 0.05, 0.0),
-            _NucleiParams(rng.uniform(8, 22) * 1e-4, (2.4, 3.4), (1.8, 3.5), (0.7, 1.0), 0.05, 0.0),
-        ),
-        eosin=rng.uniform(0.75, 1.05),
-        h_tint=rng.uniform(0.02, 0.07),
-        fibre_um=(rng.uniform(5, 10), rng.uniform(0.8, 1.5)),
-        loose=rng.uniform(0.05, 0.25),
-    )
-    lesion = _TissueLook(
-        nuclei=(
-            _NucleiParams(rng.uniform(55, 75) * 1e-4, (3.8, 5.8), (1.0, 1.7), (1.25, 1.7), 0.18, 0.35),
-            _NucleiParams(rng.uniform(6, 12) * 1e-4, (2.0, 2.6), (1.0, 1.2), (1.1, 1.4), 0.05, 0.0),
-        ),
-        eosin=rng.uniform(0.55, 0.75),
-        h_tint=rng.uniform(0.24, 0.34),
-        fibre_um=(rng.uniform(3, 5), rng.uniform(1.5, 2.5)),
-        loose=rng.uniform(0.0, 0.05),
-    )
+    """The (normal, lesion) looks of one slide (the draws' order is part of the generated slides)."""
+    looks = []
+    for nuclei, eosin, h_tint, fibre, loose in _LOOK_RANGES.values():
+        looks.append(_TissueLook(
+            nuclei=tuple(_NucleiParams(rng.uniform(*density) * 1e-4, *shape) for density, *shape in nuclei),
+            eosin=rng.uniform(*eosin),
+            h_tint=rng.uniform(*h_tint),
+            fibre_um=(rng.uniform(*fibre[0]), rng.uniform(*fibre[1])),
+            loose=rng.uniform(*loose),
+        ))  # fmt: skip
+    normal, lesion = looks
     return normal, lesion
 
 

@@ -11,8 +11,6 @@ number of regions in flight, not by the slide size.
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import logging
 import os
 import time
@@ -26,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_path, cpu_count, ensure_dir, file_sha256, inside, path_lock, remove_dead_partials, write_error
+from .._io import atomic_path, cpu_count, ensure_dir, inside, json_sha256, path_lock, remove_dead_partials, write_error
 from ..errors import MppError, NoTissueError, StoreError, StoreExistsError, WsiConvnextError
 from ..inputs import SlideSpec, check_slide_id, slide_stem
 from ..outcome import Outcome, attempt
@@ -42,6 +40,7 @@ from ..store import (
     is_store_dir,
     open_store,
 )
+from ..slide.fingerprint import FINGERPRINT_MODES, slide_fingerprint
 from .grid import Region, TileGrid, group_regions, plan_grid, tile_box
 from .tissue import TissueParams
 
@@ -51,14 +50,8 @@ logger = logging.getLogger(__name__)
 #: MIN where the slide is that large (see :func:`_thumbnail_size`).
 THUMBNAIL_MAX_SIZE = 2048
 THUMBNAIL_MIN_SIZE = 1024
-#: Longest side of the QC picture, in pixels.
-QC_MAX_SIZE = 1280
 
 ProgressFn = Callable[[int, int], None]
-
-#: Slide fingerprint modes (``--fingerprint``): ``quick`` hashes the size and the first and
-#: last MiB (misses a same-size edit in the middle of the file); ``full`` hashes every byte.
-FINGERPRINTS = ("quick", "full")
 
 #: OS errors that mean "the output cannot be written" (reported as one line naming the path).
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
@@ -87,7 +80,7 @@ class TileParams:
         workers: Parallel readers (threads, or processes for large slides); None means all cores.
         region_size: Side of one aligned read, in read-level pixels.
         fingerprint: How the slide file is fingerprinted for change detection, one of
-            :data:`FINGERPRINTS` (``quick`` by default).
+            :data:`~wsi_convnext.slide.FINGERPRINT_MODES` (``quick`` by default).
     """
 
     mpp: float = param(0.5, check=positive_finite, doc="target resolution of the tiles in µm/px")
@@ -104,7 +97,7 @@ class TileParams:
     )
     region_size: int = param(2048, check=positive, doc="side of one aligned read in read-level pixels")
     fingerprint: str = param(
-        "quick", check=one_of(FINGERPRINTS),
+        "quick", check=one_of(FINGERPRINT_MODES),
         doc="slide change detection: quick (size + first/last MiB) or full (every byte)",
     )  # fmt: skip
 
@@ -158,28 +151,6 @@ class TileResult(Outcome):
     slide_mpp: float | None = None
     qc_path: Path | None = None
     path: Path | None = None
-
-
-def _params_hash(signature: dict[str, Any], fingerprint: str) -> str:
-    blob = json.dumps({"params": signature, "fingerprint": fingerprint}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def slide_fingerprint(path: str | os.PathLike[str], mode: str = "quick") -> str:
-    """Content fingerprint of a slide file (hex sha256) in ``mode`` (one of :data:`FINGERPRINTS`).
-
-    ``quick`` is :func:`wsi_convnext.slide.fingerprint` (size, first and last MiB, companion
-    files). ``full`` adds the sha256 of every byte of the file: it notices any edit, at the
-    cost of reading the whole slide once more.
-    """
-    from ..slide import fingerprint
-
-    quick = fingerprint(path)
-    if mode == "quick":
-        return quick
-    if mode == "full":
-        return hashlib.sha256(f"wsi-convnext-fingerprint-full-v1\0{quick}\0{file_sha256(path)}".encode()).hexdigest()
-    raise StoreError(f"unknown fingerprint mode {mode!r}; choose one of {', '.join(FINGERPRINTS)}")
 
 
 def _existing_store(
@@ -437,6 +408,7 @@ def tile_slide(
         WsiConvnextError: Any failure (missing/corrupt slide, no mpp, no tissue, read errors,
             full disk). Nothing is left at the final store path in that case.
     """
+    from ..outputs.qc import render_tiling_qc, save_png, write_failed_qc, write_tiling_qc
     from ..slide import open_slide, resolve_mpp
 
     t0 = time.perf_counter()
@@ -455,7 +427,7 @@ def tile_slide(
         try:
             mpp, mpp_source = resolve_mpp(reader, slide_mpp)
         except MppError as exc:  # the slide opened: still show what it looks like
-            qc = _write_thumbnail_qc(qc_path, pixels, slide_id, "no usable µm/px")
+            qc = write_failed_qc(qc_path, pixels, slide_id, "no usable µm/px")
             if qc is None:
                 raise
             err = MppError(f"{exc}; QC picture: {qc}")
@@ -488,7 +460,7 @@ def tile_slide(
         mask = report.mask
         if len(grid) == 0:
             w, h = reader.dimensions
-            qc = _write_qc(qc_path, thumb, thumb_ds, mask, grid, slide_id, np.zeros(0), report.removed,
+            qc = write_tiling_qc(qc_path, thumb, thumb_ds, mask, grid, slide_id, np.zeros(0), report.removed,
                            failed="smaller than one tile")  # fmt: skip
             err = NoTissueError(
                 f"{path}: slide ({w}×{h} px) is smaller than one {params.tile_size}-px tile at {params.mpp:g} µm/px; "
@@ -501,7 +473,7 @@ def tile_slide(
         frac = tile_tissue_fraction(mask, mask_ds, grid.coords, grid.extent0)
         keep = frac >= params.min_tissue
         if not keep.any():
-            qc = _write_qc(qc_path, thumb, thumb_ds, mask, grid.select(keep), slide_id, frac[keep], report.removed,
+            qc = write_tiling_qc(qc_path, thumb, thumb_ds, mask, grid.select(keep), slide_id, frac[keep], report.removed,
                            failed="no tissue found")  # fmt: skip
             raise _no_tissue(path, len(grid), frac, params, report, qc)
         grid = grid.select(keep)
@@ -525,7 +497,7 @@ def tile_slide(
         try:
             writer = TileStoreWriter(final, len(grid), params.tile_size, params.encoding)
             _write_tiles(pool, cut, jobs, workers, writer, progress)
-            qc_image = _render_qc(thumb, thumb_ds, mask, grid, slide_id, frac, report.removed)
+            qc_image = render_tiling_qc(thumb, thumb_ds, mask, grid, slide_id, frac, report.removed)
             attrs = {
                 "slide_id": slide_id,
                 "source": {
@@ -555,11 +527,10 @@ def tile_slide(
                 "mask_downsample": mask_ds,
                 "grid_tiles": int(keep.size),
                 "tiling_params": signature,
-                "params_hash": _params_hash(signature, fp),
+                "params_hash": json_sha256({"params": signature, "fingerprint": fp}, 16),
             }
             # The QC picture and the store appear together: a failed commit leaves neither.
             with atomic_path(qc_path) as qc_tmp:
-                from ..outputs.qc import save_png
 
                 save_png(qc_tmp, qc_image)
                 writer.commit(
@@ -660,52 +631,6 @@ def _write_tiles(
     writer.write_tiles(buffer)
 
 
-def _write_qc(
-    qc_path: Path, thumb: np.ndarray, thumb_ds: float, mask: np.ndarray, grid: TileGrid, slide_id: str,
-    frac: np.ndarray, removed: np.ndarray | None = None, *, failed: str | None = None,
-) -> Path:  # fmt: skip
-    """Write the QC picture of a slide (see :func:`_render_qc`); returns its path."""
-    from ..outputs.qc import save_png
-
-    return save_png(qc_path, _render_qc(thumb, thumb_ds, mask, grid, slide_id, frac, removed, failed=failed))
-
-
-def _render_qc(
-    thumb: np.ndarray, thumb_ds: float, mask: np.ndarray, grid: TileGrid, slide_id: str, frac: np.ndarray,
-    removed: np.ndarray | None = None, *, failed: str | None = None,
-) -> np.ndarray:  # fmt: skip
-    """The QC picture: tissue outline, kept tiles, removed objects (orange); ``failed`` titles a failure."""
-    from PIL import Image
-
-    from ..outputs.qc import render_qc
-
-    scale = QC_MAX_SIZE / max(thumb.shape[:2])
-    if scale < 1:
-        size = (max(1, round(thumb.shape[1] * scale)), max(1, round(thumb.shape[0] * scale)))
-        thumb_ds *= thumb.shape[1] / size[0]
-        thumb = np.asarray(Image.fromarray(thumb).resize(size, Image.Resampling.BILINEAR))
-    title = f"{slide_id}: {len(grid)} tiles, {grid.tile_size}px @ {grid.target_mpp:g} µm/px"
-    if failed:
-        title = f"{slide_id}: FAILED, {failed} ({grid.tile_size}px @ {grid.target_mpp:g} µm/px)"
-    if removed is not None and removed.any():
-        title += "\ngreen: tissue; orange: removed (small pieces, ink)"
-    return render_qc(thumb, thumb_ds, mask, grid.coords, grid.extent0, tissue_fraction=frac, title=title,
-                     removed=removed)  # fmt: skip
-
-
-def _write_thumbnail_qc(qc_path: Path, reader: Any, slide_id: str, failed: str) -> Path | None:
-    """QC picture of a slide that failed before tissue detection: its thumbnail, titled; None if unreadable."""
-    from ..outputs.qc import render_qc, save_png
-
-    try:
-        thumb = reader.thumbnail(QC_MAX_SIZE)
-        image = render_qc(thumb, 1.0, None, np.zeros((0, 2)), 1.0, title=f"{slide_id}: FAILED, {failed}")
-        return save_png(qc_path, image)
-    except (WsiConvnextError, OSError):
-        logger.debug("%s: no QC picture", slide_id, exc_info=True)
-        return None
-
-
 def tile_slides(
     slides: Sequence[SlideSpec],
     out_dir: str | os.PathLike[str],
@@ -737,19 +662,3 @@ def tile_slides(
         if on_result is not None:
             on_result(result)
     return results
-
-
-def tile_manifest_row(result: TileResult) -> dict[str, Any]:
-    """The ``tile`` stage row of :class:`~wsi_convnext.outputs.manifest.RunManifest` for a result."""
-    return {
-        "slide_id": result.slide_id,
-        "path": str(result.path or ""),
-        "stage": "tile",
-        "status": result.status,
-        "error_type": result.error_type or "",
-        "error": result.error or "",
-        "tiles": result.n_tiles if result.status != "failed" else None,
-        "slide_mpp": result.slide_mpp,
-        "seconds": result.seconds,
-        "qc": str(result.qc_path) if result.qc_path else "",
-    }

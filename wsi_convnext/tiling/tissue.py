@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from .._image import rgb_uint8
 from ..errors import ConfigError, MppError
 
 __all__ = [
@@ -372,32 +373,6 @@ def _otsu_od(features: TissueFeatures, params: TissueParams) -> np.ndarray:
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_rgb_uint8(image: np.ndarray, name: str = "rgb") -> tuple[np.ndarray, np.ndarray | None]:
-    """(H, W, 3) uint8 RGB composited over white, plus the transparent-pixel mask (or None)."""
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=-1)
-    if a.ndim != 3 or a.shape[-1] not in (3, 4):
-        raise ConfigError(f"{name} must be an (H, W, 3) RGB or (H, W, 4) RGBA array, got shape {a.shape}")
-    if a.dtype == np.bool_ or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise ConfigError(f"{name} must hold uint8 or float intensities, got dtype {a.dtype}")
-    if a.dtype != np.uint8:
-        if np.issubdtype(a.dtype, np.floating):
-            scale = 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else 1.0
-            a = np.nan_to_num(a.astype(np.float32) * scale, nan=255.0) + 0.5
-        elif a.dtype == np.uint16:
-            a = a / 257.0 + 0.5
-        a = np.clip(a, 0, 255).astype(np.uint8)
-    if a.shape[-1] == 3:
-        return a, None
-    alpha = a[..., 3]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(a[..., :3]), None
-    w = alpha.astype(np.float32)[..., None] / 255.0
-    rgb = (a[..., :3].astype(np.float32) * w + 255.0 * (1.0 - w) + 0.5).astype(np.uint8)
-    return rgb, alpha == 0
-
-
 def _block_mean(rgb: np.ndarray, f: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     ph, pw = -h % f, -w % f
@@ -691,7 +666,7 @@ def _detect(rgb: np.ndarray, mpp: float, params: TissueParams, trace: dict[str, 
     method = _METHODS.get(params.method)
     if method is None:
         raise ConfigError(f"unknown tissue method {params.method!r}; choose one of {tissue_methods()}")
-    image, transparent = _as_rgb_uint8(rgb)
+    image, transparent = rgb_uint8(rgb, "rgb")
     h, w = image.shape[:2]
     if h == 0 or w == 0:
         return np.zeros((h, w), bool)

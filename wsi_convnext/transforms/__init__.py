@@ -11,7 +11,7 @@ Build one by name with :func:`build_transform` (``"none"`` gives None)::
 Registered (:data:`TRANSFORMS`): ``macenko`` and ``reinhard`` stain normalisation (kind
 ``"stain"``, see :mod:`.macenko`, :mod:`.reinhard`); ``hed_jitter`` and
 ``brightness_contrast`` augmentations (kind ``"augmentation"``, seeded, :mod:`.augment`).
-``.key`` (e.g. ``macenko-1a2b3c4d``) names the transform and a fingerprint of its
+``.key`` (e.g. ``macenko-1a2b3c4d``) names the transform and a hash of its
 parameters and reference; embeddings made with it are stored under
 ``features/<encoder key>-<transform key>`` next to the raw ones. Add one by writing a module
 that calls :func:`register_transform` and importing it here.
@@ -19,12 +19,12 @@ that calls :func:`register_transform` and importing it here.
 
 from __future__ import annotations
 
-from .base import TRANSFORMS, FallbackCounts, TileTransform, TransformSpec, build_transform, fingerprint, register_transform
+from .base import TRANSFORMS, FallbackCounts, TileTransform, TransformSpec, build_transform, params_key, register_transform
 
 from . import macenko, reinhard, augment  # noqa: E402,F401,I001  (each registers its transforms)
 
 __all__ = [
-    "TRANSFORMS", "FallbackCounts", "TileTransform", "TransformSpec", "build_transform", "fingerprint",
+    "TRANSFORMS", "FallbackCounts", "TileTransform", "TransformSpec", "build_transform", "params_key",
     "register_transform", "stain_names",
 ]  # fmt: skip
 

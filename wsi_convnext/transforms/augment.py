@@ -9,6 +9,7 @@ training makes a batch's augmentation a function of (seed, step) and resumes bit
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from .base import TileTransform, TransformSpec, register_transform
@@ -23,12 +24,20 @@ RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
 
 
 class _Seeded(TileTransform):
-    def __init__(self, seed: int) -> None:
+    """Base of the augmentations: dataclasses whose fields (float widths, then ``seed``) are the parameters."""
+
+    seed: int
+
+    def __post_init__(self) -> None:
         import torch
 
-        self.seed = int(seed)
+        for f in fields(self):  # type: ignore[arg-type]
+            setattr(self, f.name, int(getattr(self, f.name)) if f.name == "seed" else float(getattr(self, f.name)))
         self.generator = torch.Generator().manual_seed(self.seed)
         self._tiles = 0
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.apply(x, self.generator)
@@ -50,6 +59,7 @@ class _Seeded(TileTransform):
         return {"tiles": self._tiles}
 
 
+@dataclass(eq=False, repr=False)
 class HedJitter(_Seeded):
     """HED colour augmentation (Tellez et al., 2018): per tile and stain, ``s' = a·s + b``.
 
@@ -64,13 +74,9 @@ class HedJitter(_Seeded):
     """
 
     name = "hed_jitter"
-
-    def __init__(self, sigma: float = 0.05, bias: float = 0.02, seed: int = 0) -> None:
-        super().__init__(seed)
-        self.sigma, self.bias = float(sigma), float(bias)
-
-    def params(self) -> dict[str, Any]:
-        return {"sigma": self.sigma, "bias": self.bias, "seed": self.seed}
+    sigma: float = 0.05
+    bias: float = 0.02
+    seed: int = 0
 
     def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         import torch
@@ -86,6 +92,7 @@ class HedJitter(_Seeded):
         return torch.exp(-od).clamp(0, 1)
 
 
+@dataclass(eq=False, repr=False)
 class BrightnessContrast(_Seeded):
     """Random brightness and contrast per tile: ``x' = (b·x - m)·c + m``, clipped to [0, 1].
 
@@ -99,13 +106,9 @@ class BrightnessContrast(_Seeded):
     """
 
     name = "brightness_contrast"
-
-    def __init__(self, brightness: float = 0.1, contrast: float = 0.1, seed: int = 0) -> None:
-        super().__init__(seed)
-        self.brightness, self.contrast = float(brightness), float(contrast)
-
-    def params(self) -> dict[str, Any]:
-        return {"brightness": self.brightness, "contrast": self.contrast, "seed": self.seed}
+    brightness: float = 0.1
+    contrast: float = 0.1
+    seed: int = 0
 
     def apply(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b = x.shape[0]

@@ -7,34 +7,23 @@ It is applied after uint8 → [0, 1] and before the encoder's mean/std normalisa
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._io import json_sha256
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TRANSFORMS", "FallbackCounts", "TileTransform", "TransformSpec", "build_transform", "fingerprint", "register_transform"]
+__all__ = ["TRANSFORMS", "FallbackCounts", "TileTransform", "TransformSpec", "build_transform", "params_key", "register_transform"]
 
 
-def fingerprint(params: dict[str, Any], n: int = 8) -> str:
-    """First ``n`` hex digits of the sha256 of ``params`` as canonical JSON (floats rounded to 6 digits)."""
-
-    def canon(v: Any) -> Any:
-        if isinstance(v, float):
-            return round(v, 6)
-        if isinstance(v, dict):
-            return {str(k): canon(x) for k, x in sorted(v.items())}
-        if isinstance(v, (list, tuple)):
-            return [canon(x) for x in v]
-        return v
-
-    return hashlib.sha256(json.dumps(canon(params), sort_keys=True).encode()).hexdigest()[:n]
+def params_key(params: dict[str, Any], n: int = 8) -> str:
+    """First ``n`` hex digits of the canonical-JSON sha256 of ``params`` (floats rounded to 6 decimals)."""
+    return json_sha256(params, n, round_floats=6)
 
 
 class TileTransform:
@@ -62,8 +51,8 @@ class TileTransform:
 
     @property
     def key(self) -> str:
-        """Short filesystem-safe name with a fingerprint of the parameters, e.g. ``macenko-1a2b3c4d``."""
-        return f"{self.name}-{fingerprint(self.params())}"
+        """Short filesystem-safe name with a hash of the parameters, e.g. ``macenko-1a2b3c4d``."""
+        return f"{self.name}-{params_key(self.params())}"
 
     @property
     def attrs(self) -> dict[str, Any]:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from wsi_convnext.errors import ConfigError, LabelsError
-from wsi_convnext.mil.data import LabelTable
-from wsi_convnext.mil.splits import assert_no_leak, inner_validation_split, make_folds
+from wsi_convnext.labels import LabelTable
+from wsi_convnext.labels.splits import assert_no_leak, inner_validation_split, make_folds
 
 
 def _random_cohort(seed: int) -> LabelTable:

@@ -205,16 +205,13 @@ def summarize_cv(
     probs: np.ndarray,
     fold_of: Sequence[int] | np.ndarray,
     classes: Sequence[str],
-    *,
-    positive: int = 1,
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
+    **options: Any,
 ) -> dict[str, Any]:
     """Per-fold and pooled out-of-fold metrics.
 
     Args:
         fold_of: Test fold of each slide; negative for slides never tested (excluded).
+        **options: :func:`compute_metrics`'s keywords (``positive``, ``n_boot``, ``seed``, ``ci``).
 
     Returns:
         ``{"folds": [metrics per fold...], "fold_mean": {metric: {"mean", "std"}}, "pooled": metrics}``.
@@ -225,7 +222,7 @@ def summarize_cv(
     folds = []
     for k in sorted(set(fold_of[tested].tolist())):
         sel = fold_of == k
-        m = compute_metrics(y[sel], p[sel], classes, positive=positive, n_boot=n_boot, seed=seed, ci=ci)
+        m = compute_metrics(y[sel], p[sel], classes, **options)
         m["fold"] = int(k)
         folds.append(m)
     fold_mean = {}
@@ -236,7 +233,7 @@ def summarize_cv(
             "mean": float(vals.mean()) if len(vals) else math.nan,
             "std": float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
         }
-    pooled = compute_metrics(y[tested], p[tested], classes, positive=positive, n_boot=n_boot, seed=seed, ci=ci)
+    pooled = compute_metrics(y[tested], p[tested], classes, **options)
     return {"folds": folds, "fold_mean": fold_mean, "pooled": pooled}
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from wsi_convnext.mil.metrics import (
+from wsi_convnext.labels.metrics import (
     balanced_accuracy,
     bootstrap_ci,
     compute_metrics,
@@ -125,7 +125,7 @@ def test_plot_roc_writes_png(tmp_path) -> None:
 
 
 def test_topk_precision() -> None:
-    from wsi_convnext.mil.metrics import topk_precision
+    from wsi_convnext.labels.metrics import topk_precision
 
     scores = np.array([0.9, 0.1, 0.8, 0.7, 0.2, 0.3, 0.0, 0.05, 0.6, 0.4])
     truth = np.zeros(10, dtype=bool)

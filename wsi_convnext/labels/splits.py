@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError, LabelsError
-from .data import LabelTable, _listing, check_fixed_assignment
+from ..errors import ConfigError, LabelsError, listing
+from .table import LabelTable, check_fixed_assignment
 
 __all__ = ["Fold", "make_folds", "inner_validation_split", "holdout_split", "assert_no_leak"]
 
@@ -155,7 +155,7 @@ def make_folds(
         if lacking:
             raise LabelsError(
                 f"{table.source}: patient grouping left fold {k} without class(es) "
-                f"{_listing(table.classes[c] for c in lacking)}; lower the number of folds"
+                f"{listing(table.classes[c] for c in lacking)}; lower the number of folds"
             )
         train, val = inner_validation_split(y, groups, train_all, val_fraction=val_fraction, seed=seed + k)
         out.append(Fold(k, np.sort(train), np.sort(val), np.sort(test)))
@@ -171,4 +171,4 @@ def assert_no_leak(folds_: list[Fold], groups: np.ndarray) -> None:
             for b in range(a + 1, 3):
                 both = sides[a] & sides[b]
                 if both:
-                    raise LabelsError(f"fold {f.index}: patient(s) {_listing(sorted(both))} on two sides of the split")
+                    raise LabelsError(f"fold {f.index}: patient(s) {listing(sorted(both))} on two sides of the split")
