@@ -61,3 +61,16 @@ def write_store(
             "overlap": 0,
         },
     )
+
+
+def edit_store_attrs(store: Path, **attrs: object) -> None:
+    """Set group attrs of a finished store and re-seal its metadata digest, as a writer of those values would."""
+    import json
+
+    from wsi_convnext.store import META_DIGEST, _meta_digest
+
+    meta_file = Path(store) / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"].update(attrs)
+    meta["attributes"][META_DIGEST] = _meta_digest(meta)
+    meta_file.write_text(json.dumps(meta))
