@@ -265,8 +265,18 @@ def export(
     with _errors():
         from .outputs.export import export_features
 
-        paths = export_features(stores, out, fmt=fmt, feature_key=features, cohort=cohort, overwrite=overwrite)
-        typer.echo(f"wrote {len(paths)} file(s) to {out}")
+        from .errors import one_line
+
+        failed: list[str] = []
+        paths = export_features(
+            stores, out, fmt=fmt, feature_key=features, cohort=cohort, overwrite=overwrite,
+            on_failure=lambda path, exc: failed.append(one_line(exc)),
+        )  # fmt: skip
+        typer.echo(f"wrote {len(paths)} file(s) to {out}" + (f"; {len(failed)} store(s) failed" if failed else ""))
+        for msg in failed:
+            _err(msg)
+        if failed:
+            raise typer.Exit(1)
 
 
 @app.command()
