@@ -41,6 +41,8 @@ def write_store(
     target_mpp: float = CMU_MPP,
     encoding: str = "jpeg",
     encoded: list[bytes] | None = None,
+    overwrite: bool = False,
+    attrs: dict | None = None,
 ) -> Path:
     """Write a complete store at ``path`` (``<slide_id>.zarr``) holding ``tiles``."""
     n, t = len(tiles), tiles.shape[1]
@@ -59,7 +61,9 @@ def write_store(
             "target_mpp": target_mpp,
             "extent0": t * target_mpp / slide_mpp,
             "overlap": 0,
+            **(attrs or {}),
         },
+        overwrite=overwrite,
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_path, ensure_dir, inside
-from ..errors import ConfigError, InputNotFoundError, StoreError, StoreExistsError, WsiConvnextError
+from ..errors import ConfigError, InputNotFoundError, StoreError, StoreExistsError, WsiConvnextError, one_line
 from ..store import TileStore, find_stores, open_store
 from .exports import FORMATS, STORE_PARTS, ExportFormat, SlideExport, register_format
 
@@ -120,7 +120,7 @@ def export_features(
     cohort: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    on_failure: Callable[[Path, WsiConvnextError], None] | None = None,
+    on_failure: Callable[[Path, str], None] | None = None,
 ) -> list[Path]:
     """Write each store's export to ``out_dir/<slide_id><suffix>`` (or all to one cohort file).
 
@@ -140,7 +140,7 @@ def export_features(
             cohort writer only, e.g. ``anndata``).
         overwrite: Replace existing output files.
         progress: Called as ``progress(files_done, files_total)``.
-        on_failure: Called as ``on_failure(store_path, error)`` for a store that cannot be
+        on_failure: Called as ``on_failure(store_path, one-line error)`` for a store that cannot be
             exported (invalid, damaged, replaced, lacking the embeddings); the export goes on
             without it and writes nothing for it. None: such a store raises.
 
@@ -172,7 +172,7 @@ def export_features(
         if on_failure is None:
             raise exc
         logger.debug("%s: export failed", path, exc_info=exc)
-        on_failure(path, exc)
+        on_failure(path, one_line(exc))
 
     plan: list[tuple[TileStore, str | None, Path]] = []
     owners: dict[str, Path] = {}
