@@ -216,6 +216,19 @@ def test_train_refuses_a_damaged_store_in_one_line(stores, cohort, tmp_path, wha
     assert not out.exists()  # no model trained on a silently smaller cohort
 
 
+@pytest.mark.parametrize("what", ["tiles", "zarr.json"])
+def test_finetune_refuses_a_damaged_store_in_one_line(stores, cohort, tmp_path, what) -> None:
+    bad = stores / f"{BAD}.zarr"
+    damage(bad, what)
+    out = tmp_path / "enc"
+    res = runner.invoke(app, [
+        "finetune", str(stores), "--labels", str(cohort["labels"]), "--out", str(out),
+        "--epochs", "1", "--device", "cpu", "--num-workers", "0",
+    ])  # fmt: skip
+    _failed_one(res, bad, *_damage_words(what))
+    assert not out.exists()  # not skipped as "unreadable tiles" deep in a worker: the run stops first
+
+
 def test_store_replaced_during_a_read_is_reported_as_replaced(stores, cmu_slide) -> None:
     path = stores / "s0.zarr"
     store = open_store(path)

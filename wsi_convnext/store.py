@@ -602,6 +602,19 @@ class TileStore:
         for name in names:
             self._guard(name).check_all()
 
+    def verify(self, name: str) -> None:
+        """Re-hash every recorded chunk file of array ``name`` now, reading it all once.
+
+        For readers that would otherwise meet damage deep inside worker processes.
+
+        Raises:
+            StoreDamagedError: The first chunk that is missing, truncated or fails its sha256.
+        """
+        guard = self._guard(name)
+        problems, _ = _verify_record(guard.dir, name, {"files": guard.files or {}})
+        if problems:
+            raise self._damaged(problems[0], guard)
+
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, n_tiles={len(self)}, mpp={self.mpp}, tile_size={self.tile_size})"
 
