@@ -21,7 +21,7 @@ Writes are checked: with ``complete`` the writer records every chunk file it wro
 and sha256, attr ``integrity``) and seals each ``zarr.json`` with a digest of its defining
 metadata (attr ``metadata_sha256``). :func:`open_store` checks the group's metadata digest
 and that the recorded files are there with their sizes; every chunk zarr reads afterwards
-passes through :class:`_CheckedStore`, which compares its bytes with the record before zarr
+passes through a zarr store wrapper (``CheckedStore``) that compares its bytes with the record before zarr
 decodes them; :func:`verify_store` re-hashes everything. Damage is a one-line
 :class:`~wsi_convnext.errors.StoreDamagedError`; a store swapped under a reader by another
 run is a :class:`~wsi_convnext.errors.StoreReplacedError`.
