@@ -203,30 +203,22 @@ def test_heatmap_fails_the_damaged_store_and_goes_on(stores, cohort, tmp_path, w
     assert sorted(p.name for p in out.glob("*.heatmap.png")) == [f"{s}.heatmap.png" for s in ("s0", "s2", "s3")]
 
 
-@pytest.mark.parametrize("what", ["features", "coords", "zarr.json"])
-def test_train_refuses_a_damaged_store_in_one_line(stores, cohort, tmp_path, what) -> None:
+@pytest.mark.parametrize(
+    ("command", "what"),
+    [("train", "features"), ("train", "coords"), ("train", "zarr.json"), ("finetune", "tiles"), ("finetune", "zarr.json")],
+)
+def test_training_refuses_a_damaged_store_in_one_line(stores, cohort, tmp_path, command, what) -> None:
     bad = stores / f"{BAD}.zarr"
     damage(bad, what)
-    out = tmp_path / "model"
-    res = runner.invoke(app, [
-        "train", str(stores), "--labels", str(cohort["labels"]), "--out", str(out),
-        "--aggregator", "mean", "--folds", "2", "--epochs", "1",
-    ])  # fmt: skip
+    out = tmp_path / "out"
+    options = {
+        "train": ["--aggregator", "mean", "--folds", "2", "--epochs", "1"],
+        "finetune": ["--epochs", "1", "--device", "cpu", "--num-workers", "0"],
+    }[command]
+    res = runner.invoke(app, [command, str(stores), "--labels", str(cohort["labels"]), "--out", str(out), *options])
     _failed_one(res, bad, *_damage_words(what))
-    assert not out.exists()  # no model trained on a silently smaller cohort
-
-
-@pytest.mark.parametrize("what", ["tiles", "zarr.json"])
-def test_finetune_refuses_a_damaged_store_in_one_line(stores, cohort, tmp_path, what) -> None:
-    bad = stores / f"{BAD}.zarr"
-    damage(bad, what)
-    out = tmp_path / "enc"
-    res = runner.invoke(app, [
-        "finetune", str(stores), "--labels", str(cohort["labels"]), "--out", str(out),
-        "--epochs", "1", "--device", "cpu", "--num-workers", "0",
-    ])  # fmt: skip
-    _failed_one(res, bad, *_damage_words(what))
-    assert not out.exists()  # not skipped as "unreadable tiles" deep in a worker: the run stops first
+    # Nothing trained on a silently smaller cohort, and no tile skipped as "unreadable" in a worker.
+    assert not out.exists()
 
 
 def test_store_replaced_during_a_read_is_reported_as_replaced(stores, cmu_slide) -> None:

@@ -215,6 +215,14 @@ def _doc_problem(doc: Any) -> str | None:
     return None
 
 
+def _doc_bytes_problem(data: np.ndarray) -> str | None:
+    """:func:`_doc_problem` of a ``zarr.json`` as the bytes zarr read."""
+    try:
+        return _doc_problem(json.loads(data.tobytes()))
+    except ValueError:
+        return "zarr.json is not valid JSON"
+
+
 def _split_key(key: str) -> tuple[str, str]:
     """A zarr key of the store (``features/k/c/0/0``) as (array name, key inside the array)."""
     parts = key.split("/")
@@ -333,11 +341,7 @@ class _ArrayGuard:
     def check_bytes(self, rel: str, data: np.ndarray | None) -> None:
         """Check what zarr read for key ``rel`` of this array (None: missing) against the record."""
         if rel == "zarr.json" and data is not None and self.name.startswith(("features/", "scores/")):
-            try:
-                problem = _doc_problem(json.loads(data.tobytes()))
-            except ValueError:
-                problem = "zarr.json is not valid JSON"
-            if problem:
+            if problem := _doc_bytes_problem(data):
                 raise self.damaged(problem)
             return
         rec = self.files.get(rel) if self.files is not None else None
@@ -530,12 +534,7 @@ class TileStore:
     def _check_key(self, key: str, data: np.ndarray | None) -> None:
         """Check the bytes zarr read for ``key`` (None: missing) against the integrity record."""
         if key == "zarr.json":
-            problem = "zarr.json is missing" if data is None else None
-            if data is not None and META_DIGEST in self.attrs:
-                try:
-                    problem = _doc_problem(json.loads(data.tobytes()))
-                except ValueError:
-                    problem = "zarr.json is not valid JSON"
+            problem = "zarr.json is missing" if data is None else _doc_bytes_problem(data) if META_DIGEST in self.attrs else None
             if problem:
                 raise self._damaged(problem)
             return
