@@ -16,7 +16,8 @@ warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specificati
 path = Path(sys.argv[1])
 g = zarr.open_group(str(path), mode="r")
 a = g.attrs
-assert a["kind"] == "wsi-convnext.tiles" and a["complete"] is True and a["schema_version"] == 1, "not a finished store"
+# Schema 2 adds metadata digests (docs/store.md, Integrity); the layout read here is the same as in 1.
+assert a["kind"] == "wsi-convnext.tiles" and a["complete"] is True and a["schema_version"] in (1, 2), "not a store"
 n, t = a["n_tiles"], a["tile_size"]
 coords = g["coords"][:]  # (N, 2) int64, level-0 (x, y) of each tile's top-left corner
 tissue = g["tissue_fraction"][:]  # (N,) float32 in [0, 1]

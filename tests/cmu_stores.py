@@ -41,6 +41,8 @@ def write_store(
     target_mpp: float = CMU_MPP,
     encoding: str = "jpeg",
     encoded: list[bytes] | None = None,
+    overwrite: bool = False,
+    attrs: dict | None = None,
 ) -> Path:
     """Write a complete store at ``path`` (``<slide_id>.zarr``) holding ``tiles``."""
     n, t = len(tiles), tiles.shape[1]
@@ -59,5 +61,20 @@ def write_store(
             "target_mpp": target_mpp,
             "extent0": t * target_mpp / slide_mpp,
             "overlap": 0,
+            **(attrs or {}),
         },
+        overwrite=overwrite,
     )
+
+
+def edit_store_attrs(store: Path, **attrs: object) -> None:
+    """Set group attrs of a finished store and re-seal its metadata digest, as a writer of those values would."""
+    import json
+
+    from wsi_convnext.store import META_DIGEST, _meta_digest
+
+    meta_file = Path(store) / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"].update(attrs)
+    meta["attributes"][META_DIGEST] = _meta_digest(meta)
+    meta_file.write_text(json.dumps(meta))

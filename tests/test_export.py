@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmu_stores import CMU_MPP, read_cmu_tiles, write_store
+from cmu_stores import CMU_MPP, edit_store_attrs, read_cmu_tiles, write_store
 from wsi_convnext.errors import ConfigError, InputNotFoundError, StoreError, StoreExistsError
 from wsi_convnext.outputs.export import FORMATS, export_features, read_h5
 from wsi_convnext.store import open_store
@@ -233,9 +233,7 @@ def _embedded_copy(cmu_tiled: Path, root: Path, name: str, seed: int) -> Path:
 
     dst = root / f"{name}.zarr"
     shutil.copytree(cmu_tiled, dst)
-    meta = json.loads((dst / "zarr.json").read_text())
-    meta["attributes"]["slide_id"] = name
-    (dst / "zarr.json").write_text(json.dumps(meta))
+    edit_store_attrs(dst, slide_id=name)
     store = open_store(dst)
     store.write_features("enc", np.random.default_rng(seed).normal(size=(len(store), 8)).astype(np.float16),
                          {"model": "convnext_atto", "stem": "patch", "weights_sha256": "random",

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cmu_stores import edit_store_attrs
 from wsi_convnext._io import lock_path, path_lock, remove_dead_partials, temp_sibling
 from wsi_convnext.cli import app
 from wsi_convnext.errors import BusyError, ConfigError, StoreDamagedError, StoreError, StoreExistsError, UnsafePathError
@@ -70,6 +71,8 @@ def _strip_integrity(store: Path) -> None:
     meta_file = store / "zarr.json"
     meta = json.loads(meta_file.read_text())
     meta["attributes"].pop("integrity")
+    meta["attributes"].pop("metadata_sha256")
+    meta["attributes"]["schema_version"] = 1
     meta_file.write_text(json.dumps(meta))
 
 
@@ -134,9 +137,7 @@ def test_store_slide_id_attr_is_not_trusted(store_copy, tmp_path):
         render_heatmap(store, np.zeros(len(store)), tmp_path / "hm", name="../../evil")
     paths = render_heatmap(store, np.arange(len(store), dtype=np.float32), tmp_path / "hm", top_k=2)
     assert paths.heatmap == tmp_path / "hm" / "CMU-1.heatmap.png"  # from the folder name
-    meta = json.loads((store_copy / "zarr.json").read_text())
-    meta["attributes"]["slide_id"] = "../../evil"
-    (store_copy / "zarr.json").write_text(json.dumps(meta))
+    edit_store_attrs(store_copy, slide_id="../../evil")  # a writer that recorded a bad id
     with pytest.raises(StoreError, match="unsafe slide_id"):
         open_store(store_copy)
 
@@ -457,9 +458,7 @@ def test_predict_records_a_failed_store_and_goes_on(store_copy, tmp_path):
     bare = tmp_path / "tiles" / "bare.zarr"  # a store without embeddings
     shutil.copytree(store_copy, bare)
     shutil.rmtree(bare / "features" / "enc-test")
-    meta = json.loads((bare / "zarr.json").read_text())
-    meta["attributes"]["slide_id"] = "bare"
-    (bare / "zarr.json").write_text(json.dumps(meta))
+    edit_store_attrs(bare, slide_id="bare")
     out = tmp_path / "preds.csv"
     res = runner.invoke(app, ["predict", str(model), str(tmp_path / "tiles"), "--out", str(out)])
     assert res.exit_code == 1, res.output

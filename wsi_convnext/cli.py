@@ -265,8 +265,16 @@ def export(
     with _errors():
         from .outputs.export import export_features
 
-        paths = export_features(stores, out, fmt=fmt, feature_key=features, cohort=cohort, overwrite=overwrite)
-        typer.echo(f"wrote {len(paths)} file(s) to {out}")
+        failed: list[str] = []
+        paths = export_features(
+            stores, out, fmt=fmt, feature_key=features, cohort=cohort, overwrite=overwrite,
+            on_failure=lambda path, error: failed.append(error),
+        )  # fmt: skip
+        typer.echo(f"wrote {len(paths)} file(s) to {out}" + (f"; {len(failed)} store(s) failed" if failed else ""))
+        for msg in failed:
+            _err(msg)
+        if failed:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -480,9 +488,14 @@ def heatmap(
     with _errors():
         from .outputs.heatmap import heatmaps as draw
 
-        drawn = draw(model_dir, stores, out, top_k=top_k)
+        failed: list[str] = []
+        drawn = draw(model_dir, stores, out, top_k=top_k, on_failure=lambda path, error: failed.append(error))
         for sid, paths in drawn.items():
             typer.echo(f"{sid}: {paths.heatmap}  {paths.montage}")
+        for msg in failed:
+            _err(msg)
+        if failed:
+            raise typer.Exit(1)
 
 
 @app.command()

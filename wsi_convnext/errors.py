@@ -47,6 +47,10 @@ class StoreDamagedError(StoreError):
     """A finished store's arrays are missing chunks or fail their checksums; re-tile / re-embed."""
 
 
+class StoreReplacedError(StoreError):
+    """A store was replaced by another run (``tile --overwrite``) while this run read it; re-run."""
+
+
 class BusyError(WsiConvnextError, BlockingIOError):
     """Another live process is writing the same output (it holds the output's lock)."""
 

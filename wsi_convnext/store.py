@@ -18,15 +18,20 @@ and renamed when complete; feature and score arrays are built under a hidden nam
 their folder and renamed. A store or array without ``complete: true`` is never valid.
 
 Writes are checked: with ``complete`` the writer records every chunk file it wrote (size
-and sha256, attr ``integrity``). :func:`open_store` checks that those files are there with
-their sizes (cheap, always); readers check the chunks they touch and never let zarr turn a
-missing chunk into fill values; :func:`verify_store` re-hashes everything. Damage is a
-one-line :class:`~wsi_convnext.errors.StoreDamagedError`.
+and sha256, attr ``integrity``) and seals each ``zarr.json`` with a digest of its defining
+metadata (attr ``metadata_sha256``). :func:`open_store` checks the group's metadata digest
+and that the recorded files are there with their sizes; every chunk zarr reads afterwards
+passes through a zarr store wrapper (``CheckedStore``) that compares its bytes with the record before zarr
+decodes them; :func:`verify_store` re-hashes everything. Damage is a one-line
+:class:`~wsi_convnext.errors.StoreDamagedError`; a store swapped under a reader by another
+run is a :class:`~wsi_convnext.errors.StoreReplacedError`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -42,11 +47,13 @@ import numpy as np
 
 from . import __version__
 from ._io import TMP_MARK, file_sha256, path_lock, remove_dead_partials, replace_dir, temp_sibling
-from .errors import InputNotFoundError, StoreDamagedError, StoreError, StoreExistsError, one_line
+from .errors import InputNotFoundError, StoreDamagedError, StoreError, StoreExistsError, StoreReplacedError, one_line
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schema versions this version reads: 1 (no metadata digests; opens with a warning) and 2.
+READABLE_SCHEMAS = (1, 2)
 STORE_KIND = "wsi-convnext.tiles"
 STORE_SUFFIX = ".zarr"
 TILES_PER_CHUNK = 256
@@ -161,23 +168,104 @@ _NEVER_EMPTY = ("tiles", "coords")
 _warned_unverified: set[str] = set()
 
 
-def _chunk_files(array_dir: Path) -> dict[str, list[Any]]:
-    """``{relative path: [size, sha256]}`` of every chunk file under ``array_dir``."""
+#: Attr sealing a ``zarr.json``: the sha256 of the document's canonical JSON without this attr.
+META_DIGEST = "metadata_sha256"
+#: Set to False only to measure what the read-path checks cost (``benchmarks/integrity.py``).
+_CHECK_READS = True
+
+
+def _chunk_files(array_dir: Path, with_meta: bool = False) -> dict[str, list[Any]]:
+    """``{relative path: [size, sha256]}`` of every chunk file (and ``zarr.json`` if asked) under ``array_dir``."""
     files: dict[str, list[Any]] = {}
     for root, _dirs, names in os.walk(array_dir):
         for name in names:
             f = Path(root) / name
             rel = f.relative_to(array_dir).as_posix()
-            if rel == "zarr.json":
+            if rel == "zarr.json" and not with_meta:
                 continue
             files[rel] = [f.stat().st_size, file_sha256(f)]
     return dict(sorted(files.items()))
 
 
-def _array_record(array_dir: Path) -> dict[str, Any]:
+def _array_record(array_dir: Path, with_meta: bool = False) -> dict[str, Any]:
     meta = json.loads((array_dir / "zarr.json").read_text())
-    files = _chunk_files(array_dir)
+    files = _chunk_files(array_dir, with_meta)
     return {"chunk_grid": int(np.prod(_grid_shape(meta))), "n_files": len(files), "files": files}
+
+
+def _meta_digest(doc: Mapping[str, Any]) -> str:
+    """sha256 of a ``zarr.json`` document as canonical JSON (sorted keys), without its :data:`META_DIGEST`."""
+    attrs = {k: v for k, v in (doc.get("attributes") or {}).items() if k != META_DIGEST}
+    body = json.dumps({**doc, "attributes": attrs}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _seal(node: Any, meta_file: Path) -> None:
+    """Record the metadata digest of the ``zarr.json`` of zarr ``node`` (group or array) as written."""
+    node.attrs[META_DIGEST] = _meta_digest(json.loads(meta_file.read_text()))
+
+
+def _doc_problem(doc: Any) -> str | None:
+    """What is wrong with a sealed ``zarr.json`` document (None: its digest matches or it has none)."""
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict):
+        return "zarr.json is not a zarr document"
+    if META_DIGEST in attrs and attrs[META_DIGEST] != _meta_digest(doc):
+        return "zarr.json fails its metadata checksum (edited or damaged)"
+    return None
+
+
+def _doc_bytes_problem(data: np.ndarray) -> str | None:
+    """:func:`_doc_problem` of a ``zarr.json`` as the bytes zarr read."""
+    try:
+        return _doc_problem(json.loads(data.tobytes()))
+    except ValueError:
+        return "zarr.json is not valid JSON"
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """A zarr key of the store (``features/k/c/0/0``) as (array name, key inside the array)."""
+    parts = key.split("/")
+    n = 2 if parts[0] in ("features", "scores") else 1
+    return "/".join(parts[:n]), "/".join(parts[n:])
+
+
+@functools.cache
+def _checked_store_class() -> type:
+    from zarr.storage import WrapperStore
+
+    class CheckedStore(WrapperStore):  # type: ignore[type-arg]
+        """Read-only zarr store that hands every key's bytes to ``check(key, data)`` before zarr decodes them.
+
+        ``data`` is a uint8 array, or None for a missing key; ``check`` raises on a mismatch.
+        """
+
+        def __init__(self, store: Any, check: Callable[[str, Any], None]) -> None:
+            super().__init__(store)
+            self._check = check
+
+        def _with_store(self, store: Any) -> Any:
+            return type(self)(store, self._check)
+
+        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            if byte_range is not None and _CHECK_READS:
+                await self.get(key, prototype)  # check the whole chunk, then serve the range
+            buf = await self._store.get(key, prototype, byte_range)
+            if byte_range is None and _CHECK_READS:
+                self._check(key, None if buf is None else buf.as_numpy_array())
+            return buf
+
+        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list[Any]:
+            return [await self.get(k, prototype, r) for k, r in key_ranges]
+
+    return CheckedStore
+
+
+def _checked_store(path: Path, check: Callable[[str, Any], None]) -> Any:
+    """A read-only zarr store over folder ``path`` whose reads go through ``check`` (see :class:`TileStore`)."""
+    from zarr.storage import LocalStore
+
+    return _checked_store_class()(LocalStore(str(path), read_only=True), check)
 
 
 def _grid_shape(meta: Mapping[str, Any]) -> list[int]:
@@ -193,11 +281,25 @@ def _chunk_key(meta: Mapping[str, Any], index: Sequence[int]) -> str:
     return key if enc.get("name", "default") == "v2" else f"c{sep}{key}" if index else "c"
 
 
-class _ArrayGuard:
-    """Checks that the chunk files of one array exist (with their recorded sizes) before a read."""
+def _file_label(rel: str) -> str:
+    return "zarr.json" if rel == "zarr.json" else f"chunk {rel}"
 
-    def __init__(self, store_path: Path, name: str, array_dir: Path, record: Mapping[str, Any] | None, strict: bool) -> None:
-        self.store_path, self.name, self.dir = store_path, name, array_dir
+
+def _ident(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None when it is gone: a folder renamed into place gets a new one."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class _ArrayGuard:
+    """Checks one array's chunk files: presence and size before a read, bytes as zarr reads them."""
+
+    def __init__(self, owner: TileStore, name: str, array_dir: Path, record: Mapping[str, Any] | None, strict: bool) -> None:
+        self.owner, self.name, self.dir = owner, name, array_dir
+        self.ident = _ident(array_dir)
         self.meta = json.loads((array_dir / "zarr.json").read_text())
         self.files: Mapping[str, Any] | None = record.get("files") if record else None
         self.strict = strict  # without a record: is a missing chunk damage (never-empty arrays)?
@@ -205,8 +307,8 @@ class _ArrayGuard:
         shape = self.meta.get("shape", [])
         self.rows_per_chunk = int(self.meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape", shape or [1])[0] or 1) if shape else 1
 
-    def damaged(self, what: str) -> StoreDamagedError:
-        return damaged_error(self.store_path, f"{self.name}: {what}")
+    def damaged(self, what: str) -> StoreError:
+        return self.owner._damaged(f"{self.name}: {what}", self)
 
     def check_all(self) -> None:
         if self.files is not None:
@@ -236,19 +338,39 @@ class _ArrayGuard:
                     continue  # never written (all fill), as recorded
                 self._check_file(key, rec[0] if rec else None)
 
+    def check_bytes(self, rel: str, data: np.ndarray | None) -> None:
+        """Check what zarr read for key ``rel`` of this array (None: missing) against the record."""
+        if rel == "zarr.json" and data is not None and self.name.startswith(("features/", "scores/")):
+            if problem := _doc_bytes_problem(data):
+                raise self.damaged(problem)
+            return
+        rec = self.files.get(rel) if self.files is not None else None
+        if rec is None:
+            return  # no record (an older store), or recorded as never written
+        if data is None:
+            raise self.damaged(f"{_file_label(rel)} is missing")
+        if data.size != rec[0]:
+            raise self.damaged(f"{_file_label(rel)} has {data.size} bytes, {rec[0]} were written")
+        if hashlib.sha256(data).hexdigest() != rec[1]:
+            raise self.damaged(f"{_file_label(rel)} fails its sha256 checksum")
+
     def _check_file(self, rel: str, size: int | None) -> None:
         f = self.dir / rel
         try:
             st = f.stat()
         except FileNotFoundError:
-            raise self.damaged(f"chunk {rel} is missing") from None
+            raise self.damaged(f"{_file_label(rel)} is missing") from None
         if size is not None and st.st_size != size:
-            raise self.damaged(f"chunk {rel} has {st.st_size} bytes, {size} were written (truncated?)")
+            raise self.damaged(f"{_file_label(rel)} has {st.st_size} bytes, {size} were written (truncated?)")
 
 
 def damaged_error(store_path: Path, what: str) -> StoreDamagedError:
     """The one-line error for a damaged store: what is wrong and what to redo."""
-    redo = "re-embed it (`wsi-convnext embed --overwrite`)" if "features/" in what else "re-tile the slide (`wsi-convnext tile --overwrite`)"
+    redo = (
+        "re-embed it (`wsi-convnext embed --overwrite`)" if what.startswith("features/")
+        else "re-run `wsi-convnext predict`" if what.startswith("scores/")
+        else "re-tile the slide (`wsi-convnext tile --overwrite`)"
+    )  # fmt: skip
     return StoreDamagedError(f"{store_path}: store damaged: {what}; {redo}")
 
 
@@ -370,10 +492,11 @@ class TileStoreWriter:
         )
         meta["integrity"] = {
             "algorithm": INTEGRITY_ALGORITHM,
-            "arrays": {name: _array_record(self.path / name) for name in _REQUIRED_ARRAYS},
+            "arrays": {name: _array_record(self.path / name, with_meta=True) for name in _REQUIRED_ARRAYS},
         }
-        meta["complete"] = True  # last: a store without it is never valid
+        meta["complete"] = True  # a store without it is never valid
         g.attrs.update(meta)
+        _seal(g, self.path / "zarr.json")
         commit_dir(self.path, self.final_path, overwrite=overwrite)
         return self.final_path
 
@@ -396,14 +519,41 @@ class TileStore:
         attrs: The group attributes (see docs/store.md).
     """
 
-    def __init__(self, path: Path, group: Any) -> None:
+    def __init__(self, path: Path, attrs: Mapping[str, Any]) -> None:
         self.path = path
-        self._group = group
-        self.attrs: dict[str, Any] = dict(group.attrs)
-        self._coords: np.ndarray | None = None
-        self._tiles = group["tiles"]
-        self._decode = TILE_CODECS[self.attrs["tile_encoding"]][1]
+        self.attrs: dict[str, Any] = dict(attrs)
+        self._ident = _ident(path)
         self._guards: dict[str, _ArrayGuard] = {}
+        self._coords: np.ndarray | None = None
+        # Every key zarr reads passes through _check_key before zarr decodes it.
+        self._zstore = _checked_store(path, self._check_key)
+        self._group = _zarr().open_group(store=self._zstore, mode="r", zarr_format=3)
+        self._tiles = self._group["tiles"]
+        self._decode = TILE_CODECS[self.attrs["tile_encoding"]][1]
+
+    def _check_key(self, key: str, data: np.ndarray | None) -> None:
+        """Check the bytes zarr read for ``key`` (None: missing) against the integrity record."""
+        if key == "zarr.json":
+            problem = "zarr.json is missing" if data is None else _doc_bytes_problem(data) if META_DIGEST in self.attrs else None
+            if problem:
+                raise self._damaged(problem)
+            return
+        name, rel = _split_key(key)
+        if rel and (name in _REQUIRED_ARRAYS or (name.startswith(("features/", "scores/")) and (self.path / name).is_dir())):
+            self._guard(name).check_bytes(rel, data)
+
+    def _replaced(self, guard: _ArrayGuard | None = None) -> bool:
+        """Whether the store (or the array of ``guard``) is no longer the folder this reader opened."""
+        return _ident(self.path) != self._ident or (guard is not None and _ident(guard.dir) != guard.ident)
+
+    def _damaged(self, what: str, guard: _ArrayGuard | None = None) -> StoreError:
+        """The error for a failed check: damage, or the store replaced by another run meanwhile."""
+        if self._replaced(guard):
+            return StoreReplacedError(
+                f"{self.path}: store replaced by another run while this one read it ({what}); "
+                "not damaged: re-run this command on the new store"
+            )
+        return damaged_error(self.path, what)
 
     @property
     def verifiable(self) -> bool:
@@ -418,15 +568,17 @@ class TileStore:
                 try:
                     record = json.loads((array_dir / "zarr.json").read_text()).get("attributes", {}).get("integrity")
                 except (OSError, ValueError) as exc:
-                    raise damaged_error(self.path, f"{name}: unreadable zarr.json ({one_line(exc, 120)})") from exc
+                    raise self._damaged(f"{name}: unreadable zarr.json ({one_line(exc, 120)})") from exc
                 strict = name.startswith("features/")
             else:
                 record = (self.attrs.get("integrity") or {}).get("arrays", {}).get(name)
                 strict = name in _NEVER_EMPTY
             try:
-                guard = _ArrayGuard(self.path, name, array_dir, record, strict)
+                guard = _ArrayGuard(self, name, array_dir, record, strict)
             except (OSError, ValueError) as exc:
-                raise damaged_error(self.path, f"{name}: unreadable zarr.json ({one_line(exc, 120)})") from exc
+                raise self._damaged(f"{name}: unreadable zarr.json ({one_line(exc, 120)})") from exc
+            if name.startswith(("features/", "scores/")) and (problem := _doc_problem(guard.meta)):
+                raise guard.damaged(problem)
             self._guards[name] = guard
         return guard
 
@@ -438,16 +590,29 @@ class TileStore:
         except StoreError:
             raise
         except Exception as exc:  # codec errors (a truncated zstd frame, a short vlen chunk) and the like
-            raise damaged_error(self.path, f"{name}: cannot read ({one_line(exc, 200)})") from exc
+            raise self._damaged(f"{name}: cannot read ({one_line(exc, 200)})") from exc
 
-    def check_presence(self) -> None:
-        """Check that every recorded chunk file of the group arrays exists with its size (cheap).
+    def check_presence(self, names: Sequence[str] = _REQUIRED_ARRAYS) -> None:
+        """Check that every recorded chunk file of group arrays ``names`` exists with its size (cheap).
 
         Raises:
             StoreDamagedError: A chunk file is missing or has another size than was written.
         """
-        for name in _REQUIRED_ARRAYS:
+        for name in names:
             self._guard(name).check_all()
+
+    def verify(self, name: str) -> None:
+        """Re-hash every recorded chunk file of array ``name`` now, reading it all once.
+
+        For readers that would otherwise meet damage deep inside worker processes.
+
+        Raises:
+            StoreDamagedError: The first chunk that is missing, truncated or fails its sha256.
+        """
+        guard = self._guard(name)
+        problems, _ = _verify_record(guard.dir, name, {"files": guard.files or {}})
+        if problems:
+            raise self._damaged(problems[0], guard)
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, n_tiles={len(self)}, mpp={self.mpp}, tile_size={self.tile_size})"
@@ -521,7 +686,7 @@ class TileStore:
         try:
             return self._decode(data)
         except Exception as exc:  # a damaged tile image
-            raise damaged_error(self.path, f"tiles: cannot decode a tile ({one_line(exc, 120)})") from exc
+            raise self._damaged(f"tiles: cannot decode a tile ({one_line(exc, 120)})") from exc
 
     def decode_into(self, raw: Sequence[bytes], out: np.ndarray, *, first: int = 0) -> None:
         """Decode encoded tiles ``raw`` into ``out[: len(raw)]``, checking each one.
@@ -547,7 +712,7 @@ class TileStore:
         try:
             shape = tuple(self._decode(data).shape)
         except Exception:  # not decodable at all
-            return damaged_error(self.path, f"tiles: tile {index} cannot be decoded ({one_line(exc, 120)})")
+            return self._damaged(f"tiles: tile {index} cannot be decoded ({one_line(exc, 120)})")
         return StoreError(
             f"{self.path}: tile {index} decodes to shape {shape}, expected {(t, t, 3)}; re-tile the slide"
         )
@@ -617,16 +782,19 @@ class TileStore:
         if key not in self._sub_keys(folder):
             have = self._sub_keys(folder)
             raise StoreError(f"{self.path}: no {folder} {key!r} (available: {', '.join(have) or 'none'})")
+        self._guard(f"{folder}/{key}")  # checks the array's metadata digest
         try:
-            return _zarr().open_array(str(self.path / folder / key), mode="r")
+            return _zarr().open_array(store=self._zstore, path=f"{folder}/{key}", mode="r", zarr_format=3)
+        except StoreError:
+            raise
         except Exception as exc:
-            raise damaged_error(self.path, f"{folder}/{key}: cannot open ({one_line(exc, 200)})") from exc
+            raise self._damaged(f"{folder}/{key}: cannot open ({one_line(exc, 200)})") from exc
 
     def _read_sub(self, folder: str, key: str) -> np.ndarray:
         arr = self._open_sub(folder, key)
         data = np.asarray(self._read(f"{folder}/{key}", lambda: arr[...]))
         if data.shape[:1] != (len(self),):
-            raise damaged_error(self.path, f"{folder}/{key}: {data.shape[0]} rows for {len(self)} tiles")
+            raise self._damaged(f"{folder}/{key}: {data.shape[0]} rows for {len(self)} tiles")
         return data
 
     def features(self, key: str | None = None) -> np.ndarray:
@@ -707,6 +875,9 @@ class TileStore:
                 meta["integrity"] = {"algorithm": INTEGRITY_ALGORITHM, **_array_record(partial)}
                 meta["complete"] = True
                 arr.attrs.update(meta)
+                _seal(arr, partial / "zarr.json")
+                if self._replaced():  # features of the old store must not land in its replacement
+                    raise self._damaged(f"{folder}/{key}: not written")
                 commit_dir(partial, final, overwrite=overwrite)
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
@@ -721,17 +892,24 @@ def _check_key(key: str) -> None:
         raise StoreError(f"invalid array name {key!r}: use letters, digits, '_', '.', '-'")
 
 
-def open_store(path: str | os.PathLike[str]) -> TileStore:
+def open_store(path: str | os.PathLike[str], *, check: Sequence[str] = _REQUIRED_ARRAYS) -> TileStore:
     """Open and validate a slide's tile store.
 
-    Checks, cheaply, that every chunk file the writer recorded is there with its size (a
-    store without an integrity record opens with a logged warning that it cannot be verified;
-    its ``tiles`` and ``coords`` chunk files are still checked by name).
+    Checks the group's metadata digest (schema 2), and, cheaply, that every chunk file the
+    writer recorded for the arrays in ``check`` is there with its size. Whatever is read
+    later is checked as it is read (see :class:`TileStore`). A schema-1 store (no metadata
+    digest) or one without an integrity record opens with a logged warning that it cannot
+    be verified; its ``tiles`` and ``coords`` chunk files are still checked by name.
+
+    Args:
+        path: The store folder.
+        check: Group arrays whose chunk files are checked for presence now (default: all);
+            a reader that needs fewer arrays (e.g. ``export --format h5``) passes fewer.
 
     Raises:
         InputNotFoundError: ``path`` does not exist.
         StoreError: ``path`` is not a complete wsi-convnext store of a supported schema.
-        StoreDamagedError: A chunk file is missing or truncated.
+        StoreDamagedError: The metadata fails its digest, or a chunk file is missing or truncated.
     """
     from .inputs import is_slide_id
 
@@ -751,11 +929,15 @@ def open_store(path: str | os.PathLike[str]) -> TileStore:
     if attrs.get("complete") is not True:
         raise StoreError(f"{path}: incomplete store (interrupted write); re-run `wsi-convnext tile` to rebuild it")
     version = attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise StoreError(
             f"{path}: store schema version {version} is not supported by wsi-convnext {__version__} "
             f"(expects {SCHEMA_VERSION}); re-tile the slide or use a matching wsi-convnext version"
         )
+    if version >= 2 and META_DIGEST not in attrs:
+        raise damaged_error(path, "zarr.json has no metadata checksum")
+    if problem := _doc_problem(meta):
+        raise damaged_error(path, problem)
     missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
     missing += [a + "/" for a in _REQUIRED_ARRAYS if not (path / a / "zarr.json").is_file()]
     if missing:
@@ -763,20 +945,25 @@ def open_store(path: str | os.PathLike[str]) -> TileStore:
     if attrs["tile_encoding"] not in TILE_CODECS:
         raise StoreError(f"{path}: unknown tile encoding {attrs['tile_encoding']!r}")
     try:
-        group = _zarr().open_group(str(path), mode="r", zarr_format=3)
+        store = TileStore(path, attrs)
+    except StoreError:
+        raise
     except Exception as exc:  # zarr raises a variety of errors on damaged metadata
         raise StoreError(f"{path}: cannot open as zarr ({exc}); re-tile the slide") from exc
-    store = TileStore(path, group)
     n = len(store)
-    if group["tiles"].shape != (n,) or group["coords"].shape != (n, 2):
+    if store._group["tiles"].shape != (n,) or store._group["coords"].shape != (n, 2):
         raise StoreError(f"{path}: array shapes disagree with n_tiles={n}; re-tile the slide")
     sid = attrs.get("slide_id")
     if sid is not None and not is_slide_id(str(sid)):
         raise StoreError(f"{path}: store holds an unsafe slide_id {sid!r}; re-tile the slide with a safe id")
-    if not store.verifiable and str(path.resolve()) not in _warned_unverified:
-        _warned_unverified.add(str(path.resolve()))
-        logger.warning("%s: store has no integrity record (written by an older wsi-convnext); it cannot be verified", path)
-    store.check_presence()
+    if version < 2 or not store.verifiable:
+        if str(path.resolve()) not in _warned_unverified:
+            _warned_unverified.add(str(path.resolve()))
+            logger.warning(
+                "%s: store was written by an older wsi-convnext (schema %s, %s); it cannot be verified; "
+                "re-tile it to add checksums", path, version, "no chunk checksums" if not store.verifiable else "no metadata checksum",
+            )  # fmt: skip
+    store.check_presence(check)
     return store
 
 
@@ -804,11 +991,11 @@ def _verify_record(array_dir: Path, name: str, record: Mapping[str, Any]) -> tup
     for rel, (size, sha) in files.items():
         f = array_dir / rel
         if not f.is_file():
-            problems.append(f"{name}: chunk {rel} is missing")
+            problems.append(f"{name}: {_file_label(rel)} is missing")
         elif f.stat().st_size != size:
-            problems.append(f"{name}: chunk {rel} has {f.stat().st_size} bytes, {size} were written")
+            problems.append(f"{name}: {_file_label(rel)} has {f.stat().st_size} bytes, {size} were written")
         elif file_sha256(f) != sha:
-            problems.append(f"{name}: chunk {rel} fails its sha256 checksum")
+            problems.append(f"{name}: {_file_label(rel)} fails its sha256 checksum")
     return problems, len(files)
 
 
@@ -828,6 +1015,8 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyResult:
     n = 0
     record = store.attrs.get("integrity")
     unverified = [] if isinstance(record, dict) else ["group arrays"]
+    if META_DIGEST not in store.attrs:
+        unverified.append("group metadata (schema 1)")
     for name, rec in (record or {}).get("arrays", {}).items() if isinstance(record, dict) else ():
         found, k = _verify_record(p / name, name, rec)
         problems += found
@@ -836,16 +1025,21 @@ def verify_store(path: str | os.PathLike[str]) -> VerifyResult:
         for key in keys:
             name = f"{folder}/{key}"
             try:
-                attrs = json.loads((p / name / "zarr.json").read_text()).get("attributes", {})
-            except (OSError, ValueError) as exc:
+                doc = json.loads((p / name / "zarr.json").read_text())
+                attrs = doc.get("attributes", {})
+            except (OSError, ValueError, AttributeError) as exc:
                 problems.append(f"{name}: unreadable zarr.json ({one_line(exc, 120)})")
                 continue
+            if problem := _doc_problem(doc):
+                problems.append(f"{name}: {problem}")
             if isinstance(attrs.get("integrity"), dict):
                 found, k = _verify_record(p / name, name, attrs["integrity"])
                 problems += found
                 n += k
             else:
                 unverified.append(name)
+            if META_DIGEST not in attrs:
+                unverified.append(f"{name} metadata")
     if problems:
         return VerifyResult(p, "damaged", [f"{p}: store damaged: {x}" for x in problems], n)
     if unverified:

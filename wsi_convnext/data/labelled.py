@@ -374,6 +374,7 @@ def store_tiles(
             continue
         if len(st) == 0:
             continue
+        st.verify("tiles")  # damage fails the run here, in one line, not as tiles skipped in workers
         i = by_id[sid] if table is not None else -1
         store_paths.append(str(path))
         n_of.append(len(st))

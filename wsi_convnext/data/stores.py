@@ -369,6 +369,8 @@ class StoreTileStream:
             try:
                 try:
                     raw = sp.store.tile_bytes(slice(sp.start, sp.stop))
+                except StoreError:
+                    raise  # damaged, or replaced by another run: already one line
                 except Exception as exc:  # zarr/codec errors on damaged chunks
                     raise StoreError(
                         f"{sp.store.path}: tiles {sp.start}..{sp.stop - 1} cannot be read ({one_line(exc)}); "

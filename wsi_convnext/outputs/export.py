@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_path, ensure_dir, inside
-from ..errors import ConfigError, StoreError, StoreExistsError
+from ..errors import ConfigError, InputNotFoundError, StoreError, StoreExistsError, WsiConvnextError, one_line
 from ..store import TileStore, find_stores, open_store
-from .exports import FORMATS, ExportFormat, SlideExport, register_format
+from .exports import FORMATS, STORE_PARTS, ExportFormat, SlideExport, register_format
 
 __all__ = [
     "COHORT_STEM", "EXPORT_DTYPES", "FORMATS", "ExportFormat", "SlideExport", "export_features", "read_h5",
@@ -52,8 +52,15 @@ def _magnification(mpp: float) -> float:
     return round(10.0 / mpp, 2)
 
 
-def slide_export(store: TileStore, key: str | None, dtype: str | np.dtype = "float32") -> SlideExport:
-    """Everything one store exports: features of ``key`` (None: none), coords, geometry, tissue, scores."""
+def slide_export(
+    store: TileStore, key: str | None, dtype: str | np.dtype = "float32", reads: Sequence[str] = STORE_PARTS
+) -> SlideExport:
+    """What one store exports: features of ``key`` (None: none), coords, geometry, and the ``reads`` parts.
+
+    Args:
+        reads: Parts of :data:`~wsi_convnext.outputs.exports.STORE_PARTS` to read (tissue
+            fraction, tissue mask, scores); the others are left unread (None / empty).
+    """
     dtype = np.dtype(dtype)
     attrs = store.attrs
     extent0 = float(attrs.get("extent0", store.tile_size * store.mpp / store.slide_mpp))
@@ -82,13 +89,13 @@ def slide_export(store: TileStore, key: str | None, dtype: str | np.dtype = "flo
                 f"{store.path}: store damaged: features/{key} has {features.shape[0]} rows but coords has "
                 f"{coords.shape[0]}; re-embed it (`wsi-convnext embed --overwrite`)"
             )
-    names = store.score_keys
+    names = store.score_keys if "scores" in reads else []
     return SlideExport(
         store.slide_id, features, coords, coords_attrs, feature_attrs,
-        tissue_fraction=store.tissue_fraction,
+        tissue_fraction=store.tissue_fraction if "tissue_fraction" in reads else None,
         scores={n: store.scores(n) for n in names},
         score_attrs={n: {k: v for k, v in store.score_attrs(n).items() if k not in _BOOKKEEPING} for n in names},
-        tissue_mask=store.tissue_mask,
+        tissue_mask=store.tissue_mask if "tissue_mask" in reads else None,
         mask_downsample=float(attrs.get("mask_downsample", 1.0)),
     )  # fmt: skip
 
@@ -113,11 +120,13 @@ def export_features(
     cohort: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    on_failure: Callable[[Path, str], None] | None = None,
 ) -> list[Path]:
     """Write each store's export to ``out_dir/<slide_id><suffix>`` (or all to one cohort file).
 
     All stores and output paths are checked before anything is written, so bad input
-    raises without leaving a partial export behind.
+    raises without leaving a partial export behind. Only the arrays the format needs are
+    read (:attr:`ExportFormat.reads`), each checked against its checksums as it is read.
 
     Args:
         stores: Store folders and/or folders of stores.
@@ -131,6 +140,9 @@ def export_features(
             cohort writer only, e.g. ``anndata``).
         overwrite: Replace existing output files.
         progress: Called as ``progress(files_done, files_total)``.
+        on_failure: Called as ``on_failure(store_path, one-line error)`` for a store that cannot be
+            exported (invalid, damaged, replaced, lacking the embeddings); the export goes on
+            without it and writes nothing for it. None: such a store raises.
 
     Returns:
         The written files, in store order.
@@ -156,11 +168,21 @@ def export_features(
     out = Path(out_dir)
 
     # Validate everything first: a bad store or an existing file stops the export before it starts.
+    def failed(path: Path, exc: WsiConvnextError) -> None:
+        if on_failure is None:
+            raise exc
+        logger.debug("%s: export failed", path, exc_info=exc)
+        on_failure(path, one_line(exc))
+
     plan: list[tuple[TileStore, str | None, Path]] = []
     owners: dict[str, Path] = {}
     for path in find_stores(stores):
-        store = open_store(path)
-        key = _resolve_key(store, feature_key, spec.needs_features or cohort)
+        try:
+            store = open_store(path, check=())  # each array is checked as it is read
+            key = _resolve_key(store, feature_key, spec.needs_features or cohort)
+        except (StoreError, InputNotFoundError) as exc:
+            failed(path, exc)
+            continue
         sid = store.slide_id  # open_store refuses stores whose slide_id breaks the id policy
         if sid in owners:
             raise ConfigError(
@@ -183,9 +205,14 @@ def export_features(
     if cohort:
         items = []
         for i, (store, key, _) in enumerate(plan):
-            items.append(slide_export(store, key, dtype))
+            try:
+                items.append(slide_export(store, key, dtype, spec.reads))
+            except StoreError as exc:
+                failed(store.path, exc)
             if progress is not None:
                 progress(i + 1, len(plan) + 1)
+        if not items:
+            return []
         target = inside(out, f"{COHORT_STEM}{spec.suffix}")
         with atomic_path(target) as tmp:
             spec.write_cohort(tmp, items)  # type: ignore[misc]
@@ -194,11 +221,15 @@ def export_features(
             progress(len(plan) + 1, len(plan) + 1)
         return [target]
     for i, (store, key, target) in enumerate(plan):
-        item = slide_export(store, key, dtype)
-        with atomic_path(target) as tmp:
-            spec.write(tmp, item)
-        logger.info("%s: wrote %s (%d tiles, %s)", store.slide_id, target, len(item.coords), key)
-        written.append(target)
+        try:
+            item = slide_export(store, key, dtype, spec.reads)
+        except StoreError as exc:
+            failed(store.path, exc)
+        else:
+            with atomic_path(target) as tmp:
+                spec.write(tmp, item)
+            logger.info("%s: wrote %s (%d tiles, %s)", store.slide_id, target, len(item.coords), key)
+            written.append(target)
         if progress is not None:
             progress(i + 1, len(plan))
     return written

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .._io import inside
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, StoreError, one_line
 from ..store import TileStore
 
 
@@ -71,13 +71,13 @@ def render_heatmap(
         store.thumbnail, thumb_ds, store.coords, store.extent0, scores, label=label, mask=store.tissue_mask,
         title=title or f"{stem}: {label}",
     )  # fmt: skip
-    heat = save_png(inside(out, f"{stem}.heatmap.png"), picture)
     finite = np.where(np.isfinite(scores), scores, -np.inf)
     order = np.argsort(-finite, kind="stable")[: max(1, min(top_k, len(store)))]
-    tiles = store.read_tiles(np.sort(order))
+    tiles = store.read_tiles(np.sort(order))  # every read (and its checks) before the first picture
     rank = {int(i): k for k, i in enumerate(np.sort(order))}
     tiles = tiles[[rank[int(i)] for i in order]]
     labels = [f"#{k + 1} {scores[i]:.3g}" for k, i in enumerate(order)]
+    heat = save_png(inside(out, f"{stem}.heatmap.png"), picture)
     mont = save_png(inside(out, f"{stem}.topk.png"), montage(tiles, labels=labels))
     return HeatmapPaths(heatmap=heat, montage=mont)
 
@@ -88,12 +88,18 @@ def heatmaps(
     out_dir: str | os.PathLike[str],
     *,
     top_k: int = 16,
+    on_failure: Callable[[Path, str], None] | None = None,
 ) -> dict[str, HeatmapPaths]:
     """Score every tile of each store with a trained MIL model and draw its heatmap and top-k montage.
 
     The scores (attention or instance score, per the aggregator) are also written into each
     store under ``scores/<model name>``. For multi-class models with per-class scores, the
     column of the predicted class is drawn.
+
+    Args:
+        on_failure: Called as ``on_failure(store_path, one-line error)`` for a store that
+            cannot be drawn (damaged, replaced, lacking embeddings); the others are still
+            drawn. None: such a store raises. (MIL models only.)
 
     Returns:
         Paths of the pictures by slide id.
@@ -105,20 +111,26 @@ def heatmaps(
     paths = find_stores(stores)
     if _is_finetune_dir(model_dir):
         return _tile_classifier_heatmaps(model_dir, paths, out_dir, top_k=top_k)
-    preds = predict(model_dir, paths, write_scores=True)
+    preds = predict(model_dir, paths, write_scores=True, on_error="raise" if on_failure is None else "record")
     out: dict[str, HeatmapPaths] = {}
     for pred in preds:
         if pred.status == "failed":
+            on_failure(Path(pred.store), pred.error)  # type: ignore[misc]
             continue
-        store = open_store(pred.store)
-        name = _score_name_for(store, model_dir)
-        scores = store.scores(name)
-        attrs = store.score_attrs(name)
-        if scores.ndim == 2:
-            scores = scores[:, list(attrs["columns"]).index(pred.predicted)]
-        label = f"{attrs.get('score', 'score')} ({pred.predicted} {pred.probabilities[pred.predicted]:.2f})"
-        title = heatmap_title(pred.slide_id, attrs)
-        out[pred.slide_id] = render_heatmap(store, scores, out_dir, label=label, top_k=top_k, title=title)
+        try:
+            store = open_store(pred.store)
+            name = _score_name_for(store, model_dir)
+            scores = store.scores(name)
+            attrs = store.score_attrs(name)
+            if scores.ndim == 2:
+                scores = scores[:, list(attrs["columns"]).index(pred.predicted)]
+            label = f"{attrs.get('score', 'score')} ({pred.predicted} {pred.probabilities[pred.predicted]:.2f})"
+            title = heatmap_title(pred.slide_id, attrs)
+            out[pred.slide_id] = render_heatmap(store, scores, out_dir, label=label, top_k=top_k, title=title)
+        except StoreError as exc:
+            if on_failure is None:
+                raise
+            on_failure(Path(pred.store), one_line(exc))
     return out
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["FORMATS", "ExportFormat", "SlideExport", "register_format", "score_columns"]
+__all__ = ["FORMATS", "STORE_PARTS", "ExportFormat", "SlideExport", "register_format", "score_columns"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class ExportFormat:
         check: Called before anything is read or written; raises (e.g. a
             :class:`~wsi_convnext.errors.ConfigError` saying what to install) when the
             format cannot be written here.
+        reads: Optional store parts the writer uses besides features and coords, from
+            :data:`STORE_PARTS`; only these are read (and checked), so e.g. an h5 export
+            never touches a tile chunk or a score array.
     """
 
     name: str
@@ -80,7 +83,11 @@ class ExportFormat:
     needs_features: bool = True
     write_cohort: Callable[[Path, Sequence[SlideExport]], None] | None = None
     check: Callable[[], None] | None = None
+    reads: tuple[str, ...] = ()
 
+
+#: Store parts a format may read besides features and coords (:attr:`ExportFormat.reads`).
+STORE_PARTS: tuple[str, ...] = ("tissue_fraction", "tissue_mask", "scores")
 
 #: Export formats by name.
 FORMATS: dict[str, ExportFormat] = {}

@@ -146,6 +146,6 @@ register_format(
     ExportFormat(
         "geojson", ".geojson", write_geojson,
         "QuPath GeoJSON: tissue polygons + one detection per tile with scores (level-0 px)",
-        needs_features=False,
+        needs_features=False, reads=("tissue_fraction", "tissue_mask", "scores"),
     )
 )  # fmt: skip

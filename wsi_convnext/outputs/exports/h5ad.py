@@ -115,6 +115,6 @@ def write_h5ad_cohort(path: Path, items: Sequence[SlideExport]) -> None:
 register_format(
     ExportFormat(
         "anndata", ".h5ad", write_h5ad, "scverse AnnData .h5ad: X = features, obsm['spatial'] = coords, obs = scores",
-        write_cohort=write_h5ad_cohort, check=_anndata,
+        write_cohort=write_h5ad_cohort, check=_anndata, reads=("tissue_fraction", "scores"),
     )
 )  # fmt: skip
