@@ -545,7 +545,7 @@ class PillowReader(BaseSlideReader):
 
 
 def test_register_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slide_base, "_BACKENDS", dict(slide_base._BACKENDS))
+    monkeypatch.setattr(slide_base._BACKENDS, "_items", slide_base._BACKENDS.snapshot())
     monkeypatch.setattr(slide_base, "_AUTO_ORDER", list(slide_base._AUTO_ORDER))
     png = tmp_path / "image.png"
     rgba = np.zeros((20, 30, 4), np.uint8)

@@ -212,7 +212,7 @@ def prepare_forward(
 
     from ..encoders import resolve_device
 
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dev = resolve_device(device)
     prec = _precision(dev, amp, channels_last)
     encoder.to(dev, channels_last=prec.channels_last)
     model = _forward_fn(encoder, dev, compile)
@@ -673,7 +673,7 @@ def embed_store(
 
     options = EmbedOptions(batch_size=batch_size, dtype=dtype, num_workers=num_workers, amp=amp,
                            channels_last=channels_last, compile=compile, decode_on=decode_on)  # fmt: skip
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dev = resolve_device(device)
     out = _embed_many(
         [store_path], encoder, dev, options, overwrite=overwrite, progress=progress, transform=transform, on_result=None
     )
@@ -752,7 +752,7 @@ def embed_stores(
         device = devices[0]
     import torch
 
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dev = resolve_device(device)
     if encoder is None:
         encoder = build_encoder(model, stem=stem, weights=weights, pretrained=pretrained)
     out = _embed_many(

@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._registry import Registry
 from ..errors import ConfigError, EncoderError, WeightsError, one_line
+from ..params import ParameterError, check_params, one_of, param
 from .device import resolve_device
 
 if TYPE_CHECKING:
@@ -116,6 +118,9 @@ class EncoderFamily(ABC):
     model_hint: str
     #: Extra ``timm.create_model`` arguments the family sets itself (refused from callers).
     reserved_timm_kwargs: frozenset[str] = frozenset()
+    #: Name prefixes of the family's models, for checking a model name without importing torch
+    #: (empty: the family cannot tell cheaply; :meth:`owns` decides when the encoder is built).
+    model_prefixes: tuple[str, ...] = ()
 
     @abstractmethod
     def owns(self, model: str) -> bool:
@@ -215,13 +220,12 @@ def _as_patterns(spec: Any) -> list[re.Pattern[str]]:
 
 
 #: Registry of encoder families by name. Extend with :func:`register_family`.
-FAMILIES: dict[str, EncoderFamily] = {}
+FAMILIES: Registry[EncoderFamily] = Registry("encoder family", error=EncoderError)
 
 
-def register_family(family: EncoderFamily) -> EncoderFamily:
-    """Add (or replace) ``family`` in :data:`FAMILIES`; returns it (usable as a class decorator's body)."""
-    FAMILIES[family.name] = family
-    return family
+def register_family(family: EncoderFamily, *, replace: bool = False) -> EncoderFamily:
+    """Add ``family`` to :data:`FAMILIES` (the :class:`~wsi_convnext._registry.Registry` rule); returns it."""
+    return FAMILIES.register(family.name, family, replace=replace)
 
 
 def family_for(model: str) -> EncoderFamily:
@@ -237,6 +241,21 @@ def family_for(model: str) -> EncoderFamily:
             return family
     hints = "; ".join(f.model_hint for f in FAMILIES.values()) or "no encoder family is registered"
     raise EncoderError(f"unknown model {model!r} (no encoder family builds it): {hints}")
+
+
+def _candidate_families(model: str) -> list[EncoderFamily]:
+    """The registered families that may build ``model``, told by name without importing torch."""
+    arch = model.partition(".")[0]
+    return [f for f in FAMILIES.values() if not f.model_prefixes or arch.startswith(f.model_prefixes)]
+
+
+def _check_model(model: Any) -> str | None:
+    """``param()`` check: a model name some registered family may build."""
+    if not isinstance(model, str) or not model:
+        return f"must be a model name such as {DEFAULT_MODEL!r}"
+    if _candidate_families(model):
+        return None
+    return "must be a model of a registered encoder family (" + "; ".join(f.model_hint for f in FAMILIES.values()) + ")"
 
 
 def _family_of_module(model: nn.Module) -> EncoderFamily:
@@ -320,13 +339,20 @@ class EncoderConfig:
         timm_kwargs: Extra ``timm.create_model`` keyword arguments as sorted ``(name, value)`` pairs.
     """
 
-    model: str = DEFAULT_MODEL
-    stem: str | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    stem_init: str | None = None
-    resize: str | None = None
+    model: str = param(DEFAULT_MODEL, check=_check_model, doc="encoder model name (timm), e.g. convnext_tiny")
+    stem: str | None = param(None, doc="encoder stem (default: the weights' stem, else the family's)")
+    weights: str | None = param(None, doc="weights file or finetune output folder")
+    pretrained: bool = param(False, doc="timm pretrained weights (Hugging Face cache)")
+    stem_init: str | None = param(None, check=one_of(STEM_INITS), doc="checkpoint (convert the stem) or random")
+    resize: str | None = param(None, check=one_of(lambda: RESIZE_POLICIES), doc="tile resize policy before the encoder")
     timm_kwargs: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        check_params(self)
+        families = _candidate_families(self.model)
+        if self.stem is not None and not any(self.stem in f.stems for f in families):
+            names = ", ".join(repr(n) for f in families for n in f.stems)
+            raise ParameterError("stem", f"must be one of {names} (the stems of {self.model!r})", self.stem)
 
     def build(self) -> Encoder:
         """Build the :class:`Encoder` this configuration describes."""
@@ -469,7 +495,7 @@ class Encoder:
         import torch
 
         if device is not None:
-            dev = device if isinstance(device, torch.device) else resolve_device(device)
+            dev = resolve_device(device)
             self.model.to(dev)
         if channels_last is not None:
             self.channels_last = bool(channels_last)

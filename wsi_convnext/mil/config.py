@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
+from ..encoders.device import check_device
 from ..params import at_least, check_params, half_open, non_negative, param, positive
 
 __all__ = ["ProgressFn", "TrainConfig"]
@@ -72,7 +73,7 @@ class TrainConfig:
     max_instances: int | None = param(None, check=at_least(1), doc="tiles sampled per bag and step (None: all)")
     bags_per_step: int = param(1, check=at_least(1), doc="bags accumulated per optimiser step")
     num_threads: int | None = param(None, check=at_least(1), doc="torch CPU threads while training")
-    device: str = param("cpu", doc="torch device for training")
+    device: str = param("cpu", check=check_device, doc="torch device for training")
 
     @classmethod
     def create(cls, base: TrainConfig | None = None, **kwargs: Any) -> TrainConfig:

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .._registry import Registry
 from ..errors import ConfigError, InputNotFoundError, SlideOpenError, SlideReadError
 from .mpp import APERIO_APPMAG, aperio_value, float_or_none, metadata_mpp
 from .tiff import TiffTags
@@ -336,21 +337,23 @@ class BaseSlideReader(ABC):
 
 # --------------------------------------------------------------------------- registry
 # Filled by the backend modules (openslide, then tiffslide) when the package is imported.
-_BACKENDS: dict[str, Callable[[Path], BaseSlideReader]] = {}
+_BACKENDS: Registry[Callable[[Path], BaseSlideReader]] = Registry("slide backend")
 _AUTO_ORDER: list[str] = []
 
 
-def register_backend(name: str, cls: Callable[[Path], BaseSlideReader], *, auto: bool = True) -> None:
-    """Register a slide backend under ``name`` (replacing one of the same name).
+def register_backend(name: str, cls: Callable[[Path], BaseSlideReader], *, auto: bool = True,
+                     replace: bool = False) -> None:  # fmt: skip
+    """Register a slide backend under ``name`` (the rule of :class:`~wsi_convnext._registry.Registry`).
 
     Args:
         name: Backend name used by ``open_slide(path, backend=name)``.
         cls: Callable (normally a :class:`BaseSlideReader` subclass) that opens a path or raises.
         auto: Also try it, after the already registered ones, when ``backend="auto"``.
+        replace: Replace another backend of that name.
     """
-    if not name or name == "auto":
+    if name == "auto":
         raise ConfigError(f"invalid slide backend name {name!r}")
-    _BACKENDS[name] = cls
+    _BACKENDS.register(name, cls, replace=replace)
     if auto and name not in _AUTO_ORDER:
         _AUTO_ORDER.append(name)
     if not auto and name in _AUTO_ORDER:
@@ -359,7 +362,7 @@ def register_backend(name: str, cls: Callable[[Path], BaseSlideReader], *, auto:
 
 def available_backends() -> tuple[str, ...]:
     """Names of the registered backends, in ``"auto"`` order first."""
-    return tuple(_AUTO_ORDER) + tuple(n for n in _BACKENDS if n not in _AUTO_ORDER)
+    return tuple(_AUTO_ORDER) + tuple(n for n in _BACKENDS.names() if n not in _AUTO_ORDER)
 
 
 def backend_reference(name: str) -> str:
@@ -371,10 +374,7 @@ def backend_reference(name: str) -> str:
     Raises:
         ConfigError: Unknown backend name.
     """
-    try:
-        obj = _BACKENDS[name]
-    except KeyError:
-        raise ConfigError(f"unknown slide backend {name!r}; choose one of: {', '.join(available_backends())}") from None
+    obj = _BACKENDS.lookup(name)
     return f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
 
 
