@@ -24,7 +24,7 @@ import pytest
 
 from cohort_faults import faulty_stages, install_on_workers
 from wsi_convnext.cohort import (
-    NOOP_STAGES,
+    noop_stages,
     CohortProgress,
     local_cluster_kwargs,
     run_cohort,
@@ -347,7 +347,7 @@ def test_sharded_run_writes_its_own_manifest(tmp_path: Path, client: Any) -> Non
     seen: set[str] = set()
     for k in range(3):
         cfg = load_config(None, {"slides": "/nowhere", "out": str(tmp_path), "shard": f"{k}/3", "report": False})
-        summary = run_cohort(cfg, client=client, stages=NOOP_STAGES, slides=slides)
+        summary = run_cohort(cfg, client=client, stages=noop_stages(), slides=slides)
         rows = read_manifest(tmp_path / f"manifest-shard-{k}-of-3.csv")
         ids = {r.slide_id for r in rows}
         assert summary.total == len(ids) and summary.done == len(ids)
@@ -357,7 +357,7 @@ def test_sharded_run_writes_its_own_manifest(tmp_path: Path, client: Any) -> Non
     assert not (tmp_path / "manifest.csv").exists()
     # A shard that draws no slide still leaves the manifest it names (header only).
     cfg = load_config(None, {"slides": "/nowhere", "out": str(tmp_path / "empty"), "shard": "0/3", "report": False})
-    summary = run_cohort(cfg, client=client, stages=NOOP_STAGES, slides=[])
+    summary = run_cohort(cfg, client=client, stages=noop_stages(), slides=[])
     assert summary.total == 0 and summary.manifest.is_file() and read_manifest(summary.manifest) == []
     from wsi_convnext.outputs.report import write_report
 

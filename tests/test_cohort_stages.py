@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from wsi_convnext.cohort import (
-    NOOP_STAGES,
+    noop_stages,
     CohortProgress,
     StageSpec,
     get_stage,
@@ -191,7 +191,7 @@ def test_failed_cohort_stage_fails_the_run(tmp_path: Path, client: Any, census_r
 
     summary = run_cohort(
         _cfg(tmp_path), client=client, slides=_slides(2, 0),
-        stages={"tile": NOOP_STAGES["tile"], "census": replace(CENSUS, fn=failing_census)},
+        stages={"tile": noop_stages()["tile"], "census": replace(CENSUS, fn=failing_census)},
     )  # fmt: skip
     assert summary.failed == 0 and not summary.ok and summary.exit_code == 1
     (row,) = summary.failures

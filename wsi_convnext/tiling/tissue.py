@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from .._registry import Registry
 from ..errors import ConfigError, MppError
 
 __all__ = [
@@ -289,26 +290,24 @@ class TissueFeatures:
 TissueMethod = Callable[[TissueFeatures, TissueParams], np.ndarray]
 """A method maps features and parameters to a boolean (H, W) candidate mask."""
 
-_METHODS: dict[str, TissueMethod] = {}
+_METHODS: Registry[TissueMethod] = Registry("tissue method")
 
 
-def register_tissue_method(name: str, fn: TissueMethod | None = None) -> Any:
-    """Register a tissue candidate method under ``name`` (usable as a decorator).
+def register_tissue_method(name: str, fn: TissueMethod | None = None, *, replace: bool = False) -> Any:
+    """Register a tissue candidate method under ``name`` (usable as a decorator; the
+    :class:`~wsi_convnext._registry.Registry` rule).
 
     The method gets :class:`TissueFeatures` and :class:`TissueParams` and returns a
     boolean candidate mask; brightness, ink removal and morphology are applied after it.
     """
 
-    def deco(f: TissueMethod) -> TissueMethod:
-        _METHODS[name] = f
-        return f
-
+    deco = _METHODS.decorator(name, replace=replace)
     return deco if fn is None else deco(fn)
 
 
 def tissue_methods() -> tuple[str, ...]:
     """Names of the registered tissue methods."""
-    return tuple(sorted(_METHODS))
+    return tuple(sorted(_METHODS.names()))
 
 
 def _otsu(values: np.ndarray, lo: float, hi: float, bins: int = 256) -> float:
@@ -688,9 +687,7 @@ def _detect(rgb: np.ndarray, mpp: float, params: TissueParams, trace: dict[str, 
         raise MppError(f"detect_tissue: mpp={mpp!r} must be the image's µm/px as a positive number") from None
     if not (math.isfinite(mpp) and mpp > 0):
         raise MppError(f"detect_tissue: mpp={mpp!r} must be the image's µm/px as a positive number")
-    method = _METHODS.get(params.method)
-    if method is None:
-        raise ConfigError(f"unknown tissue method {params.method!r}; choose one of {tissue_methods()}")
+    method = _METHODS.lookup(params.method)
     image, transparent = _as_rgb_uint8(rgb)
     h, w = image.shape[:2]
     if h == 0 or w == 0:
