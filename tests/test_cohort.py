@@ -383,8 +383,7 @@ def test_local_cluster_sizing() -> None:
 
 def test_slurm_job_script(tmp_path: Path) -> None:
     cfg = load_config(REPO / "pipelines" / "slurm-gpu.toml")
-    cfg = replace(cfg, slurm=replace(cfg.slurm, log_directory=str(tmp_path / "logs"),
-                                     job_extra_directives=["--constraint=a100"]))  # fmt: skip
+    cfg = cfg.with_section("slurm", log_directory=str(tmp_path / "logs"), job_extra_directives=["--constraint=a100"])
     kwargs = slurm_cluster_kwargs(cfg)
     assert "--gres=gpu:1" in kwargs["job_extra_directives"]
     assert kwargs["worker_extra_args"] == ["--resources", "GPU=1"]

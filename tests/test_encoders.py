@@ -473,7 +473,7 @@ def toy_family():
     assert "toy" not in FAMILIES
     family = register_family(_ToyFamily())
     yield family
-    FAMILIES.pop("toy")
+    FAMILIES.unregister("toy")
 
 
 def test_unregistered_model_names_every_family_hint() -> None:

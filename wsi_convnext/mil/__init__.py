@@ -21,7 +21,7 @@ _EXPORTS = {
     "LabelTable": "data",
     "read_labels": "data",
     "load_bags": "data",
-    "AGGREGATORS": "aggregators",
+    "AGGREGATORS": "config",
     "Aggregator": "aggregators",
     "AggregatorOutput": "aggregators",
     "register_aggregator": "aggregators",
