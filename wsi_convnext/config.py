@@ -48,6 +48,7 @@ from .coercion import assign, suggest
 from .encoders.device import DEVICE_FORMS, check_device
 from .errors import ConfigError
 from .params import ParameterError, non_negative, one_of, param, positive
+from .slide.mpp import check_slide_mpp
 
 __all__ = [
     "CLUSTER_KINDS",
@@ -189,7 +190,7 @@ class RunConfig:
     Attributes:
         slides: Folders (searched recursively), CSV manifests (``path[,slide_id][,slide_mpp]``) or slide files.
         out: Output folder: ``<slide_id>.zarr`` stores, ``qc/``, ``manifest.csv``, ``report.html``.
-        slide_mpp: Level-0 µm/px for slides whose metadata lacks it (manifest ``mpp`` wins).
+        slide_mpp: Level-0 µm/px for slides whose metadata lacks it (a manifest's ``slide_mpp`` column wins).
         cluster: ``local`` (embedded LocalCluster), ``slurm`` or ``scheduler`` (``scheduler`` address).
         scheduler: Address of an existing Dask scheduler; setting it implies ``cluster = "scheduler"``.
         shard: ``(index, count)``: process only slides whose stable hash falls in shard ``index``
@@ -203,7 +204,7 @@ class RunConfig:
 
     slides: list[Path] = param(default_factory=list, doc="folders, CSV manifests or slides")
     out: Path | None = _opt(None, "output folder")
-    slide_mpp: float | None = _opt(positive, "fallback level-0 µm/px")
+    slide_mpp: float | None = _opt(check_slide_mpp, "fallback level-0 µm/px")
     cluster: str = param("local", check=one_of(CLUSTER_KINDS.names), doc="a registered cluster kind")
     scheduler: str | None = _opt(_address, "existing scheduler address")
     shard: tuple[int, int] | None = param(None, parse=lambda v: parse_shard(v), doc="'I/N': 0-based shard I of N")

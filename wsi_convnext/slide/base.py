@@ -33,8 +33,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._registry import Registry
-from ..errors import ConfigError, InputNotFoundError, SlideOpenError, SlideReadError
-from .mpp import APERIO_APPMAG, aperio_value, float_or_none, metadata_mpp
+from ..errors import ConfigError, InputNotFoundError, MppError, SlideOpenError, SlideReadError
+from .mpp import APERIO_APPMAG, aperio_value, check_slide_mpp, float_or_none, metadata_mpp, resolve_mpp
 from .tiff import TiffTags
 
 logger = logging.getLogger(__name__)
@@ -108,9 +108,12 @@ class BaseSlideReader(ABC):
         objective_power: Scanner objective magnification (e.g. 20.0, 40.0), ``None`` if absent.
         associated_images: Names of the associated images (``"label"``, ``"macro"``, ...).
         properties: Backend properties as strings (read-only).
+        slide_mpp: Level-0 µm/px the pipeline uses (see :func:`~.mpp.resolve_mpp`).
     """
 
     backend: ClassVar[str] = ""
+    #: The level-0 µm/px given to :func:`open_slide` (``slide_mpp``, checked there), or None.
+    slide_mpp_override: float | None = None
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -142,6 +145,15 @@ class BaseSlideReader(ABC):
         if self.objective_power is None:
             self.objective_power = aperio_value(meta, APERIO_APPMAG, "aperio.AppMag")
         self.mpp_x, self.mpp_y, self.mpp_source = metadata_mpp(self.backend, meta)
+
+    @property
+    def slide_mpp(self) -> float:
+        """Level-0 µm/px: the ``slide_mpp`` this slide was opened with, else its metadata's.
+
+        Raises:
+            MppError: No ``slide_mpp`` and no usable metadata value (see :func:`~.mpp.resolve_mpp`).
+        """
+        return resolve_mpp(self)[0]
 
     # ----------------------------------------------------------------- backend hooks
     @abstractmethod
@@ -404,21 +416,27 @@ def ensure_backend(name: str, reference: str) -> None:
     register_backend(name, obj, auto=False)
 
 
-def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> BaseSlideReader:
+def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, slide_mpp: float | None = None) -> BaseSlideReader:
     """Open a whole-slide image.
 
     Args:
         path: Slide file (for DICOM: any file of the series; for MIRAX: the ``.mrxs``).
+        slide_mpp: Level-0 µm/px that overrides the metadata (``--slide-mpp``, a manifest's
+            ``slide_mpp`` column); checked here, once, and carried by the reader.
         backend: A registered backend name, or ``"auto"`` to try ``openslide`` then ``tiffslide``
             (so plain, non-pyramidal TIFFs also open).
 
     Raises:
         InputNotFoundError: ``path`` does not exist.
+        MppError: ``slide_mpp`` is not a plausible level-0 µm/px.
         ConfigError: Unknown backend name.
         SlideOpenError: No backend can open the file; the message lists each backend's reason.
             The exception's ``backend_errors`` attribute maps backend name to reason.
     """
     p = Path(path)
+    problem = None if slide_mpp is None else check_slide_mpp(slide_mpp)
+    if problem:
+        raise MppError(f"{p}: slide_mpp {problem}, got {slide_mpp!r}")
     if not p.exists():
         raise InputNotFoundError(f"{p}: slide file not found")
     if p.is_dir():
@@ -434,6 +452,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> BaseSlide
     for name in names:
         try:
             reader = _BACKENDS[name](p)
+            reader.slide_mpp_override = None if slide_mpp is None else float(slide_mpp)
         except Exception as exc:
             reasons[name] = getattr(exc, "reason", None) or short_reason(exc)
             last = exc
