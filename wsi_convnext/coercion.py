@@ -33,8 +33,8 @@ def parse_bool(value: Any) -> bool:
     Raises:
         Mismatch: Anything else.
     """
-    if isinstance(value, bool):
-        return value
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # also numpy.bool_
+        return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
         return value.strip().lower() in _TRUE
     raise Mismatch(describe(bool))
@@ -49,7 +49,7 @@ def describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"a list of {len(typing.get_args(tp))} numbers" if all(a is float for a in args) else "a list"
+        return "a pair of numbers low,high (e.g. 190,235)" if args == [float, float] else "a list"
     if origin is list:
         item = typing.get_args(tp)[0]
         plural = {str: "strings", Path: "paths", int: "integers", float: "numbers"}
