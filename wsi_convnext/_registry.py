@@ -15,6 +15,7 @@ instant; looking an entry up imports the loader, which must register every decla
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -54,6 +55,8 @@ class Registry(Mapping[str, T], Generic[T]):
         """
         if not isinstance(name, str) or not name:
             raise ConfigError(f"a {self.kind} needs a non-empty name, got {name!r}")
+        if name in self._declared:
+            self._load()  # a built-in's name: the built-in comes first
         old = self._items.get(name)
         if old is not None and old is not obj and old != obj and not replace:
             raise ConfigError(
@@ -80,7 +83,9 @@ class Registry(Mapping[str, T], Generic[T]):
     # --- lookup ----------------------------------------------------------------------------
 
     def _load(self) -> None:
-        if self._loader is not None and not all(n in self._items for n in self._declared):
+        if self._loader is None or all(n in self._items for n in self._declared):
+            return
+        if self._loader not in sys.modules:  # else imported, or being imported (registering them now)
             importlib.import_module(self._loader)
             missing = [n for n in self._declared if n not in self._items]
             if missing:  # pragma: no cover - a built-in declared but not registered
