@@ -651,7 +651,8 @@ def build_encoder(
     ``weights_sha256 == "random"``), drawn with the fixed seed :data:`RANDOM_INIT_SEED`.
 
     Raises:
-        EncoderError: Unknown model, unknown stem/stem_init/resize, bad timm kwargs, a stem
+        ParameterError: A stem, stem_init or resize that :class:`EncoderConfig` refuses.
+        EncoderError: Unknown model, bad timm kwargs, a stem
             that disagrees with the weights' metadata, or a stem conversion that is impossible.
         ConfigError: Both ``weights`` and ``pretrained``.
         InputNotFoundError, WeightsError: See :func:`~.weights.load_weights`; weights made for
@@ -660,10 +661,10 @@ def build_encoder(
     from .weights import find_pretrained_file, load_weights, read_weights_metadata, resolve_weights_path
 
     family = family_for(model)
-    stem_init_name = _stem_init_name(stem_init)
+    # The values are checked once, here where they enter, by EncoderConfig's param() checks.
+    EncoderConfig(model, stem=stem if isinstance(stem, str) else None, stem_init=stem_init, resize=resize)
+    stem_init_name = DEFAULT_STEM_INIT if stem_init is None else stem_init
     resize_name = DEFAULT_RESIZE if resize is None else resize
-    if resize_name not in RESIZE_POLICIES:
-        raise EncoderError(f"unknown resize policy {resize_name!r}: choose one of {', '.join(RESIZE_POLICIES)}")
     if weights is not None and pretrained:
         raise ConfigError("pass either weights (--weights PATH) or pretrained (--pretrained), not both")
     reserved = sorted((_RESERVED_TIMM_KWARGS | family.reserved_timm_kwargs) & timm_kwargs.keys())
