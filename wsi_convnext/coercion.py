@@ -108,25 +108,14 @@ def coerce(tp: Any, value: Any) -> Any:
         return tuple(coerce(k, v.strip() if isinstance(v, str) else v) for k, v in zip(kinds, items))
     if tp is bool:
         return parse_bool(value)
-    if tp is int:
+    if tp in (int, float):
         if isinstance(value, bool):
             raise Mismatch(describe(tp))
-        if isinstance(value, int):
-            return value
+        if isinstance(value, int) or (tp is float and isinstance(value, float)):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise Mismatch(describe(tp))
-    if tp is float:
-        if isinstance(value, bool):
-            raise Mismatch(describe(tp))
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
+                return tp(value.strip())
             except ValueError:
                 pass
         raise Mismatch(describe(tp))
