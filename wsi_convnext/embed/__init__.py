@@ -667,8 +667,6 @@ def embed_store(
         EncoderError: Non-finite embeddings, or ``torch.compile`` failed.
         Exception: Whatever ``progress`` raises. Nothing is written to the store in any error case.
     """
-    import torch
-
     from ..encoders import resolve_device
 
     options = EmbedOptions(batch_size=batch_size, dtype=dtype, num_workers=num_workers, amp=amp,
@@ -750,8 +748,6 @@ def embed_stores(
         return _embed_on_devices(paths, list(devices), kwargs, progress=progress, on_result=on_result)
     if devices:
         device = devices[0]
-    import torch
-
     dev = resolve_device(device)
     if encoder is None:
         encoder = build_encoder(model, stem=stem, weights=weights, pretrained=pretrained)
