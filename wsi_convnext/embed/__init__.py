@@ -640,7 +640,7 @@ def embed_store(
         store_path: The store folder (or an open :class:`~wsi_convnext.store.TileStore`).
         encoder: From :func:`~wsi_convnext.encoders.build_encoder`.
         batch_size: Tiles per forward pass.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a ``torch.device``.
+        device: A device string (``wsi_convnext.encoders.device.DEVICE_FORMS``) or a ``torch.device``.
         dtype: Stored dtype, a key of :data:`OUTPUT_DTYPES`.
         overwrite: Recompute when ``features/<key>`` exists (else the slide is skipped).
         num_workers: Tile-decoding threads; 0 decodes inline. Default: on a CPU, measured

@@ -95,7 +95,7 @@ class FinetuneConfig:
         patience: Stop after this many epochs without a better validation score (None: never).
         drop_path: Stochastic depth rate.
         seed: Seed of the initialisation (scratch), data order, augmentation and split.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        device: A device string (``wsi_convnext.encoders.device.DEVICE_FORMS``).
         compile: ``torch.compile`` the model (CUDA only; ignored elsewhere).
         num_workers: DataLoader worker processes (default: up to 4, leaving one core).
         threads: torch CPU threads of the training process (default: torch's own choice). On a
