@@ -331,7 +331,7 @@ class EncoderConfig:
     Attributes:
         model: Model name, optionally with a pretrained tag (``convnext_tiny.fb_in1k``).
         stem: Name of one of the family's stems; ``None``: the weights' metadata stem, else the
-            family default (``"patch"`` for ConvNeXt).
+            family's ``default_stem``.
         weights: Path of a safetensors file or torch state dict.
         pretrained: Load timm's pretrained weights (Hugging Face cache, downloaded when online).
         stem_init: Name in :data:`STEM_INITS` (default ``"checkpoint"``).
@@ -636,7 +636,7 @@ def build_encoder(
         model: Model name, optionally with a pretrained tag (``convnext_tiny.fb_in1k``).
         stem: One of the family's stems (name or object). ``None``: the stem recorded in the
             weights' metadata (``wsi_convnext.stem``, see :func:`~.weights.read_weights_metadata`),
-            else the family default (``"patch"`` for ConvNeXt). A stem that differs from the
+            else the family's ``default_stem``. A stem that differs from the
             recorded one is an error unless ``stem_init`` is given explicitly (then the recorded
             stem is converted, e.g. ``patch`` → ``overlap`` exactly, or initialised fresh).
         weights: Weights file, or a ``finetune`` output folder holding ``encoder.safetensors``
