@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -32,18 +32,6 @@ _state = {"debug": False, "verbose": False}
 # so the names below are the registries' at that moment: a registered addition appears in
 # --help, and the library (which checks each value once, where it enters) accepts it. The
 # registries these read import no torch, so --help stays instant.
-
-
-def _names(kind: str, names: Callable[[], Iterable[str]]) -> Callable[[str], str]:
-    """A ``parser=`` accepting one of ``names()`` (asked at parse time)."""
-
-    def parse(value: str) -> str:
-        known = list(names())
-        if value not in known:
-            raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(known)}")
-        return value
-
-    return parse
 
 
 def _stem_names() -> tuple[str, ...]:
@@ -76,8 +64,12 @@ def _device_help() -> str:
     return f"Compute device: {DEVICE_FORMS}."
 
 
-#: ``--stain`` is checked here, once: the library's transform registry also holds augmentations.
-STAIN = _names("stain normalisation", _stain_names)
+def _stain(value: str) -> str:
+    """``--stain``, checked here once: the library's transform registry also holds augmentations."""
+    if value not in _stain_names():
+        raise ValueError(f"unknown stain normalisation {value!r}; choose one of {', '.join(_stain_names())}")
+    return value
+
 
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
@@ -259,7 +251,7 @@ def embed(
         Optional[int], typer.Option(help="JPEG decoding threads (default: measured on CPU, cores - 1 on GPU).")
     ] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA).")] = False,
-    stain: Annotated[str, typer.Option(parser=STAIN, help=f"Stain normalisation: {', '.join(_stain_names())} (features/<key>-<stain key>).")] = "none",
+    stain: Annotated[str, typer.Option(parser=_stain, help=f"Stain normalisation: {', '.join(_stain_names())} (features/<key>-<stain key>).")] = "none",
     stain_reference: Annotated[Optional[Path], typer.Option(help="Reference H&E tile/image for --stain (default: built-in).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute embeddings that already exist.")] = False,
 ) -> None:
