@@ -82,12 +82,14 @@ def _opt(check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any
 
 
 def _section(name: str, doc: str, sources: Sequence[type], *, exclude: Sequence[str] = (),
-             extra: Sequence[tuple[str, Any, Any]] = ()) -> type:  # fmt: skip
+             extra: Sequence[tuple[str, Any, Any]] = (), built_on_load: bool = False) -> type:  # fmt: skip
     """A config section whose keys are the fields of library parameter objects, all optional.
 
     Each key keeps its source field's type, check and help text (``None``: the library
     default); a field that is itself a parameter object (``TileParams.tissue``) becomes a
     sub-table of its keyword arguments. So the sections cannot drift from the library.
+    With ``built_on_load`` the parameter objects are built by :func:`load_config` in any case,
+    so their own checks run there, once, and the keys carry no copy of them.
     """
     fields: list[tuple[str, Any, Any]] = []
     for cls in sources:
@@ -100,7 +102,8 @@ def _section(name: str, doc: str, sources: Sequence[type], *, exclude: Sequence[
                 meta = {"doc": f.metadata.get("doc", ""), "params": tp}
                 fields.append((f.name, dict[str, Any], field(default_factory=dict, metadata=meta)))
             else:
-                fields.append((f.name, tp | None, field(default=None, metadata=dict(f.metadata))))
+                meta = {k: v for k, v in f.metadata.items() if not (built_on_load and k == "check")}
+                fields.append((f.name, tp | None, field(default=None, metadata=meta)))
     return dataclasses.make_dataclass(name, [*fields, *extra], namespace={"__doc__": doc, "__module__": __name__})
 
 
@@ -117,6 +120,7 @@ def _library_sections() -> tuple[type, type, type, type]:
         :class:`wsi_convnext.tiling.tissue.TissueParams`). ``None`` (absent) keeps the library default;
         ``workers`` defaults to 1 inside a cohort run, where slides are the unit of parallelism.""",
         [TileParams],
+        built_on_load=True,
     )
     embed = _section(
         "EmbedConfig",
@@ -125,6 +129,7 @@ def _library_sections() -> tuple[type, type, type, type]:
         [EncoderConfig, EmbedOptions],
         exclude=("timm_kwargs",),
         extra=[("device", str | None, _opt(check_device, DEVICE_FORMS))],
+        built_on_load=True,
     )
     finetune = _section(
         "FinetuneStageConfig",
