@@ -173,7 +173,7 @@ def bench_scaleout(work: Path, n_slides: int, size: tuple[int, int]) -> dict[str
 
 
 def bench_overhead(work: Path, n: int, window: int | None) -> dict[str, float]:
-    from wsi_convnext.cohort import NOOP_STAGES, open_client, run_cohort
+    from wsi_convnext.cohort import noop_stages, open_client, run_cohort
     from wsi_convnext.config import load_config
     from wsi_convnext.inputs import SlideSpec
 
@@ -193,7 +193,7 @@ def bench_overhead(work: Path, n: int, window: int | None) -> dict[str, float]:
     rss0 = _peak_rss_mb()
     with open_client(cfg) as info:
         t = time.perf_counter()
-        summary = run_cohort(cfg, client=info.client, stages=NOOP_STAGES, slides=slides)
+        summary = run_cohort(cfg, client=info.client, stages=noop_stages(), slides=slides)
         dt = time.perf_counter() - t
     assert summary.done == n, (summary.done, summary.failed)
     ms = dt / n * 1e3

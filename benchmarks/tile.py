@@ -87,8 +87,8 @@ def profile(slide: Path, store, max_tiles: int = 300) -> dict:
     times = {"decode (DCT-scaled)": 0.0, "resample": 0.0, "encode (JPEG q90)": 0.0, "decode (full resolution)": 0.0}
     n = 0
     with open_slide(slide, backend="tiffslide") as reader:
-        mpp, _ = resolve_mpp(reader, None)
-        grid = plan_grid(reader.dimensions, reader.level_downsamples, mpp, store.mpp, store.tile_size)
+        mpp, _ = resolve_mpp(reader)
+        grid = plan_grid(reader.dimensions, reader.level_downsamples, slide_mpp=mpp, target_mpp=store.mpp, tile_size=store.tile_size)
         kept = {tuple(c) for c in store.coords.tolist()}
         grid = grid.select(np.array([tuple(c) in kept for c in grid.coords.tolist()]))
         regions = group_regions(grid, reader.level_dimensions[grid.read_level],

@@ -223,7 +223,7 @@ def test_user_backend_is_used_in_tiling_worker_processes(tmp_path: Path, monkeyp
     from wsi_convnext.store import open_store
     from wsi_convnext.synthetic import SyntheticSlideSpec, write_synthetic_slide
 
-    monkeypatch.setattr(slide_base, "_BACKENDS", dict(slide_base._BACKENDS))
+    monkeypatch.setattr(slide_base._BACKENDS, "_items", slide_base._BACKENDS.snapshot())
     monkeypatch.setattr(slide_base, "_AUTO_ORDER", list(slide_base._AUTO_ORDER))
     (tmp_path / "user_backend_mod.py").write_text(USER_BACKEND)
     monkeypatch.syspath_prepend(str(tmp_path))

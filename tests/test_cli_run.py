@@ -44,3 +44,18 @@ def test_run_config_error_is_one_line(tmp_path):
     res = _run(["run", str(bad)])
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "msp" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--stem", "bogus"], "'embed.stem' must be one of 'patch',"),
+        (["--slide-mpp", "0"], "'slide_mpp' must be the level-0 µm/px"),
+        (["--model", "convnext_atto", "--mpp", "-1"], "'tile.mpp' must be positive and finite, got -1"),
+    ],
+)
+def test_run_refuses_bad_values_before_any_slide_is_read(tmp_path, slides_dir, flags, message):
+    out = tmp_path / "out"
+    res = _run(["run", "--slides", str(slides_dir), "--out", str(out), *flags])
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and message in res.stderr
+    assert not out.exists()  # refused before the run started

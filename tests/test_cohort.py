@@ -24,7 +24,7 @@ import pytest
 
 from cohort_faults import faulty_stages, install_on_workers
 from wsi_convnext.cohort import (
-    NOOP_STAGES,
+    noop_stages,
     CohortProgress,
     local_cluster_kwargs,
     run_cohort,
@@ -347,7 +347,7 @@ def test_sharded_run_writes_its_own_manifest(tmp_path: Path, client: Any) -> Non
     seen: set[str] = set()
     for k in range(3):
         cfg = load_config(None, {"slides": "/nowhere", "out": str(tmp_path), "shard": f"{k}/3", "report": False})
-        summary = run_cohort(cfg, client=client, stages=NOOP_STAGES, slides=slides)
+        summary = run_cohort(cfg, client=client, stages=noop_stages(), slides=slides)
         rows = read_manifest(tmp_path / f"manifest-shard-{k}-of-3.csv")
         ids = {r.slide_id for r in rows}
         assert summary.total == len(ids) and summary.done == len(ids)
@@ -357,7 +357,7 @@ def test_sharded_run_writes_its_own_manifest(tmp_path: Path, client: Any) -> Non
     assert not (tmp_path / "manifest.csv").exists()
     # A shard that draws no slide still leaves the manifest it names (header only).
     cfg = load_config(None, {"slides": "/nowhere", "out": str(tmp_path / "empty"), "shard": "0/3", "report": False})
-    summary = run_cohort(cfg, client=client, stages=NOOP_STAGES, slides=[])
+    summary = run_cohort(cfg, client=client, stages=noop_stages(), slides=[])
     assert summary.total == 0 and summary.manifest.is_file() and read_manifest(summary.manifest) == []
     from wsi_convnext.outputs.report import write_report
 
@@ -383,8 +383,7 @@ def test_local_cluster_sizing() -> None:
 
 def test_slurm_job_script(tmp_path: Path) -> None:
     cfg = load_config(REPO / "pipelines" / "slurm-gpu.toml")
-    cfg = replace(cfg, slurm=replace(cfg.slurm, log_directory=str(tmp_path / "logs"),
-                                     job_extra_directives=["--constraint=a100"]))  # fmt: skip
+    cfg = cfg.with_section("slurm", log_directory=str(tmp_path / "logs"), job_extra_directives=["--constraint=a100"])
     kwargs = slurm_cluster_kwargs(cfg)
     assert "--gres=gpu:1" in kwargs["job_extra_directives"]
     assert kwargs["worker_extra_args"] == ["--resources", "GPU=1"]

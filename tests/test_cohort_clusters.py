@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -94,9 +93,9 @@ with open_client(cfg) as info:
 def test_slurm_scheduler_dashboard_is_local_unless_configured() -> None:
     cfg = load_config(REPO / "pipelines" / "slurm-gpu.toml")
     assert slurm_cluster_kwargs(cfg)["scheduler_options"] == {"dashboard_address": "127.0.0.1:8787"}
-    cfg = replace(cfg, slurm=replace(cfg.slurm, dashboard_address=":8787"))
+    cfg = cfg.with_section("slurm", dashboard_address=":8787")
     assert slurm_cluster_kwargs(cfg)["scheduler_options"] == {"dashboard_address": ":8787"}
-    cfg = replace(cfg, slurm=replace(cfg.slurm, dashboard_address=""))
+    cfg = cfg.with_section("slurm", dashboard_address="")
     assert slurm_cluster_kwargs(cfg)["scheduler_options"] == {"dashboard_address": "127.0.0.1:0", "dashboard": False}
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from wsi_convnext.cohort import run_cohort, training_dir
+from wsi_convnext.cohort import run_cohort, stage_plan, training_dir
 from wsi_convnext.config import load_config
 from wsi_convnext.errors import ConfigError
 
@@ -51,7 +51,7 @@ def test_finetune_embed_mil_from_one_config(cohort: Path, tmp_path: Path, client
     from wsi_convnext.store import open_store
 
     cfg = _config(cohort, tmp_path / "out")
-    assert cfg.stages == ("tile", "finetune", "embed", "mil")
+    assert tuple(s.name for s in stage_plan(cfg)) == ("tile", "finetune", "embed", "mil")
     summary = run_cohort(cfg, client=client)
     assert summary.ok, summary.failures
     assert summary.done == 12

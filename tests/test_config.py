@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from wsi_convnext.cohort import stage_plan
 from wsi_convnext.config import EmbedConfig, RunConfig, TileConfig, config_keys, load_config, parse_shard
 from wsi_convnext.errors import ConfigError, InputNotFoundError
+
+
+def _stages(cfg: RunConfig) -> tuple[str, ...]:
+    return tuple(s.name for s in stage_plan(cfg))
 
 REPO = Path(__file__).resolve().parent.parent
 PIPELINES = sorted((REPO / "pipelines").glob("*.toml"))
@@ -74,7 +80,7 @@ n_workers = 3
     assert cfg.tile.mpp == 1.0 and isinstance(cfg.tile.mpp, float)
     assert cfg.tile.tile_size == 256 and cfg.tile.overlap is None  # absent keeps the library default
     assert cfg.tile.tissue == {"min_saturation": 0.1}
-    assert cfg.stages == ("tile", "embed")
+    assert _stages(cfg) == ("tile", "embed")
     assert cfg.local.n_workers == 3 and cfg.cluster == "local"
     params = cfg.tile_params()
     assert params.mpp == 1.0 and params.tile_size == 256 and params.workers == 1
@@ -90,7 +96,7 @@ def test_overrides_win_and_none_keeps_file_value(tmp_path: Path) -> None:
     assert cfg.tile.mpp == 0.25
     assert cfg.embed.model == "convnext_atto"
     assert cfg.out == Path("o2")
-    assert cfg.stages == ("tile", "embed", "predict")
+    assert _stages(cfg) == ("tile", "embed", "predict")
 
 
 def test_flags_only_and_scheduler_implies_cluster() -> None:
@@ -123,6 +129,16 @@ def test_flags_only_and_scheduler_implies_cluster() -> None:
         ("[slurm]\nwalltime = 'two hours'", "'slurm.walltime' must be a SLURM time"),
         ("[slurm]\nminimum_jobs = 5\nmaximum_jobs = 2", "'slurm.minimum_jobs' (5) exceeds 'slurm.maximum_jobs' (2)"),
         ("[predict]\nmodel_dir = 'm'", "'predict.model_dir' needs 'embed.model'"),
+        ("[embed]\nstem = 'bogus'", "'embed.stem' must be one of 'patch', 'overlap', 'overlap_tiered', 'overlap_act' (the stems of 'convnext_tiny'), got 'bogus'"),
+        ("[embed]\nmodel = 'convnext_atto'\nstem = 'bogus'", "(the stems of 'convnext_atto'), got 'bogus'"),
+        ("[embed]\nmodel = 'resnet50'", "'embed.model' must be a model of a registered encoder family"),
+        ("[embed]\ndevice = 'quantum'", "'embed.device' must be auto, cpu, cuda, cuda:N or mps, got 'quantum'"),
+        ("[embed]\nstem_init = 'warm'", "'embed.stem_init' must be one of 'checkpoint', 'random', got 'warm'"),
+        ("[finetune]\ndevice = 'gpu'", "'finetune.device' must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        ("[mil]\ndevice = 'gpu'", "'mil.device' must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        ("slide_mpp = 0", "'slide_mpp' must be the level-0 µm/px, between 0.05 and 100"),
+        ("slide_mpp = -0.5", "'slide_mpp' must be the level-0 µm/px, between 0.05 and 100"),
+        ("[slurm]\nprocesses = 16", "'slurm.processes' (16) exceeds 'slurm.cores' (8)"),
         ("slides = [", "invalid TOML"),
     ],
 )
@@ -202,10 +218,23 @@ def test_a_registered_cluster_kind_is_a_valid_cluster(tmp_path: Path) -> None:
 
     from wsi_convnext.cohort import clusters
 
+    from wsi_convnext.config import CLUSTER_KINDS
+    from wsi_convnext.params import param, positive
+
+    @dataclass
+    class KubeConfig:
+        pods: int = param(2, check=positive, doc="worker pods")
+
     with pytest.raises(ConfigError, match="'cluster' must be one of"):
         load_config(None, {"slides": "a", "out": "o", "cluster": "kube"})
-    clusters.register_cluster("kube")(contextlib.nullcontext)
+    with pytest.raises(ConfigError, match="unknown key 'kube.pods'"):
+        load_config(None, {"slides": "a", "out": "o", "kube.pods": 3})
+    clusters.register_cluster("kube", section=KubeConfig)(contextlib.nullcontext)
     try:
-        assert load_config(None, {"slides": "a", "out": "o", "cluster": "kube"}).cluster == "kube"
+        cfg = load_config(None, {"slides": "a", "out": "o", "cluster": "kube", "kube.pods": 3})
+        assert cfg.cluster == "kube" and cfg.kube.pods == 3 and "kube.pods" in config_keys()
+        assert cfg.to_dict()["kube"] == {"pods": 3}
+        with pytest.raises(ConfigError, match="'kube.pods' must be positive, got 0"):
+            load_config(None, {"slides": "a", "out": "o", "cluster": "kube", "kube.pods": 0})
     finally:
-        clusters._KINDS.pop("kube")
+        CLUSTER_KINDS.unregister("kube")

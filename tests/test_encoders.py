@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from wsi_convnext.params import ParameterError
 from wsi_convnext.encoders import (
     FAMILIES,
     STEMS,
@@ -115,8 +116,8 @@ def test_stem_registry_matches_timm() -> None:
         convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
         assert [(c.kernel_size, c.stride) for c in convs] == [((3, 3), (2, 2))] * 2
         assert convs[0].out_channels == (24 if name == "overlap_tiered" else 40)
-    with pytest.raises(EncoderError, match="unknown stem 'wide'"):
-        build_encoder(MODEL, stem="wide")
+    with pytest.raises(ParameterError, match=r"stem must be one of 'patch', .* \(the stems of 'convnext_atto'\), got 'wide'"):
+        build_encoder(MODEL, stem="wide")  # checked where it enters, before any model is built
 
 
 # --------------------------------------------------------------------------- stem conversion
@@ -361,7 +362,7 @@ def test_reserved_timm_kwargs_refused() -> None:
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
-    with pytest.raises(DeviceError, match="unknown device 'gpu0'"):
+    with pytest.raises(DeviceError, match=r"device must be auto, cpu, cuda, cuda:N or mps, got 'gpu0'"):
         resolve_device("gpu0")
     if torch.cuda.is_available():
         with pytest.raises(DeviceError, match="cuda:99"):
@@ -473,7 +474,7 @@ def toy_family():
     assert "toy" not in FAMILIES
     family = register_family(_ToyFamily())
     yield family
-    FAMILIES.pop("toy")
+    FAMILIES.unregister("toy")
 
 
 def test_unregistered_model_names_every_family_hint() -> None:
@@ -493,7 +494,7 @@ def test_registered_toy_family_is_built_saved_and_reloaded(toy_family, tmp_path:
     assert enc(tiles).shape == (3, 16)
     assert list(enc.parameter_groups()) == ["stem", "stages.0", "stages.1", "head"]
     assert [n for n, _ in enc.named_parameter_groups()["head"]] == ["norm.weight", "norm.bias"]
-    with pytest.raises(EncoderError, match="unknown stem 'patch': choose one of narrow, wide"):
+    with pytest.raises(ParameterError, match=r"stem must be one of 'narrow', 'wide' \(the stems of 'toy_cnn'\), got 'patch'"):
         build_encoder("toy_cnn", stem="patch")
     # Generic weights I/O: a saved toy encoder reloads with its stem picked up from the metadata.
     wide = build_encoder("toy_cnn", stem="wide")

@@ -28,8 +28,8 @@ def _compare(path: Path, target_mpp: float, backend: str = "tiffslide", max_regi
     psnrs: list[float] = []
     scales: list[int] = []
     with open_slide(path, backend=backend) as reader:
-        mpp, _ = resolve_mpp(reader, None)
-        grid = plan_grid(reader.dimensions, reader.level_downsamples, mpp, target_mpp, 224)
+        mpp, _ = resolve_mpp(reader)
+        grid = plan_grid(reader.dimensions, reader.level_downsamples, slide_mpp=mpp, target_mpp=target_mpp, tile_size=224)
         regions = group_regions(grid, reader.level_dimensions[grid.read_level],
                                 source_tile=reader.level_tile_sizes[grid.read_level])  # fmt: skip
         params = TileParams(mpp=target_mpp)
@@ -54,7 +54,7 @@ def _compare(path: Path, target_mpp: float, backend: str = "tiffslide", max_regi
 def test_real_slide_whole_factors_match_the_exact_area_average(cmu_slide, factor, scale):
     # CMU-1 (real H&E, Aperio RGB-JPEG tiles) at exactly 2×, 4×, 8× its 0.499 µm/px.
     with open_slide(cmu_slide, backend="tiffslide") as r:
-        slide_mpp = resolve_mpp(r, None)[0]
+        slide_mpp = resolve_mpp(r)[0]
     psnrs, scales = _compare(cmu_slide, factor * slide_mpp)
     assert set(scales) == {scale}, "the fast path must serve every region"
     assert psnrs and min(psnrs) >= 40.0, f"min PSNR {min(psnrs):.1f} dB over {len(psnrs)} tissue tiles"

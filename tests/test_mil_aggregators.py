@@ -70,7 +70,7 @@ def test_register_new_aggregator_is_one_decorated_class() -> None:
         with pytest.raises(ConfigError, match="already registered"):
             register_aggregator("test_first_tile")(type("Other", (Aggregator,), {}))
     finally:
-        AGGREGATORS.pop("test_first_tile", None)
+        AGGREGATORS.unregister("test_first_tile")
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])

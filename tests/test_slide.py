@@ -214,9 +214,11 @@ def test_boxes_tiff_absurd_mpp(slides_dir: Path, backend: str) -> None:
         absurd = r"352\.7\d* µm/px \(from tiff.XResolution\(cm\)\) is implausible.*--slide-mpp"
         with pytest.raises(MppError, match=absurd):
             resolve_mpp(s)
-        assert resolve_mpp(s, 0.5) == (0.5, "override")
-        with pytest.raises(MppError, match="outside the plausible range"):
-            resolve_mpp(s, 352.78)
+    with open_slide(slides_dir / "openslide-boxes.tiff", backend, slide_mpp=0.5) as s:
+        assert resolve_mpp(s) == (0.5, "override") and s.slide_mpp == 0.5
+    with pytest.raises(MppError, match=r"openslide-boxes.tiff: slide_mpp must be the level-0 µm/px, between 0.05 and 100"):
+        open_slide(slides_dir / "openslide-boxes.tiff", backend, slide_mpp=352.78)
+    with open_slide(slides_dir / "openslide-boxes.tiff", backend) as s:
         # level 2 has downsample 4.016 (odd sizes): only a looser tolerance accepts it for 4
         assert s.get_best_level_for_downsample(4.0) == 1
         assert s.get_best_level_for_downsample(4.0, tolerance=0.01) == 2
@@ -364,12 +366,13 @@ def test_no_mpp(tmp_path: Path, backend: str) -> None:
     path = write_pyramid_tiff(tmp_path / "nompp.tiff", levels, mpp=None)
     with open_slide(path, backend) as s:
         assert s.mpp_x is None and s.mpp_y is None and s.mpp_source is None
-        with pytest.raises(MppError, match=r"nompp.tiff: no microns-per-pixel.*--slide-mpp X.*`mpp` column"):
+        with pytest.raises(MppError, match=r"nompp.tiff: no microns-per-pixel.*--slide-mpp X.*`slide_mpp` column"):
             resolve_mpp(s)
-        assert resolve_mpp(s, 0.25) == (0.25, "override")
-        for bad in (0.0, 0.01, 1000.0, math.nan):
-            with pytest.raises(MppError, match="override"):
-                resolve_mpp(s, bad)
+    with open_slide(path, backend, slide_mpp=0.25) as s:
+        assert resolve_mpp(s) == (0.25, "override")
+    for bad in (0.0, -1.0, 0.01, 1000.0, math.nan, math.inf):
+        with pytest.raises(MppError, match=r"nompp.tiff: slide_mpp must be the level-0 µm/px"):
+            open_slide(path, backend, slide_mpp=bad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -380,7 +383,8 @@ def test_anisotropic_mpp(tmp_path: Path, backend: str) -> None:
         assert (s.mpp_x, s.mpp_y) == (pytest.approx(0.5), pytest.approx(0.6))
         with pytest.raises(MppError, match="non-square pixels.*--slide-mpp"):
             resolve_mpp(s)
-        assert resolve_mpp(s, 0.55) == (0.55, "override")
+    with open_slide(path, backend, slide_mpp=0.55) as s:
+        assert resolve_mpp(s) == (0.55, "override")
     path = write_pyramid_tiff(tmp_path / "nearly.tiff", levels, mpp=(0.5, 0.505))
     with open_slide(path, backend) as s:
         assert resolve_mpp(s)[0] == pytest.approx(0.5025)
@@ -508,7 +512,7 @@ class PillowReader(BaseSlideReader):
 
 
 def test_register_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slide_base, "_BACKENDS", dict(slide_base._BACKENDS))
+    monkeypatch.setattr(slide_base._BACKENDS, "_items", slide_base._BACKENDS.snapshot())
     monkeypatch.setattr(slide_base, "_AUTO_ORDER", list(slide_base._AUTO_ORDER))
     png = tmp_path / "image.png"
     rgba = np.zeros((20, 30, 4), np.uint8)

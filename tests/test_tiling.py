@@ -22,17 +22,17 @@ from wsi_convnext.tiling.grid import group_regions, plan_grid, read_window, sele
     ],
 )
 def test_select_level_is_coarsest_level_at_least_as_fine(downsamples, slide_mpp, target, expected):
-    assert select_level(downsamples, slide_mpp, target) == expected
+    assert select_level(downsamples, slide_mpp=slide_mpp, target_mpp=target) == expected
 
 
 def test_select_level_refuses_upsampling_unless_allowed():
     with pytest.raises(MppError, match="finer than the scan .*allow_upsample"):
-        select_level((1, 4), 0.5, 0.25)
-    assert select_level((1, 4), 0.5, 0.25, allow_upsample=True) == 0
+        select_level((1, 4), slide_mpp=0.5, target_mpp=0.25)
+    assert select_level((1, 4), slide_mpp=0.5, target_mpp=0.25, allow_upsample=True) == 0
 
 
 def test_plan_grid_extent_and_coords_in_level0_pixels():
-    grid = plan_grid((10_000, 5_000), (1, 4, 16), 0.25, 0.5, 224)
+    grid = plan_grid((10_000, 5_000), (1, 4, 16), slide_mpp=0.25, target_mpp=0.5, tile_size=224)
     assert grid.extent0 == pytest.approx(448.0)
     assert grid.read_level == 0 and grid.read_downsample == 1
     assert grid.coords.dtype == np.int64
@@ -44,7 +44,7 @@ def test_plan_grid_extent_and_coords_in_level0_pixels():
 
 
 def test_plan_grid_overlap_and_fractional_extent():
-    grid = plan_grid((3000, 3000), (1,), 0.499, 0.5, 224, overlap=24)
+    grid = plan_grid((3000, 3000), (1,), slide_mpp=0.499, target_mpp=0.5, tile_size=224, overlap=24)
     assert grid.extent0 == pytest.approx(224 * 0.5 / 0.499)
     assert grid.stride0 == pytest.approx(200 * 0.5 / 0.499)
     xs = np.unique(grid.coords[:, 0])
@@ -53,12 +53,12 @@ def test_plan_grid_overlap_and_fractional_extent():
 
 
 def test_plan_grid_empty_for_tiny_slide():
-    assert len(plan_grid((16, 16), (1,), 0.5, 0.5, 224)) == 0
+    assert len(plan_grid((16, 16), (1,), slide_mpp=0.5, target_mpp=0.5, tile_size=224)) == 0
 
 
 @pytest.mark.parametrize("source_tile", [None, (256, 256), (240, 240)])
 def test_group_regions_partition_and_cover(source_tile):
-    grid = plan_grid((20_000, 9_000), (1, 4, 16), 0.25, 0.5, 224)
+    grid = plan_grid((20_000, 9_000), (1, 4, 16), slide_mpp=0.25, target_mpp=0.5, tile_size=224)
     rng = np.random.default_rng(0)
     grid = grid.select(rng.random(len(grid)) < 0.6)
     regions = group_regions(grid, (20_000, 9_000), region_size=2048, source_tile=source_tile)
@@ -75,7 +75,7 @@ def test_group_regions_partition_and_cover(source_tile):
 
 
 def test_read_window_clipped_and_with_margin():
-    grid = plan_grid((1000, 1000), (1,), 0.5, 1.0, 100)
+    grid = plan_grid((1000, 1000), (1,), slide_mpp=0.5, target_mpp=1.0, tile_size=100)
     x0, y0, w, h = read_window(grid, np.array([0]), (1000, 1000))
     assert (x0, y0) == (0, 0)  # clipped at the slide edge
     assert w > 200 and h > 200  # tile extent 200 plus a margin for the resampling kernel

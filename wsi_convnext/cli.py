@@ -26,6 +26,51 @@ app = typer.Typer(
 
 _state = {"debug": False, "verbose": False}
 
+
+# --- choices from the library's registries --------------------------------------------------
+# Typer evaluates the option annotations when the app runs, not when this module is imported,
+# so the names below are the registries' at that moment: a registered addition appears in
+# --help, and the library (which checks each value once, where it enters) accepts it. The
+# registries these read import no torch, so --help stays instant.
+
+
+def _stem_names() -> tuple[str, ...]:
+    from .encoders import FAMILIES
+
+    return tuple(dict.fromkeys(n for family in FAMILIES.values() for n in family.stems))
+
+
+def _aggregator_names() -> tuple[str, ...]:
+    from .mil.config import AGGREGATORS  # the built-ins are declared by name: no torch
+
+    return AGGREGATORS.names()
+
+
+def _stain_names() -> list[str]:
+    from .transforms import stain_names
+
+    return stain_names()
+
+
+def _backend_names() -> list[str]:
+    from .slide import available_backends
+
+    return ["auto", *available_backends()]
+
+
+def _device_help() -> str:
+    from .encoders.device import DEVICE_FORMS
+
+    return f"Compute device: {DEVICE_FORMS}."
+
+
+def _stain(value: str) -> str:
+    """``--stain``, checked here once: the library's transform registry also holds augmentations."""
+    if value not in _stain_names():
+        raise ValueError(f"unknown stain normalisation {value!r}; choose one of {', '.join(_stain_names())}")
+    return value
+
+
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
@@ -109,7 +154,7 @@ def tile(
     lossless: Annotated[bool, typer.Option(help="Store tiles as lossless PNG instead of JPEG.")] = False,
     slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without (or with wrong) metadata.")] = None,
     allow_upsample: Annotated[bool, typer.Option(help="Allow a target finer than the scan.")] = False,
-    backend: Annotated[str, typer.Option(help="Slide reader: auto, openslide or tiffslide.")] = "auto",
+    backend: Annotated[str, typer.Option(help=f"Slide reader: {', '.join(_backend_names())}.")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Parallel readers per slide (processes for large slides; default: all cores).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Re-tile slides whose store was made with other parameters.")] = False,
     fingerprint: Annotated[str, typer.Option(help="Slide change detection: quick (size + first/last MiB) or full (hash every byte).")] = "quick",
@@ -159,7 +204,7 @@ def tile(
 @app.command()
 def info(
     slide: Annotated[Path, typer.Argument(help="A slide file.")],
-    backend: Annotated[str, typer.Option(help="Slide reader: auto, openslide or tiffslide.")] = "auto",
+    backend: Annotated[str, typer.Option(help=f"Slide reader: {', '.join(_backend_names())}.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show levels, mpp, vendor, objective and associated images of a slide."""
@@ -185,13 +230,6 @@ def info(
 # --- embed / export -----------------------------------------------------------------------
 
 
-def _stems() -> str:
-    """The registered stems for help texts (the encoder registries import no torch)."""
-    from .encoders import STEMS
-
-    return ", ".join(STEMS)
-
-
 def _device_list(devices: str | None) -> list[str] | None:
     return None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
 
@@ -200,11 +238,11 @@ def _device_list(devices: str | None) -> list[str] | None:
 def embed(
     stores: Annotated[list[Path], typer.Argument(help="Stores (<slide_id>.zarr) or folders of stores.")],
     model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_tiny",
-    stem: Annotated[Optional[str], typer.Option(help=f"Stem: {_stems()}; default: the stem recorded with --weights, else patch.")] = None,
+    stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {', '.join(_stem_names())} (default: the stem recorded with --weights, else the family's default).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Weights file (safetensors or state dict), or a finetune output folder.")] = None,
     pretrained: Annotated[bool, typer.Option(help="timm pretrained weights via the Hugging Face cache (downloaded when online unless HF_HUB_OFFLINE=1).")] = False,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, typer.Option(help=_device_help())] = "auto",
     devices: Annotated[
         Optional[str], typer.Option(help="Several devices, e.g. cuda:0,cuda:1: the stores are split, one process each.")
     ] = None,
@@ -213,18 +251,15 @@ def embed(
         Optional[int], typer.Option(help="JPEG decoding threads (default: measured on CPU, cores - 1 on GPU).")
     ] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA).")] = False,
-    stain: Annotated[str, typer.Option(help="Stain normalisation: none, macenko or reinhard (features/<key>-<stain key>).")] = "none",
+    stain: Annotated[str, typer.Option(parser=_stain, help=f"Stain normalisation: {', '.join(_stain_names())} (features/<key>-<stain key>).")] = "none",
     stain_reference: Annotated[Optional[Path], typer.Option(help="Reference H&E tile/image for --stain (default: built-in).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute embeddings that already exist.")] = False,
 ) -> None:
     """Stream tiles through a ConvNeXt and store one embedding per tile."""
     with _errors():
         from .embed import embed_stores
-        from .errors import ConfigError
-        from .transforms import build_transform, stain_names
+        from .transforms import build_transform
 
-        if stain not in stain_names():
-            raise ConfigError(f"unknown --stain {stain!r}: choose one of {', '.join(stain_names())}")
         transform = build_transform(stain, reference=stain_reference)
 
         with _progress_bar("embedding") as update:
@@ -305,7 +340,7 @@ def finetune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (ENC_DIR): encoder.safetensors, head, config, metrics, curves.")],
     labels: Annotated[Optional[Path], typer.Option(help="For stores: CSV slide_id,label[,patient_id][,split]; every tile takes its slide's label.")] = None,
     model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_atto",
-    stem: Annotated[str, typer.Option(help=f"Stem: {_stems()}.")] = "patch",
+    stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {', '.join(_stem_names())} (default: the stem recorded with --weights, else the family's default).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from a weights file or an earlier finetune output folder.")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights (local Hugging Face cache).")] = False,
     stem_init: Annotated[Optional[str], typer.Option(help="checkpoint (convert a patch stem exactly) or random.")] = None,
@@ -327,7 +362,7 @@ def finetune(
     val_frac: Annotated[float, typer.Option(help="Fraction of groups for validation (without a split column).")] = 0.2,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping: epochs without a better validation score.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, typer.Option(help=_device_help())] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (CUDA).")] = False,
     num_workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is often fastest on a busy machine).")] = None,
@@ -357,7 +392,7 @@ def finetune(
 
             path = finetune_encoder(cfg, progress=on_progress)
         typer.echo((path / "metrics.md").read_text())
-        typer.echo(f"encoder: {path / 'encoder.safetensors'}  (embed --weights it with --model {model} --stem {stem})")
+        typer.echo(f"encoder: {path / 'encoder.safetensors'}  (embed --weights it with --model {model}; it records its stem)")
 
 
 @app.command("predict-tiles")
@@ -367,7 +402,7 @@ def predict_tiles(
     out: Annotated[Path, typer.Option("--out", "-o", help="Per-tile predictions CSV.")] = Path("tiles.csv"),
     labels: Annotated[Optional[Path], typer.Option(help="For stores: CSV slide_id,label (adds metrics).")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, typer.Option(help=_device_help())] = "auto",
     num_workers: Annotated[Optional[int], typer.Option(help="Decoding worker processes.")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
 ) -> None:
@@ -400,7 +435,7 @@ def train(
     stores: Annotated[list[Path], typer.Argument(help="Stores with embeddings, or folders of stores.")],
     labels: Annotated[Path, typer.Option(help="CSV: slide_id,label[,patient_id][,split|fold].")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")] = Path("model"),
-    aggregator: Annotated[str, typer.Option(help="MIL aggregator: mean, maxpool, abmil, dsmil, clam_sb.")] = "dsmil",
+    aggregator: Annotated[str, typer.Option(help=f"MIL aggregator: {', '.join(_aggregator_names())}.")] = "dsmil",
     folds: Annotated[int, typer.Option(help="Cross-validation folds (ignored with a split/fold column).")] = 5,
     features: Annotated[Optional[str], typer.Option(help="Feature key (needed when stores hold several).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs per fold.")] = None,
@@ -549,7 +584,7 @@ def run(
     mpp: Annotated[Optional[float], typer.Option(help="Target µm/px of the tiles.")] = None,
     slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without metadata.")] = None,
     model: Annotated[Optional[str], typer.Option(help="timm ConvNeXt name.")] = None,
-    stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {_stems()}.")] = None,
+    stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {', '.join(_stem_names())} (default: the family's).")] = None,
     predict: Annotated[Optional[Path], typer.Option("--predict", help="Model folder: also predict each slide.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, tcp://host:port.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Local Dask worker processes (default: one per core).")] = None,

@@ -19,6 +19,10 @@ pipeline stage and cluster kind::
     [local]                       # embedded LocalCluster sizing (cluster = "local")
     [slurm]                       # dask-jobqueue SLURMCluster (cluster = "slurm")
 
+Each cluster kind brings its own table (:class:`ClusterKind`, registered in
+:mod:`wsi_convnext.cohort.clusters`); the values are converted and checked once, by
+:func:`wsi_convnext.coercion.assign`, as they are read.
+
 Every key is optional except ``slides`` and ``out``; a key that is absent or set to
 nothing keeps the library default. Relative paths are relative to the current working
 directory (the same as command-line flags), not to the config file. An unknown key or a
@@ -29,28 +33,31 @@ The ready configs in ``pipelines/`` are loaded by the test suite, so they stay v
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import re
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
+from ._registry import Registry
+from .coercion import assign, suggest
+from .encoders.device import DEVICE_FORMS, check_device
 from .errors import ConfigError
-from .params import ParameterError, non_empty, non_negative, one_of, param, positive
+from .params import ParameterError, non_negative, one_of, param, positive
+from .slide.mpp import check_slide_mpp
 
 __all__ = [
+    "CLUSTER_KINDS",
+    "ClusterKind",
     "EmbedConfig",
     "FinetuneStageConfig",
     "MilStageConfig",
-    "LocalConfig",
     "PredictConfig",
     "RunConfig",
-    "SlurmConfig",
     "TileConfig",
     "config_keys",
     "load_config",
@@ -59,37 +66,12 @@ __all__ = [
 
 # --- value checks (field metadata "check": value -> problem text or None) -----------------
 
-_WALLTIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
-
-
-def _walltime(v: str) -> str | None:
-    return None if _WALLTIME.match(v) else "must be a SLURM time such as '04:00:00' or '1-00:00:00'"
-
-
-_BYTES = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgtpe]i?)?b?\s*$", re.IGNORECASE)
-
-
-def _memory(v: str) -> str | None:
-    return None if v.strip().lower() == "auto" or _BYTES.match(v) else "must be a size such as '8GiB', '500MB' or 'auto'"
-
-
-def _dashboard(v: str) -> str | None:
-    ok = v == "" or re.match(r"^([\w.-]+|\[[0-9a-fA-F:]+\])?:\d{1,5}$", v)
-    return None if ok else "must be 'HOST:PORT' (e.g. '127.0.0.1:8787'; ':8787' = all interfaces) or '' (none)"
-
-
 def _address(v: str) -> str | None:
     return None if re.match(r"^[a-z0-9+]+://\S+$", v) else "must be a scheduler address such as 'tcp://host:8786'"
 
 
 def _open_fraction(v: float) -> str | None:
     return None if 0 < v < 1 else "must be in (0, 1)"
-
-
-def _cluster_kinds() -> tuple[str, ...]:
-    from .cohort.clusters import cluster_kinds
-
-    return cluster_kinds()
 
 
 def _opt(check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
@@ -100,12 +82,14 @@ def _opt(check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any
 
 
 def _section(name: str, doc: str, sources: Sequence[type], *, exclude: Sequence[str] = (),
-             extra: Sequence[tuple[str, Any, Any]] = ()) -> type:  # fmt: skip
+             extra: Sequence[tuple[str, Any, Any]] = (), built_on_load: bool = False) -> type:  # fmt: skip
     """A config section whose keys are the fields of library parameter objects, all optional.
 
     Each key keeps its source field's type, check and help text (``None``: the library
     default); a field that is itself a parameter object (``TileParams.tissue``) becomes a
     sub-table of its keyword arguments. So the sections cannot drift from the library.
+    With ``built_on_load`` the parameter objects are built by :func:`load_config` in any case,
+    so their own checks run there, once, and the keys carry no copy of them.
     """
     fields: list[tuple[str, Any, Any]] = []
     for cls in sources:
@@ -118,7 +102,8 @@ def _section(name: str, doc: str, sources: Sequence[type], *, exclude: Sequence[
                 meta = {"doc": f.metadata.get("doc", ""), "params": tp}
                 fields.append((f.name, dict[str, Any], field(default_factory=dict, metadata=meta)))
             else:
-                fields.append((f.name, tp | None, field(default=None, metadata=dict(f.metadata))))
+                meta = {k: v for k, v in f.metadata.items() if not (built_on_load and k == "check")}
+                fields.append((f.name, tp | None, field(default=None, metadata=meta)))
     return dataclasses.make_dataclass(name, [*fields, *extra], namespace={"__doc__": doc, "__module__": __name__})
 
 
@@ -135,6 +120,7 @@ def _library_sections() -> tuple[type, type, type, type]:
         :class:`wsi_convnext.tiling.tissue.TissueParams`). ``None`` (absent) keeps the library default;
         ``workers`` defaults to 1 inside a cohort run, where slides are the unit of parallelism.""",
         [TileParams],
+        built_on_load=True,
     )
     embed = _section(
         "EmbedConfig",
@@ -142,7 +128,8 @@ def _library_sections() -> tuple[type, type, type, type]:
         :class:`wsi_convnext.embed.EmbedOptions`, plus ``device``. Embedding runs when ``model`` is set.""",
         [EncoderConfig, EmbedOptions],
         exclude=("timm_kwargs",),
-        extra=[("device", str | None, _opt(None, "auto, cpu, cuda or cuda:N"))],
+        extra=[("device", str | None, _opt(check_device, DEVICE_FORMS))],
+        built_on_load=True,
     )
     finetune = _section(
         "FinetuneStageConfig",
@@ -176,50 +163,29 @@ class PredictConfig:
     heatmaps: bool = param(True, doc="write OUT/heatmaps/<slide_id>.png")
 
 
-@dataclass
-class LocalConfig:
-    """``[local]``: the embedded :class:`distributed.LocalCluster` (``cluster = "local"``).
+@dataclass(frozen=True)
+class ClusterKind:
+    """A registered cluster kind: where a run's Dask workers come from (see :mod:`wsi_convnext.cohort.clusters`).
 
-    ``None`` sizes it to the machine: one single-threaded worker process per core (at
-    most one per 2 GiB of memory), plus one worker per GPU that owns that GPU.
+    Attributes:
+        name: The run config's ``cluster`` value.
+        opener: ``opener(config)``, a context manager yielding the open cluster's ``ClusterInfo``.
+        section: Its own ``[name]`` table: a dataclass of ``param()`` fields (None: no settings).
+            A ``check(self) -> None`` method on it (raising ConfigError) checks settings that
+            depend on each other.
     """
 
-    n_workers: int | None = _opt(positive, "CPU worker processes")
-    threads_per_worker: int | None = _opt(positive, "threads per worker process")
-    memory_limit: str | None = _opt(_memory, "per worker, e.g. '8GiB', or 'auto'")
-    gpus: int | None = _opt(non_negative, "GPU workers (default: all visible GPUs when embedding)")
-    dashboard_address: str | None = _opt(
-        _dashboard, "default '127.0.0.1:8787' (this machine only); ':8787' opens it to all; '' disables it"
-    )
+    name: str
+    opener: Callable[[Any], ContextManager[Any]]
+    section: type | None = None
 
 
-@dataclass
-class SlurmConfig:
-    """``[slurm]``: a dask-jobqueue ``SLURMCluster`` (``cluster = "slurm"``, needs ``wsi-convnext[slurm]``).
-
-    Each SLURM job runs ``processes`` Dask worker processes sharing ``cores`` and
-    ``memory``; with ``gpus`` > 0 the job asks for ``--gres=gpu:<gpus>`` and its workers
-    advertise the ``GPU`` resource that embedding tasks need.
-    """
-
-    queue: str | None = _opt(non_empty, "partition (-p)")
-    account: str | None = _opt(non_empty, "account (-A)")
-    cores: int = param(8, check=positive, doc="cores per job")
-    memory: str = param("32GiB", check=_memory, doc="memory per job")
-    processes: int = param(1, check=positive, doc="worker processes per job")
-    gpus: int = param(0, check=non_negative, doc="GPUs per job")
-    walltime: str = param("04:00:00", check=_walltime, doc="job time limit")
-    job_extra_directives: list[str] = param(default_factory=list, doc="extra #SBATCH lines")
-    job_script_prologue: list[str] = param(default_factory=list, doc="shell lines run first")
-    local_directory: str | None = _opt(non_empty, "worker scratch space, e.g. '$TMPDIR'")
-    log_directory: str | None = _opt(non_empty, "folder for the jobs' stdout/stderr")
-    interface: str | None = _opt(non_empty, "network interface, e.g. 'ib0'")
-    python: str | None = _opt(non_empty, "python on the compute nodes")
-    minimum_jobs: int = param(0, check=non_negative, doc="adaptive lower bound")
-    maximum_jobs: int = param(4, check=positive, doc="adaptive upper bound")
-    dashboard_address: str | None = _opt(
-        _dashboard, "scheduler dashboard; default '127.0.0.1:8787' (this machine only); '' disables it"
-    )
+#: The cluster kinds (``cluster = "..."``), each with its own config section. The registry lives
+#: here so that the config lists kinds and reads their sections without importing the cohort
+#: package; :mod:`wsi_convnext.cohort.clusters` registers the built-in kinds when first looked up.
+CLUSTER_KINDS: Registry[ClusterKind] = Registry(
+    "cluster kind", loader="wsi_convnext.cohort.clusters", declares=("local", "scheduler", "slurm")
+)
 
 
 @dataclass
@@ -229,7 +195,7 @@ class RunConfig:
     Attributes:
         slides: Folders (searched recursively), CSV manifests (``path[,slide_id][,slide_mpp]``) or slide files.
         out: Output folder: ``<slide_id>.zarr`` stores, ``qc/``, ``manifest.csv``, ``report.html``.
-        slide_mpp: Level-0 µm/px for slides whose metadata lacks it (manifest ``mpp`` wins).
+        slide_mpp: Level-0 µm/px for slides whose metadata lacks it (a manifest's ``slide_mpp`` column wins).
         cluster: ``local`` (embedded LocalCluster), ``slurm`` or ``scheduler`` (``scheduler`` address).
         scheduler: Address of an existing Dask scheduler; setting it implies ``cluster = "scheduler"``.
         shard: ``(index, count)``: process only slides whose stable hash falls in shard ``index``
@@ -243,10 +209,10 @@ class RunConfig:
 
     slides: list[Path] = param(default_factory=list, doc="folders, CSV manifests or slides")
     out: Path | None = _opt(None, "output folder")
-    slide_mpp: float | None = _opt(positive, "fallback level-0 µm/px")
-    cluster: str = param("local", check=one_of(_cluster_kinds), doc="a registered cluster kind")
+    slide_mpp: float | None = _opt(check_slide_mpp, "fallback level-0 µm/px")
+    cluster: str = param("local", check=one_of(CLUSTER_KINDS.names), doc="a registered cluster kind")
     scheduler: str | None = _opt(_address, "existing scheduler address")
-    shard: tuple[int, int] | None = _opt(None, "'I/N': 0-based shard I of N")
+    shard: tuple[int, int] | None = param(None, parse=lambda v: parse_shard(v), doc="'I/N': 0-based shard I of N")
     overwrite: bool = param(False, doc="redo finished work")
     max_in_flight: int | None = _opt(positive, "slides in flight")
     retries: int = param(2, check=non_negative, doc="retries after a worker died")
@@ -257,15 +223,40 @@ class RunConfig:
     predict: PredictConfig = field(default_factory=PredictConfig)
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)  # type: ignore[valid-type]
     mil: MilStageConfig = field(default_factory=MilStageConfig)  # type: ignore[valid-type]
-    local: LocalConfig = field(default_factory=LocalConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    _sections: dict[str, Any] = field(default_factory=dict, repr=False)  # the cluster kinds' tables, by kind
 
-    @property
-    def stages(self) -> tuple[str, ...]:
-        """The registered cohort stages this config runs, in order (per-slide ones first)."""
-        from .cohort.stages import stage_plan
+    def section(self, kind: str) -> Any:
+        """The ``[kind]`` table of a registered cluster kind (its defaults until set).
 
-        return tuple(s.name for s in stage_plan(self))
+        Raises:
+            ConfigError: ``kind`` is unknown or has no settings.
+        """
+        spec = CLUSTER_KINDS.lookup(kind)
+        if spec.section is None:
+            raise ConfigError(f"cluster kind {kind!r} has no settings")
+        if kind not in self._sections:
+            self._sections[kind] = spec.section()
+        return self._sections[kind]
+
+    def with_section(self, kind: str, **changes: Any) -> RunConfig:
+        """A copy with fields of the ``[kind]`` table changed (not checked: for tests and tools)."""
+        sections = {**self._sections, kind: dataclasses.replace(self.section(kind), **changes)}
+        return dataclasses.replace(self, _sections=sections)
+
+    def extension_section(self, name: str) -> Any:
+        """``[name]`` when it is a cluster kind's table, else None (see :func:`~wsi_convnext.coercion.assign`)."""
+        spec = CLUSTER_KINDS.get(name)
+        return None if spec is None or spec.section is None else self.section(name)
+
+    def extension_names(self) -> tuple[str, ...]:
+        """The cluster kinds that have a table."""
+        return tuple(k.name for k in CLUSTER_KINDS.values() if k.section is not None)
+
+    def __getattr__(self, name: str) -> Any:
+        # ``config.local``, ``config.slurm``: a cluster kind's table, read like a field.
+        if name.startswith("_") or name not in CLUSTER_KINDS:
+            raise AttributeError(name)
+        return self.section(name)
 
     def tile_params(self) -> Any:
         """:class:`wsi_convnext.tiling.tiler.TileParams` from ``[tile]`` (unset keys keep its defaults).
@@ -286,11 +277,12 @@ class RunConfig:
 
         return EmbedOptions(**_section_values(self.embed, EmbedOptions))
 
-    def encoder_config(self) -> Any:
-        """:class:`wsi_convnext.encoders.EncoderConfig` from ``[embed]``, or None without ``model``."""
+    def encoder_config(self, *, check: bool = False) -> Any:
+        """:class:`wsi_convnext.encoders.EncoderConfig` from ``[embed]``, or None without ``model``
+        (with ``check``: built anyway, with the default model, so that its checks run)."""
         from .encoders import EncoderConfig
 
-        if not self.embed.model:
+        if not self.embed.model and not check:
             return None
         return EncoderConfig(**_section_values(self.embed, EncoderConfig))
 
@@ -308,8 +300,11 @@ class RunConfig:
         return None if self.finetune.labels is None else Path(self.finetune.labels)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (paths as strings), e.g. to record a run's settings."""
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        """JSON-friendly dict (paths as strings; one table per cluster kind), e.g. to record a run's settings."""
+        out = dataclasses.asdict(self)
+        del out["_sections"]
+        out.update({kind: dataclasses.asdict(self.section(kind)) for kind in self.extension_names()})
+        return json.loads(json.dumps(out, default=str))
 
 
 def _section_values(section: Any, target: type | None = None) -> dict[str, Any]:
@@ -327,9 +322,6 @@ def _section_values(section: Any, target: type | None = None) -> dict[str, Any]:
 
 
 # --- loading -------------------------------------------------------------------------------
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def parse_shard(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -355,158 +347,6 @@ def parse_shard(value: str | tuple[int, int] | list[int]) -> tuple[int, int]:
     return i, n
 
 
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is list:
-        item = typing.get_args(tp)[0]
-        plural = {str: "strings", Path: "paths", int: "integers", float: "numbers"}
-        return f"a list of {plural.get(item, _describe(item))}"
-    return {
-        bool: "true or false",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        Path: "a path",
-    }.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-class _Bad(Exception):
-    """Internal: a value does not fit a type (message: what was expected)."""
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    """Convert a TOML/override value to ``tp`` or raise ``_Bad``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return _coerce(args[0], value)
-        for a in args:
-            try:
-                return _coerce(a, value)
-            except _Bad:
-                continue
-        raise _Bad(_describe(tp))
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _Bad(_describe(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        items = value if isinstance(value, (list, tuple)) else [value]
-        try:
-            return [_coerce(item, v) for v in items]
-        except _Bad:
-            raise _Bad(_describe(tp)) from None
-    if origin in (dict, Mapping):
-        if isinstance(value, Mapping):
-            return dict(value)
-        raise _Bad("a table")
-    if origin is tuple:  # only the shard
-        try:
-            return parse_shard(value)
-        except ValueError as exc:
-            raise _Bad(str(exc).removeprefix("must be ")) from None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise _Bad(_describe(tp))
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Bad(_describe(tp))
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise _Bad(_describe(tp))
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Bad(_describe(tp))
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise _Bad(_describe(tp))
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Bad(_describe(tp))
-    if tp is Path:
-        if isinstance(value, (str, os.PathLike)) and str(value):
-            return Path(os.path.expanduser(str(value)))
-        raise _Bad(_describe(tp))
-    raise _Bad(_describe(tp))  # pragma: no cover - a type this loader does not know
-
-
-def _suggest(key: str, known: list[str]) -> str:
-    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else f" (known keys: {', '.join(sorted(known))})"
-
-
-def _set(obj: Any, dotted: str, value: Any, source: str) -> None:
-    """Set ``dotted`` (e.g. ``tile.mpp``) on the config tree ``obj`` from a raw value."""
-    parts = dotted.split(".")
-    target = obj
-    for depth, part in enumerate(parts):
-        if not dataclasses.is_dataclass(target):
-            break
-        hints = _hints(type(target))
-        fields = {f.name: f for f in dataclasses.fields(target)}
-        if part not in fields:
-            raise ConfigError(f"{source}: unknown key '{dotted}'{_suggest(part, list(fields))}")
-        f = fields[part]
-        tp = hints[part]
-        rest = parts[depth + 1 :]
-        if dataclasses.is_dataclass(tp):
-            if not rest:
-                if not isinstance(value, Mapping):
-                    raise ConfigError(f"{source}: '{dotted}' must be a table ([{dotted}]), got {value!r}")
-                for k, v in value.items():
-                    _set(obj, f"{dotted}.{k}", v, source)
-                return
-            target = getattr(target, part)
-            continue
-        if typing.get_origin(tp) is dict:
-            current = dict(getattr(target, part))
-            if rest:
-                current[".".join(rest)] = value
-            elif isinstance(value, Mapping):
-                current.update(value)
-            else:
-                raise ConfigError(f"{source}: '{dotted}' must be a table, got {value!r}")
-            setattr(target, part, {k: v for k, v in current.items() if v is not None})
-            return
-        if rest:
-            raise ConfigError(f"{source}: '{'.'.join(parts[: depth + 1])}' is not a table; unknown key '{dotted}'")
-        if value is None:  # absent/None keeps the default
-            return
-        try:
-            coerced = _coerce(tp, value)
-        except _Bad as exc:
-            raise ConfigError(f"{source}: '{dotted}' must be {exc}, got {value!r}") from None
-        check = f.metadata.get("check")
-        if check is not None and coerced is not None:
-            items = coerced if isinstance(coerced, list) else [coerced]
-            for item in items:
-                problem = check(item)
-                if problem:
-                    raise ConfigError(f"{source}: '{dotted}' {problem}, got {value!r}")
-        setattr(target, part, coerced)
-        return
-
-
 def _check_tissue(cfg: RunConfig, source: str) -> None:
     """Validate ``[tile.tissue]`` keys against TissueParams when the tissue module is available."""
     if not cfg.tile.tissue:
@@ -516,7 +356,7 @@ def _check_tissue(cfg: RunConfig, source: str) -> None:
     known = [f.name for f in dataclasses.fields(TissueParams)]
     for key in cfg.tile.tissue:
         if key not in known:
-            raise ConfigError(f"{source}: unknown key 'tile.tissue.{key}'{_suggest(key, known)}")
+            raise ConfigError(f"{source}: unknown key 'tile.tissue.{key}'{suggest(key, known)}")
     try:
         TissueParams.from_kwargs(**cfg.tile.tissue)
     except (ConfigError, TypeError, ValueError) as exc:
@@ -528,15 +368,13 @@ def _finish(cfg: RunConfig, source: str) -> RunConfig:
         cfg.cluster = "scheduler"
     if cfg.cluster == "scheduler" and not cfg.scheduler:
         raise ConfigError(f"{source}: cluster = 'scheduler' needs 'scheduler' (e.g. 'tcp://host:8786')")
-    if cfg.slurm.minimum_jobs > cfg.slurm.maximum_jobs:
-        raise ConfigError(
-            f"{source}: 'slurm.minimum_jobs' ({cfg.slurm.minimum_jobs}) exceeds "
-            f"'slurm.maximum_jobs' ({cfg.slurm.maximum_jobs})"
-        )
-    if cfg.slurm.processes > cfg.slurm.cores:
-        raise ConfigError(
-            f"{source}: 'slurm.processes' ({cfg.slurm.processes}) exceeds 'slurm.cores' ({cfg.slurm.cores})"
-        )
+    for section in cfg._sections.values():
+        check = getattr(section, "check", None)
+        if check is not None:
+            try:
+                check()
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from exc
     if cfg.predict.model_dir and not cfg.embed.model:
         raise ConfigError(f"{source}: 'predict.model_dir' needs 'embed.model' (prediction reads embeddings)")
     _check_tissue(cfg, source)
@@ -544,7 +382,7 @@ def _finish(cfg: RunConfig, source: str) -> RunConfig:
         raise ConfigError(f"{source}: 'finetune.labels' / 'mil.labels' need 'embed.model' (the encoder to train and embed with)")
     if cfg.finetune.labels and cfg.shard is not None:
         raise ConfigError(f"{source}: [finetune] trains on the whole cohort; run it without 'shard'")
-    checks = [("tile", cfg.tile_params), ("embed", cfg.embed_options), ("embed", cfg.encoder_config)]
+    checks = [("tile", cfg.tile_params), ("embed", cfg.embed_options), ("embed", lambda: cfg.encoder_config(check=True))]
     if cfg.labels is not None:  # TrainConfig checks its aggregator with torch: only when it trains
         checks.append(("mil", cfg.mil_config))
     for section, build in checks:
@@ -599,12 +437,12 @@ def load_config(
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{p}: not a UTF-8 text file") from exc
         for key, value in data.items():
-            _set(cfg, key, value, source)
+            assign(cfg, key, value, source)
     if overrides:
         for key, value in overrides.items():
             if value is None:
                 continue
-            _set(cfg, key, value, "command line")
+            assign(cfg, key, value, "command line")
         source = source if path is not None else "command line"
     cfg = _finish(cfg, source)
     if require_io:
@@ -620,8 +458,10 @@ def config_keys() -> list[str]:
 
     def walk(cls: type, prefix: str) -> list[str]:
         keys: list[str] = []
-        hints = _hints(cls)
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if f.name.startswith("_"):
+                continue
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
                 keys += walk(tp, f"{prefix}{f.name}.")
@@ -629,4 +469,8 @@ def config_keys() -> list[str]:
                 keys.append(prefix + f.name)
         return keys
 
-    return walk(RunConfig, "")
+    keys = walk(RunConfig, "")
+    for kind in CLUSTER_KINDS.values():
+        if kind.section is not None:
+            keys += walk(kind.section, f"{kind.name}.")
+    return keys

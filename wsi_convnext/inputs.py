@@ -162,12 +162,10 @@ def _read_manifest(path: Path) -> list[_Entry]:
                 # ``mpp`` is the column's name before 0.2; both mean the level-0 µm/px.
                 column = "slide_mpp" if row.get("slide_mpp") else "mpp"
                 if row.get(column):
-                    try:
+                    try:  # a number here; its range is checked once, when the slide is opened
                         slide_mpp = float(row[column])
                     except ValueError as exc:
                         raise ConfigError(f"{path}:{lineno}: {column} {row[column]!r} is not a number") from exc
-                    if not 0 < slide_mpp < float("inf"):
-                        raise ConfigError(f"{path}:{lineno}: {column} must be positive and finite, got {slide_mpp}")
                 sid = row.get("slide_id") or None
                 if sid is not None:
                     check_slide_id(sid, f"{path}:{lineno}")
@@ -205,14 +203,13 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]], *, slide_mpp: floa
 
     Args:
         inputs: Slide files, folders or ``.csv`` manifests (columns ``path``, optional ``slide_id``, ``slide_mpp``; ``mpp`` is read as ``slide_mpp``).
-        slide_mpp: Resolution override (µm/px) for slides without one from a manifest.
+        slide_mpp: Level-0 µm/px override for slides without one from a manifest (checked when
+            the slide is opened, see :func:`~wsi_convnext.slide.open_slide`).
 
     Raises:
         InputNotFoundError: A path does not exist, or nothing slide-like was found.
         ConfigError: A malformed manifest, an unsafe or duplicate slide id.
     """
-    if slide_mpp is not None and not 0 < slide_mpp < float("inf"):
-        raise ConfigError(f"--slide-mpp must be positive and finite, got {slide_mpp}")
     entries: list[_Entry] = []
     for raw in inputs:
         p = Path(raw)

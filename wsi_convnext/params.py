@@ -61,9 +61,14 @@ class ParameterError(ConfigError):
 
 
 def param(default: Any = dataclasses.MISSING, *, check: Check | None = None, doc: str = "",
-          default_factory: Any = dataclasses.MISSING) -> Any:  # fmt: skip
-    """A dataclass field with a value check and a one-line help text (``metadata``)."""
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"check": check, "doc": doc})
+          default_factory: Any = dataclasses.MISSING, parse: Callable[[Any], Any] | None = None) -> Any:  # fmt: skip
+    """A dataclass field with a value check and a one-line help text (``metadata``).
+
+    ``parse`` turns a raw value (TOML, a flag) into the field's value where the annotated
+    type alone does not say how (raising ValueError "must be ..."); see :mod:`.coercion`.
+    """
+    meta = {"check": check, "doc": doc, **({"parse": parse} if parse is not None else {})}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
 def check_params(obj: Any) -> None:

@@ -35,15 +35,15 @@ from .driver import (
 from .shards import select_shard, shard_of
 from .training import finetune_stage, mil_stage, training_dir  # registers the cohort-scope stages
 from .stages import (
-    NOOP_STAGES,
-    STAGES,
     StageFn,
     StageSpec,
     embed_stage,
     get_stage,
+    noop_stages,
     predict_stage,
     register_stage,
     registered_stages,
+    stage_functions,
     stage_plan,
     tile_stage,
     unregister_stage,
@@ -51,8 +51,6 @@ from .stages import (
 
 __all__ = [
     "DEFAULT_DASHBOARD",
-    "NOOP_STAGES",
-    "STAGES",
     "STARTED_TOPIC",
     "ClusterInfo",
     "CohortProgress",
@@ -66,6 +64,7 @@ __all__ = [
     "finetune_stage",
     "get_stage",
     "mil_stage",
+    "noop_stages",
     "local_cluster_kwargs",
     "open_client",
     "predict_stage",
@@ -77,6 +76,7 @@ __all__ = [
     "select_shard",
     "shard_of",
     "slurm_cluster_kwargs",
+    "stage_functions",
     "stage_plan",
     "tile_stage",
     "training_dir",

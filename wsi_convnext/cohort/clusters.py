@@ -15,7 +15,9 @@ The dashboard of a cluster this run starts listens on ``127.0.0.1`` unless
 is the one the scheduler actually bound.
 
 Adding a kind = one module: a context manager ``opener(config) -> ClusterInfo`` decorated
-with ``@register_cluster("name")``; ``cluster = "name"`` in a run config then selects it.
+with ``@register_cluster("name", section=Settings)``, where ``Settings`` is a dataclass of
+``param()`` fields: ``cluster = "name"`` in a run config then selects it and ``[name]``
+holds its settings. (The module must be imported before the config is read.)
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ContextManager
 
 from .._io import cpu_count
-from ..config import RunConfig
+from ..config import CLUSTER_KINDS, ClusterKind, RunConfig
 from ..errors import ConfigError, one_line
+from ..params import non_empty, non_negative, param, positive
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -40,6 +44,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_DASHBOARD",
     "ClusterInfo",
+    "LocalConfig",
+    "SlurmConfig",
     "cluster_kinds",
     "dashboard_address",
     "local_cluster_kwargs",
@@ -72,14 +78,15 @@ class ClusterInfo:
 
 
 Opener = Callable[[RunConfig], ContextManager[ClusterInfo]]
-_KINDS: dict[str, Opener] = {}
 
 
-def register_cluster(name: str) -> Callable[[Opener], Opener]:
-    """Decorator registering ``opener(config)`` (a context manager yielding :class:`ClusterInfo`)."""
+def register_cluster(name: str, *, section: type | None = None, replace: bool = False) -> Callable[[Opener], Opener]:
+    """Decorator registering ``opener(config)`` (a context manager yielding :class:`ClusterInfo`) as
+    the cluster kind ``name`` in :data:`~wsi_convnext.config.CLUSTER_KINDS`, with its own ``[name]``
+    config table ``section`` (a dataclass of ``param()`` fields; read as ``config.<name>``)."""
 
     def deco(opener: Opener) -> Opener:
-        _KINDS[name] = opener
+        CLUSTER_KINDS.register(name, ClusterKind(name, opener, section), replace=replace)
         return opener
 
     return deco
@@ -87,7 +94,94 @@ def register_cluster(name: str) -> Callable[[Opener], Opener]:
 
 def cluster_kinds() -> tuple[str, ...]:
     """The registered cluster kinds."""
-    return tuple(_KINDS)
+    return CLUSTER_KINDS.names()
+
+
+# --- the built-in kinds' settings ----------------------------------------------------------
+
+
+def _opt(check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
+    return param(None, check=check, doc=doc)
+
+
+_WALLTIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
+
+
+def _walltime(v: str) -> str | None:
+    return None if _WALLTIME.match(v) else "must be a SLURM time such as '04:00:00' or '1-00:00:00'"
+
+
+_BYTES = re.compile(r"^\s*\d+(\.\d+)?\s*([kmgtpe]i?)?b?\s*$", re.IGNORECASE)
+
+
+def _memory(v: str) -> str | None:
+    return None if v.strip().lower() == "auto" or _BYTES.match(v) else "must be a size such as '8GiB', '500MB' or 'auto'"
+
+
+def _dashboard(v: str) -> str | None:
+    ok = v == "" or re.match(r"^([\w.-]+|\[[0-9a-fA-F:]+\])?:\d{1,5}$", v)
+    return None if ok else "must be 'HOST:PORT' (e.g. '127.0.0.1:8787'; ':8787' = all interfaces) or '' (none)"
+
+
+@dataclass
+class LocalConfig:
+    """``[local]``: the embedded :class:`distributed.LocalCluster` (``cluster = "local"``).
+
+    ``None`` sizes it to the machine: one single-threaded worker process per core (at
+    most one per 2 GiB of memory), plus one worker per GPU that owns that GPU.
+    """
+
+    n_workers: int | None = _opt(positive, "CPU worker processes")
+    threads_per_worker: int | None = _opt(positive, "threads per worker process")
+    memory_limit: str | None = _opt(_memory, "per worker, e.g. '8GiB', or 'auto'")
+    gpus: int | None = _opt(non_negative, "GPU workers (default: all visible GPUs when embedding)")
+    dashboard_address: str | None = _opt(
+        _dashboard, "default '127.0.0.1:8787' (this machine only); ':8787' opens it to all; '' disables it"
+    )
+
+
+@dataclass
+class SlurmConfig:
+    """``[slurm]``: a dask-jobqueue ``SLURMCluster`` (``cluster = "slurm"``, needs ``wsi-convnext[slurm]``).
+
+    Each SLURM job runs ``processes`` Dask worker processes sharing ``cores`` and
+    ``memory``; with ``gpus`` > 0 the job asks for ``--gres=gpu:<gpus>`` and its workers
+    advertise the ``GPU`` resource that embedding tasks need.
+    """
+
+    queue: str | None = _opt(non_empty, "partition (-p)")
+    account: str | None = _opt(non_empty, "account (-A)")
+    cores: int = param(8, check=positive, doc="cores per job")
+    memory: str = param("32GiB", check=_memory, doc="memory per job")
+    processes: int = param(1, check=positive, doc="worker processes per job")
+    gpus: int = param(0, check=non_negative, doc="GPUs per job")
+    walltime: str = param("04:00:00", check=_walltime, doc="job time limit")
+    job_extra_directives: list[str] = param(default_factory=list, doc="extra #SBATCH lines")
+    job_script_prologue: list[str] = param(default_factory=list, doc="shell lines run first")
+    local_directory: str | None = _opt(non_empty, "worker scratch space, e.g. '$TMPDIR'")
+    log_directory: str | None = _opt(non_empty, "folder for the jobs' stdout/stderr")
+    interface: str | None = _opt(non_empty, "network interface, e.g. 'ib0'")
+    python: str | None = _opt(non_empty, "python on the compute nodes")
+    minimum_jobs: int = param(0, check=non_negative, doc="adaptive lower bound")
+    maximum_jobs: int = param(4, check=positive, doc="adaptive upper bound")
+    dashboard_address: str | None = _opt(
+        _dashboard, "scheduler dashboard; default '127.0.0.1:8787' (this machine only); '' disables it"
+    )
+
+    def check(self) -> None:
+        """Settings that depend on each other.
+
+        Raises:
+            ConfigError: More minimum than maximum jobs, or more processes than cores per job.
+        """
+        if self.minimum_jobs > self.maximum_jobs:
+            raise ConfigError(
+                f"'slurm.minimum_jobs' ({self.minimum_jobs}) exceeds 'slurm.maximum_jobs' ({self.maximum_jobs})"
+            )
+        if self.processes > self.cores:
+            raise ConfigError(f"'slurm.processes' ({self.processes}) exceeds 'slurm.cores' ({self.cores})")
+
+
 
 
 # --- what the driver asks of any cluster ---------------------------------------------------
@@ -237,7 +331,7 @@ def _add_gpu_workers(cluster: Any, n_gpus: int) -> None:
     cluster.scale(len(cluster.worker_spec))
 
 
-@register_cluster("local")
+@register_cluster("local", section=LocalConfig)
 @contextlib.contextmanager
 def _open_local(config: RunConfig) -> Iterator[ClusterInfo]:
     from distributed import Client, LocalCluster
@@ -333,7 +427,7 @@ def slurm_cluster_kwargs(config: RunConfig) -> dict[str, Any]:
     return kwargs
 
 
-@register_cluster("slurm")
+@register_cluster("slurm", section=SlurmConfig)
 @contextlib.contextmanager
 def _open_slurm(config: RunConfig) -> Iterator[ClusterInfo]:
     from distributed import Client
@@ -367,7 +461,7 @@ def open_client(config: RunConfig) -> Iterator[ClusterInfo]:
     import distributed  # noqa: F401 - loads its config defaults before dask.config.set below
 
     try:
-        opener = _KINDS[config.cluster]
+        opener = CLUSTER_KINDS[config.cluster].opener
     except KeyError:
         raise ConfigError(f"unknown cluster {config.cluster!r}; choose one of: {', '.join(_KINDS)}") from None
     settings = {

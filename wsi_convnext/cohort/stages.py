@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .._registry import Registry
 from ..config import RunConfig
 from ..errors import ConfigError, StoreError
 
@@ -45,15 +46,15 @@ if TYPE_CHECKING:
     from ..inputs import SlideSpec
 
 __all__ = [
-    "NOOP_STAGES",
-    "STAGES",
     "StageFn",
     "StageSpec",
     "embed_stage",
     "get_stage",
+    "noop_stages",
     "predict_stage",
     "register_stage",
     "registered_stages",
+    "stage_functions",
     "stage_plan",
     "tile_stage",
     "unregister_stage",
@@ -120,31 +121,22 @@ class StageSpec:
         return bool(paths) and all(Path(p).exists() for p in paths)
 
 
-_REGISTRY: dict[str, StageSpec] = {}
+_REGISTRY: Registry[StageSpec] = Registry("cohort stage")
 
 
 def register_stage(spec: StageSpec, *, replace: bool = False, before: str | None = None) -> StageSpec:
-    """Add ``spec`` to the registry: after the stages registered before it, or just before ``before``.
+    """Add ``spec`` to the registry: after the stages registered before it, or just before ``before``
+    (the :class:`~wsi_convnext._registry.Registry` rule for names).
 
     Raises:
-        ConfigError: A stage of that name exists and ``replace`` is false, or ``before`` is unknown.
+        ConfigError: Another stage of that name exists and ``replace`` is false, or ``before`` is unknown.
     """
-    if spec.name in _REGISTRY and not replace:
-        raise ConfigError(f"a cohort stage named {spec.name!r} is already registered")
-    if before is None or spec.name in _REGISTRY:
-        _REGISTRY[spec.name] = spec
-        return spec
-    get_stage(before)
-    items = list(_REGISTRY.items())
-    at = [name for name, _ in items].index(before)
-    _REGISTRY.clear()
-    _REGISTRY.update([*items[:at], (spec.name, spec), *items[at:]])
-    return spec
+    return _REGISTRY.register(spec.name, spec, replace=replace, before=before)
 
 
 def unregister_stage(name: str) -> None:
     """Remove a registered stage (no error if absent)."""
-    _REGISTRY.pop(name, None)
+    _REGISTRY.unregister(name)
 
 
 def get_stage(name: str) -> StageSpec:
@@ -153,10 +145,7 @@ def get_stage(name: str) -> StageSpec:
     Raises:
         ConfigError: No such stage.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown cohort stage {name!r}; registered: {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.lookup(name)
 
 
 def registered_stages() -> tuple[StageSpec, ...]:
@@ -370,7 +359,12 @@ def _noop_stage(slide: Any, config: RunConfig, state: Mapping[str, Any]) -> dict
     return {"tiles": 0, "skipped": False}
 
 
-#: The built-in stage functions by name (lazy imports happen on the workers).
-STAGES: dict[str, StageFn] = {s.name: s.fn for s in registered_stages()}
-#: Stage functions that do nothing: measures the task graph's own overhead (dry runs, benchmarks).
-NOOP_STAGES: dict[str, StageFn] = {name: _noop_stage for name in STAGES}
+def stage_functions() -> dict[str, StageFn]:
+    """The registered stage functions by name, as registered now (lazy imports happen on the workers)."""
+    return {s.name: s.fn for s in registered_stages()}
+
+
+def noop_stages() -> dict[str, StageFn]:
+    """A function that does nothing for every registered stage: measures the task graph's own
+    overhead (dry runs, benchmarks)."""
+    return {name: _noop_stage for name in _REGISTRY.names()}

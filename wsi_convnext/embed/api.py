@@ -48,7 +48,7 @@ def embed_store(
         store_path: The store folder (or an open :class:`~wsi_convnext.store.TileStore`).
         encoder: From :func:`~wsi_convnext.encoders.build_encoder`.
         batch_size: Tiles per forward pass.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a ``torch.device``.
+        device: A device string (``wsi_convnext.encoders.device.DEVICE_FORMS``) or a ``torch.device``.
         dtype: Stored dtype, a key of :data:`OUTPUT_DTYPES`.
         overwrite: Recompute when ``features/<key>`` exists (else the slide is skipped).
         num_workers: Tile-decoding threads; 0 decodes inline. Default: on a CPU, measured
@@ -75,13 +75,11 @@ def embed_store(
         EncoderError: Non-finite embeddings, or ``torch.compile`` failed.
         Exception: Whatever ``progress`` raises. Nothing is written to the store in any error case.
     """
-    import torch
-
     from ..encoders import resolve_device
 
     options = EmbedOptions(batch_size=batch_size, dtype=dtype, num_workers=num_workers, amp=amp,
                            channels_last=channels_last, compile=compile, decode_on=decode_on)  # fmt: skip
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dev = resolve_device(device)
     out = embed_many(
         [store_path], encoder, dev, options, overwrite=overwrite, progress=progress, transform=transform, on_result=None
     )
@@ -154,9 +152,7 @@ def embed_stores(
         return embed_on_devices(paths, list(devices), kwargs, progress=progress, on_result=on_result)
     if devices:
         device = devices[0]
-    import torch
-
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dev = resolve_device(device)
     if encoder is None:
         encoder = build_encoder(model, stem=stem, weights=weights, pretrained=pretrained)
     out = embed_many(

@@ -68,7 +68,7 @@ def prepare_forward(
 
     from ..encoders import resolve_device
 
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dev = resolve_device(device)
     prec = resolve_precision(dev, amp, channels_last)
     encoder.to(dev, channels_last=prec.channels_last)
     model = _forward_fn(encoder, dev, compile)

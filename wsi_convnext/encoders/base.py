@@ -30,7 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._registry import Registry
 from ..errors import ConfigError, EncoderError, WeightsError, one_line
+from ..params import ParameterError, check_params, one_of, param
 from .device import resolve_device
 
 if TYPE_CHECKING:
@@ -116,6 +118,9 @@ class EncoderFamily(ABC):
     model_hint: str
     #: Extra ``timm.create_model`` arguments the family sets itself (refused from callers).
     reserved_timm_kwargs: frozenset[str] = frozenset()
+    #: Name prefixes of the family's models, for checking a model name without importing torch
+    #: (empty: the family cannot tell cheaply; :meth:`owns` decides when the encoder is built).
+    model_prefixes: tuple[str, ...] = ()
 
     @abstractmethod
     def owns(self, model: str) -> bool:
@@ -215,13 +220,12 @@ def _as_patterns(spec: Any) -> list[re.Pattern[str]]:
 
 
 #: Registry of encoder families by name. Extend with :func:`register_family`.
-FAMILIES: dict[str, EncoderFamily] = {}
+FAMILIES: Registry[EncoderFamily] = Registry("encoder family", error=EncoderError)
 
 
-def register_family(family: EncoderFamily) -> EncoderFamily:
-    """Add (or replace) ``family`` in :data:`FAMILIES`; returns it (usable as a class decorator's body)."""
-    FAMILIES[family.name] = family
-    return family
+def register_family(family: EncoderFamily, *, replace: bool = False) -> EncoderFamily:
+    """Add ``family`` to :data:`FAMILIES` (the :class:`~wsi_convnext._registry.Registry` rule); returns it."""
+    return FAMILIES.register(family.name, family, replace=replace)
 
 
 def family_for(model: str) -> EncoderFamily:
@@ -237,6 +241,21 @@ def family_for(model: str) -> EncoderFamily:
             return family
     hints = "; ".join(f.model_hint for f in FAMILIES.values()) or "no encoder family is registered"
     raise EncoderError(f"unknown model {model!r} (no encoder family builds it): {hints}")
+
+
+def _candidate_families(model: str) -> list[EncoderFamily]:
+    """The registered families that may build ``model``, told by name without importing torch."""
+    arch = model.partition(".")[0]
+    return [f for f in FAMILIES.values() if not f.model_prefixes or arch.startswith(f.model_prefixes)]
+
+
+def _check_model(model: Any) -> str | None:
+    """``param()`` check: a model name some registered family may build."""
+    if not isinstance(model, str) or not model:
+        return f"must be a model name such as {DEFAULT_MODEL!r}"
+    if _candidate_families(model):
+        return None
+    return "must be a model of a registered encoder family (" + "; ".join(f.model_hint for f in FAMILIES.values()) + ")"
 
 
 def _family_of_module(model: nn.Module) -> EncoderFamily:
@@ -312,7 +331,7 @@ class EncoderConfig:
     Attributes:
         model: Model name, optionally with a pretrained tag (``convnext_tiny.fb_in1k``).
         stem: Name of one of the family's stems; ``None``: the weights' metadata stem, else the
-            family default (``"patch"`` for ConvNeXt).
+            family's ``default_stem``.
         weights: Path of a safetensors file or torch state dict.
         pretrained: Load timm's pretrained weights (Hugging Face cache, downloaded when online).
         stem_init: Name in :data:`STEM_INITS` (default ``"checkpoint"``).
@@ -320,13 +339,20 @@ class EncoderConfig:
         timm_kwargs: Extra ``timm.create_model`` keyword arguments as sorted ``(name, value)`` pairs.
     """
 
-    model: str = DEFAULT_MODEL
-    stem: str | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    stem_init: str | None = None
-    resize: str | None = None
+    model: str = param(DEFAULT_MODEL, check=_check_model, doc="encoder model name (timm), e.g. convnext_tiny")
+    stem: str | None = param(None, doc="encoder stem (default: the weights' stem, else the family's)")
+    weights: str | None = param(None, doc="weights file or finetune output folder")
+    pretrained: bool = param(False, doc="timm pretrained weights (Hugging Face cache)")
+    stem_init: str | None = param(None, check=one_of(STEM_INITS), doc="checkpoint (convert the stem) or random")
+    resize: str | None = param(None, check=one_of(lambda: RESIZE_POLICIES), doc="tile resize policy before the encoder")
     timm_kwargs: tuple[tuple[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        check_params(self)
+        families = _candidate_families(self.model)
+        if self.stem is not None and not any(self.stem in f.stems for f in families):
+            names = ", ".join(repr(n) for f in families for n in f.stems)
+            raise ParameterError("stem", f"must be one of {names} (the stems of {self.model!r})", self.stem)
 
     def build(self) -> Encoder:
         """Build the :class:`Encoder` this configuration describes."""
@@ -469,7 +495,7 @@ class Encoder:
         import torch
 
         if device is not None:
-            dev = device if isinstance(device, torch.device) else resolve_device(device)
+            dev = resolve_device(device)
             self.model.to(dev)
         if channels_last is not None:
             self.channels_last = bool(channels_last)
@@ -610,7 +636,7 @@ def build_encoder(
         model: Model name, optionally with a pretrained tag (``convnext_tiny.fb_in1k``).
         stem: One of the family's stems (name or object). ``None``: the stem recorded in the
             weights' metadata (``wsi_convnext.stem``, see :func:`~.weights.read_weights_metadata`),
-            else the family default (``"patch"`` for ConvNeXt). A stem that differs from the
+            else the family's ``default_stem``. A stem that differs from the
             recorded one is an error unless ``stem_init`` is given explicitly (then the recorded
             stem is converted, e.g. ``patch`` → ``overlap`` exactly, or initialised fresh).
         weights: Weights file, or a ``finetune`` output folder holding ``encoder.safetensors``
@@ -625,7 +651,8 @@ def build_encoder(
     ``weights_sha256 == "random"``), drawn with the fixed seed :data:`RANDOM_INIT_SEED`.
 
     Raises:
-        EncoderError: Unknown model, unknown stem/stem_init/resize, bad timm kwargs, a stem
+        ParameterError: A stem, stem_init or resize that :class:`EncoderConfig` refuses.
+        EncoderError: Unknown model, bad timm kwargs, a stem
             that disagrees with the weights' metadata, or a stem conversion that is impossible.
         ConfigError: Both ``weights`` and ``pretrained``.
         InputNotFoundError, WeightsError: See :func:`~.weights.load_weights`; weights made for
@@ -634,10 +661,10 @@ def build_encoder(
     from .weights import find_pretrained_file, load_weights, read_weights_metadata, resolve_weights_path
 
     family = family_for(model)
-    stem_init_name = _stem_init_name(stem_init)
+    # The values are checked once, here where they enter, by EncoderConfig's param() checks.
+    EncoderConfig(model, stem=stem if isinstance(stem, str) else None, stem_init=stem_init, resize=resize)
+    stem_init_name = DEFAULT_STEM_INIT if stem_init is None else stem_init
     resize_name = DEFAULT_RESIZE if resize is None else resize
-    if resize_name not in RESIZE_POLICIES:
-        raise EncoderError(f"unknown resize policy {resize_name!r}: choose one of {', '.join(RESIZE_POLICIES)}")
     if weights is not None and pretrained:
         raise ConfigError("pass either weights (--weights PATH) or pretrained (--pretrained), not both")
     reserved = sorted((_RESERVED_TIMM_KWARGS | family.reserved_timm_kwargs) & timm_kwargs.keys())

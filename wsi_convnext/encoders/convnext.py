@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._registry import Registry
 from ..errors import EncoderError, WeightsError, one_line
 from .base import EncoderFamily, register_family
 
@@ -73,13 +74,13 @@ class StemSpec:
 
 
 #: Registry of stems by name. Extend with :func:`register_stem`.
-STEMS: dict[str, StemSpec] = {}
+STEMS: Registry[StemSpec] = Registry("stem", error=EncoderError)
 
 
-def register_stem(spec: StemSpec) -> StemSpec:
-    """Add (or replace) a stem in :data:`STEMS`; ``spec.timm_stem_type`` must be one timm knows."""
-    STEMS[spec.name] = spec
-    return spec
+def register_stem(spec: StemSpec, *, replace: bool = False) -> StemSpec:
+    """Add a stem to :data:`STEMS` (the :class:`~wsi_convnext._registry.Registry` rule);
+    ``spec.timm_stem_type`` must be one timm knows."""
+    return STEMS.register(spec.name, spec, replace=replace)
 
 
 register_stem(StemSpec("patch", "patch", "patch", True, "stock 4x4 stride-4 conv + norm"))
@@ -244,6 +245,7 @@ class ConvNeXtFamily(EncoderFamily):
     name = "convnext"
     stems = STEMS
     default_stem = DEFAULT_STEM
+    model_prefixes = ("convnext", "test_convnext")
     model_hint = "list valid names with timm.list_models('convnext*') (e.g. convnext_atto ... convnext_xlarge)"
     reserved_timm_kwargs = frozenset({"stem_type"})
 

@@ -1,21 +1,33 @@
-"""Compute devices: turn a user's device string into a usable :class:`torch.device`."""
+"""Compute devices: the device strings users may give, and turning one into a usable :class:`torch.device`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DeviceError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["DEVICE_FORMS", "check_device", "resolve_device"]
+
+#: The device strings users may give (the one list for help texts, checks and messages).
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps(:0)?)$")
 
 
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """Turn ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` into a usable device.
+def check_device(device: Any) -> str | None:
+    """``param()`` check of a device string (its form only; no torch import): ``"must be ..."`` or None."""
+    ok = isinstance(device, str) and _DEVICE.match(device.strip().lower())
+    return None if ok else f"must be {DEVICE_FORMS}"
 
-    ``"auto"`` (or ``None``) picks CUDA if available, else MPS if available, else CPU.
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn a device string (:data:`DEVICE_FORMS`) or a :class:`torch.device` into a usable device.
+
+    ``"auto"`` (or ``None``) picks CUDA if available, else MPS if available, else CPU; a
+    :class:`torch.device` is returned as it is.
 
     Raises:
         DeviceError: The device string is unknown or the device is not available (one line
@@ -23,6 +35,8 @@ def resolve_device(device: str | None = "auto") -> torch.device:
     """
     import torch
 
+    if isinstance(device, torch.device):
+        return device
     spec = "auto" if device is None else str(device).strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
@@ -31,10 +45,10 @@ def resolve_device(device: str | None = "auto") -> torch.device:
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
+    try:  # the form was checked where the string entered (check_device); torch's own refusal, in our words
         dev = torch.device(spec)
     except (RuntimeError, ValueError) as exc:
-        raise DeviceError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+        raise DeviceError(f"device must be {DEVICE_FORMS}, got {device!r}") from exc
     if dev.type == "cpu":
         return dev
     if dev.type == "cuda":
@@ -56,4 +70,4 @@ def resolve_device(device: str | None = "auto") -> torch.device:
                 f"device {device!r} requested but MPS is not available; use --device cpu or --device auto"
             )
         return dev
-    raise DeviceError(f"device {device!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    raise DeviceError(f"device {device!r} is not supported: use {DEVICE_FORMS}")

@@ -193,7 +193,7 @@ def compare_finetuned(
     out_dir: PathLike,
     *,
     model: str = "convnext_atto",
-    stem: str = "patch",
+    stem: str | None = None,
     aggregators: Sequence[str] = ("dsmil",),
     recipe: Mapping[str, Any] | None = None,
     folds: int = 5,
@@ -214,7 +214,7 @@ def compare_finetuned(
         held_out_labels: Their labels CSV.
         out_dir: Output folder: ``encoder/`` (ENC_DIR) and ``mil-<aggregator>-<features>/``.
         model: timm ConvNeXt name (both encoders).
-        stem: Encoder stem (both encoders).
+        stem: Encoder stem (both encoders); None: the family's default.
         aggregators: MIL aggregators to run on both feature sets.
         recipe: :class:`~.config.FinetuneConfig` fields overriding :data:`DEFAULT_RECIPE`.
         folds: Cross-validation folds (fewer when a class has fewer held-out patients).

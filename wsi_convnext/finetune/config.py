@@ -10,6 +10,8 @@ from typing import Any
 from .._io import json_sha256
 from ..data.labelled import BALANCE_MODES, SIZE_POLICIES
 from ..errors import ConfigError
+from ..encoders import EncoderConfig
+from ..encoders.device import DEVICE_FORMS, check_device
 from ..params import at_least, check_params, fraction, half_open, non_negative, one_of, param, positive
 
 __all__ = ["AUGMENTATIONS", "FinetuneConfig", "parse_freeze"]
@@ -65,7 +67,7 @@ class FinetuneConfig:
         out: Output folder (ENC_DIR).
         labels: Labels CSV ``slide_id,label[,patient_id][,split]`` for stores (weak labels).
         model: timm ConvNeXt name.
-        stem: Stem name (``wsi_convnext.encoders.STEMS``).
+        stem: Stem name (``wsi_convnext.encoders.STEMS``); None: the stem recorded with the weights, else the family's default.
         weights: Starting weights: a weights file, or an earlier finetune output folder.
         pretrained: Start from timm's pretrained weights (local cache).
         stem_init: ``checkpoint`` or ``random`` (see ``wsi_convnext.encoders.STEM_INITS``).
@@ -92,7 +94,7 @@ class FinetuneConfig:
         patience: Stop after this many epochs without a better validation score (None: never).
         drop_path: Stochastic depth rate.
         seed: Seed of the initialisation (scratch), data order, augmentation and split.
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        device: A device string (``wsi_convnext.encoders.device.DEVICE_FORMS``).
         compile: ``torch.compile`` the model (CUDA only; ignored elsewhere).
         num_workers: DataLoader worker processes (default: up to 4, leaving one core).
         threads: torch CPU threads of the training process (default: torch's own choice). On a
@@ -106,7 +108,7 @@ class FinetuneConfig:
     out: str
     labels: str | None = None
     model: str = "convnext_atto"
-    stem: str = "patch"
+    stem: str | None = None
     weights: str | None = None
     pretrained: bool = False
     stem_init: str | None = None
@@ -131,7 +133,7 @@ class FinetuneConfig:
     patience: int | None = param(None, check=at_least(1), doc="epochs without improvement before stopping")
     drop_path: float = param(0.0, check=half_open(0, 1), doc="stochastic depth rate")
     seed: int = param(0, doc="seed of initialisation, data order, augmentation and split")
-    device: str = "auto"
+    device: str = param("auto", check=check_device, doc=f"training device: {DEVICE_FORMS}")
     compile: bool = param(False, doc="torch.compile the model (CUDA only)")
     num_workers: int | None = param(None, check=non_negative, doc="DataLoader worker processes")
     threads: int | None = param(None, check=at_least(1), doc="torch CPU threads of the training process")
@@ -150,6 +152,7 @@ class FinetuneConfig:
         if self.weights is not None and self.pretrained:
             raise ConfigError("pass either --weights or --pretrained, not both")
         check_params(self)
+        EncoderConfig(model=self.model, stem=self.stem, stem_init=self.stem_init)  # the encoder's own checks
         parse_freeze(self.freeze)
         if self.epochs is None and self.steps is None:
             object.__setattr__(self, "epochs", 10)

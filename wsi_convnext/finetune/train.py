@@ -22,7 +22,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -173,7 +173,8 @@ def prepare_model(
     src_stem = source.get("stem")
     start = StartPoint(
         kind, encoder.weights_path, encoder.weights_sha256,
-        stem_converted=bool(weights is not None or config.pretrained) and (src_stem or "patch") != config.stem,
+        stem_converted=bool(weights is not None or config.pretrained)
+        and (src_stem or encoder.family.default_stem) != encoder.config.stem,
         source_config=source,
     )  # fmt: skip
     if kind == "scratch":
@@ -379,6 +380,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     train_tiles.require_classes(2)
 
     encoder, head, start = prepare_model(cfg, tiles.classes)
+    cfg = replace(cfg, stem=encoder.config.stem)  # the stem the weights or the family chose
     fingerprint = cfg.training_fingerprint(tiles.data_fingerprint(), start.weights_sha256)
     if out.exists():
         done = read_fingerprint(out)

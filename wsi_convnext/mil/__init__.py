@@ -20,8 +20,8 @@ __getattr__, __all__ = lazy_exports(
     __name__,
     {
         "data": ("Bag", "load_bags"),
-        "aggregators": ("AGGREGATORS", "Aggregator", "AggregatorOutput", "register_aggregator", "build_aggregator"),
-        "config": ("TrainConfig",),
+        "aggregators": ("Aggregator", "AggregatorOutput", "register_aggregator", "build_aggregator"),
+        "config": ("AGGREGATORS", "TrainConfig"),
         "training": ("CVResult", "cross_validate", "train_model"),
         "model": ("TrainedModel",),
         "synthetic": ("make_synthetic_cohort",),

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .config import AGGREGATORS
 
 __all__ = [
     "AGGREGATORS",
@@ -43,8 +44,6 @@ __all__ = [
     "CLAMSingleBranch",
 ]
 
-AGGREGATORS: dict[str, type[Aggregator]] = {}
-"""Registry: aggregator name → class. Fill it with :func:`register_aggregator`."""
 
 _A = TypeVar("_A", bound="Aggregator")
 
@@ -111,16 +110,15 @@ class Aggregator(nn.Module):
         raise NotImplementedError
 
 
-def register_aggregator(name: str) -> Callable[[type[_A]], type[_A]]:
-    """Class decorator that adds an :class:`Aggregator` subclass to :data:`AGGREGATORS` under ``name``."""
+def register_aggregator(name: str, *, replace: bool = False) -> Callable[[type[_A]], type[_A]]:
+    """Class decorator that adds an :class:`Aggregator` subclass to :data:`AGGREGATORS` under ``name``
+    (the :class:`~wsi_convnext._registry.Registry` rule)."""
 
     def deco(cls: type[_A]) -> type[_A]:
-        if name in AGGREGATORS and AGGREGATORS[name] is not cls:
-            raise ConfigError(f"aggregator name {name!r} is already registered by {AGGREGATORS[name].__name__}")
         if not (isinstance(cls, type) and issubclass(cls, Aggregator)):
             raise TypeError(f"@register_aggregator({name!r}) must decorate an Aggregator subclass")
+        AGGREGATORS.register(name, cls, replace=replace)
         cls.name = name
-        AGGREGATORS[name] = cls
         return cls
 
     return deco
@@ -134,12 +132,7 @@ def aggregator_defaults(name: str) -> dict[str, Any]:
 
 
 def _get_class(name: str) -> type[Aggregator]:
-    try:
-        return AGGREGATORS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown aggregator {name!r}; choose one of: {', '.join(sorted(AGGREGATORS))}"
-        ) from None
+    return AGGREGATORS.lookup(name)
 
 
 def build_aggregator(name: str, in_dim: int, n_classes: int, **kwargs: Any) -> Aggregator:

@@ -6,10 +6,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .._registry import Registry
 from ..errors import ConfigError
+from ..encoders.device import check_device
 from ..params import at_least, check_params, half_open, non_negative, param, positive
 
-__all__ = ["ProgressFn", "TrainConfig"]
+__all__ = ["AGGREGATORS", "ProgressFn", "TrainConfig"]
+
+#: Registry: aggregator name → :class:`~wsi_convnext.mil.aggregators.Aggregator` subclass (fill it with
+#: ``@register_aggregator``). It lives here, free of torch, so that front ends list the names
+#: instantly; the built-ins are declared and registered by :mod:`.aggregators` on first lookup.
+AGGREGATORS: Registry[Any] = Registry(
+    "aggregator", loader="wsi_convnext.mil.aggregators", declares=("mean", "maxpool", "abmil", "dsmil", "clam_sb")
+)
 
 #: Progress callback of the MIL functions and the demo: ``progress(description, done, total)``.
 ProgressFn = Callable[[str, int, int], None]
@@ -72,7 +81,7 @@ class TrainConfig:
     max_instances: int | None = param(None, check=at_least(1), doc="tiles sampled per bag and step (None: all)")
     bags_per_step: int = param(1, check=at_least(1), doc="bags accumulated per optimiser step")
     num_threads: int | None = param(None, check=at_least(1), doc="torch CPU threads while training")
-    device: str = param("cpu", doc="torch device for training")
+    device: str = param("cpu", check=check_device, doc="torch device for training")
 
     @classmethod
     def create(cls, base: TrainConfig | None = None, **kwargs: Any) -> TrainConfig:

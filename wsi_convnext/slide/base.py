@@ -32,8 +32,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._image import rgb_uint8
-from ..errors import ConfigError, InputNotFoundError, SlideOpenError, SlideReadError
-from .mpp import APERIO_APPMAG, aperio_value, float_or_none, metadata_mpp
+from .._registry import Registry
+from ..errors import ConfigError, InputNotFoundError, MppError, SlideOpenError, SlideReadError
+from .mpp import APERIO_APPMAG, aperio_value, check_slide_mpp, float_or_none, metadata_mpp, resolve_mpp
 from .tiff import TiffTags
 
 logger = logging.getLogger(__name__)
@@ -107,9 +108,12 @@ class BaseSlideReader(ABC):
         objective_power: Scanner objective magnification (e.g. 20.0, 40.0), ``None`` if absent.
         associated_images: Names of the associated images (``"label"``, ``"macro"``, ...).
         properties: Backend properties as strings (read-only).
+        slide_mpp: Level-0 µm/px the pipeline uses (see :func:`~.mpp.resolve_mpp`).
     """
 
     backend: ClassVar[str] = ""
+    #: The level-0 µm/px given to :func:`open_slide` (``slide_mpp``, checked there), or None.
+    slide_mpp_override: float | None = None
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -141,6 +145,15 @@ class BaseSlideReader(ABC):
         if self.objective_power is None:
             self.objective_power = aperio_value(meta, APERIO_APPMAG, "aperio.AppMag")
         self.mpp_x, self.mpp_y, self.mpp_source = metadata_mpp(self.backend, meta)
+
+    @property
+    def slide_mpp(self) -> float:
+        """Level-0 µm/px: the ``slide_mpp`` this slide was opened with, else its metadata's.
+
+        Raises:
+            MppError: No ``slide_mpp`` and no usable metadata value (see :func:`~.mpp.resolve_mpp`).
+        """
+        return resolve_mpp(self)[0]
 
     # ----------------------------------------------------------------- backend hooks
     @abstractmethod
@@ -336,21 +349,23 @@ class BaseSlideReader(ABC):
 
 # --------------------------------------------------------------------------- registry
 # Filled by the backend modules (openslide, then tiffslide) when the package is imported.
-_BACKENDS: dict[str, Callable[[Path], BaseSlideReader]] = {}
+_BACKENDS: Registry[Callable[[Path], BaseSlideReader]] = Registry("slide backend")
 _AUTO_ORDER: list[str] = []
 
 
-def register_backend(name: str, cls: Callable[[Path], BaseSlideReader], *, auto: bool = True) -> None:
-    """Register a slide backend under ``name`` (replacing one of the same name).
+def register_backend(name: str, cls: Callable[[Path], BaseSlideReader], *, auto: bool = True,
+                     replace: bool = False) -> None:  # fmt: skip
+    """Register a slide backend under ``name`` (the rule of :class:`~wsi_convnext._registry.Registry`).
 
     Args:
         name: Backend name used by ``open_slide(path, backend=name)``.
         cls: Callable (normally a :class:`BaseSlideReader` subclass) that opens a path or raises.
         auto: Also try it, after the already registered ones, when ``backend="auto"``.
+        replace: Replace another backend of that name.
     """
-    if not name or name == "auto":
+    if name == "auto":
         raise ConfigError(f"invalid slide backend name {name!r}")
-    _BACKENDS[name] = cls
+    _BACKENDS.register(name, cls, replace=replace)
     if auto and name not in _AUTO_ORDER:
         _AUTO_ORDER.append(name)
     if not auto and name in _AUTO_ORDER:
@@ -359,7 +374,7 @@ def register_backend(name: str, cls: Callable[[Path], BaseSlideReader], *, auto:
 
 def available_backends() -> tuple[str, ...]:
     """Names of the registered backends, in ``"auto"`` order first."""
-    return tuple(_AUTO_ORDER) + tuple(n for n in _BACKENDS if n not in _AUTO_ORDER)
+    return tuple(_AUTO_ORDER) + tuple(n for n in _BACKENDS.names() if n not in _AUTO_ORDER)
 
 
 def backend_reference(name: str) -> str:
@@ -371,10 +386,7 @@ def backend_reference(name: str) -> str:
     Raises:
         ConfigError: Unknown backend name.
     """
-    try:
-        obj = _BACKENDS[name]
-    except KeyError:
-        raise ConfigError(f"unknown slide backend {name!r}; choose one of: {', '.join(available_backends())}") from None
+    obj = _BACKENDS.lookup(name)
     return f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
 
 
@@ -404,21 +416,27 @@ def ensure_backend(name: str, reference: str) -> None:
     register_backend(name, obj, auto=False)
 
 
-def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> BaseSlideReader:
+def open_slide(path: str | os.PathLike[str], backend: str = "auto", *, slide_mpp: float | None = None) -> BaseSlideReader:
     """Open a whole-slide image.
 
     Args:
         path: Slide file (for DICOM: any file of the series; for MIRAX: the ``.mrxs``).
+        slide_mpp: Level-0 µm/px that overrides the metadata (``--slide-mpp``, a manifest's
+            ``slide_mpp`` column); checked here, once, and carried by the reader.
         backend: A registered backend name, or ``"auto"`` to try ``openslide`` then ``tiffslide``
             (so plain, non-pyramidal TIFFs also open).
 
     Raises:
         InputNotFoundError: ``path`` does not exist.
+        MppError: ``slide_mpp`` is not a plausible level-0 µm/px.
         ConfigError: Unknown backend name.
         SlideOpenError: No backend can open the file; the message lists each backend's reason.
             The exception's ``backend_errors`` attribute maps backend name to reason.
     """
     p = Path(path)
+    problem = None if slide_mpp is None else check_slide_mpp(slide_mpp)
+    if problem:
+        raise MppError(f"{p}: slide_mpp {problem}, got {slide_mpp!r}")
     if not p.exists():
         raise InputNotFoundError(f"{p}: slide file not found")
     if p.is_dir():
@@ -434,6 +452,7 @@ def open_slide(path: str | os.PathLike[str], backend: str = "auto") -> BaseSlide
     for name in names:
         try:
             reader = _BACKENDS[name](p)
+            reader.slide_mpp_override = None if slide_mpp is None else float(slide_mpp)
         except Exception as exc:
             reasons[name] = getattr(exc, "reason", None) or short_reason(exc)
             last = exc

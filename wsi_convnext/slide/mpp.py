@@ -28,42 +28,41 @@ RESOLUTION_UNITS: dict[int, tuple[str, float]] = {
     4: ("mm", 1000.0),
     5: ("um", 1.0),
 }
+#: The plausible range of a level-0 resolution for microscopy, µm/px.
+MIN_MPP, MAX_MPP = 0.05, 100.0
+
+
+def check_slide_mpp(value: Any) -> str | None:
+    """``param()`` check of a level-0 µm/px given by a user (``slide_mpp``): ``"must be ..."`` or None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and MIN_MPP <= value <= MAX_MPP
+    return None if ok else (
+        f"must be the level-0 µm/px, between {MIN_MPP:g} and {MAX_MPP:g} (about 0.25 for 40x, 0.5 for 20x scans)"
+    )
+
+
 APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([-+0-9.eE]+)")
 APERIO_APPMAG = re.compile(r"\|\s*AppMag\s*=\s*([-+0-9.eE]+)")
 
 
-def resolve_mpp(
-    reader: BaseSlideReader,
-    override: float | None = None,
-    *,
-    max_mpp: float = 100.0,
-    min_mpp: float = 0.05,
-    anisotropy_tolerance: float = 0.02,
-) -> tuple[float, str]:
+def resolve_mpp(reader: BaseSlideReader, *, anisotropy_tolerance: float = 0.02) -> tuple[float, str]:
     """Return the slide's isotropic level-0 resolution in µm/px and where it came from.
 
-    An explicit ``override`` wins (source ``"override"``) and is the way to accept a slide whose
-    metadata is missing or absurd. Otherwise the metadata value is used. Nothing is ever guessed.
+    The ``slide_mpp`` given to :func:`~wsi_convnext.slide.open_slide` (checked there, carried by
+    the reader) wins (source ``"override"``) and is the way to accept a slide whose metadata is
+    missing or absurd. Otherwise the metadata value is used. Nothing is ever guessed.
 
     Args:
         reader: An open slide.
-        override: User-supplied level-0 µm/px (``--slide-mpp`` or the manifest's ``mpp`` column).
-        max_mpp, min_mpp: Plausible range for microscopy, µm/px.
         anisotropy_tolerance: Largest accepted relative difference between x and y µm/px; within
             it the mean is used.
 
     Raises:
-        MppError: Override outside the range; metadata missing, outside the range, or anisotropic.
+        MppError: Metadata missing, outside the plausible range, or anisotropic (and no ``slide_mpp``).
     """
     name = reader.path
-    if override is not None:
-        value = float(override)
-        if not (math.isfinite(value) and min_mpp <= value <= max_mpp):
-            raise MppError(
-                f"{name}: mpp override {override} µm/px is outside the plausible range "
-                f"[{min_mpp:g}, {max_mpp:g}]; give the level-0 resolution in micrometres per pixel "
-                f"(about 0.25 for 40x, 0.5 for 20x scans)"
-            )
+    value = reader.slide_mpp_override
+    min_mpp, max_mpp = MIN_MPP, MAX_MPP
+    if value is not None:
         if reader.mpp_x is not None and not math.isclose(value, reader.mpp_x, rel_tol=anisotropy_tolerance):
             logger.info(
                 "%s: using mpp override %g instead of metadata %g (%s)", name, value, reader.mpp_x, reader.mpp_source
@@ -73,14 +72,14 @@ def resolve_mpp(
     if mx is None or my is None:
         raise MppError(
             f"{name}: no microns-per-pixel in the slide metadata; "
-            "pass --slide-mpp X or add an `mpp` column to the CSV manifest"
+            "pass --slide-mpp X or add a `slide_mpp` column to the CSV manifest"
         )
     for v in (mx, my):
         if not (math.isfinite(v) and min_mpp <= v <= max_mpp):
             raise MppError(
                 f"{name}: metadata mpp {v:.6g} µm/px (from {source}) is implausible for microscopy "
                 f"(expected {min_mpp:g} to {max_mpp:g}); if you know the true resolution pass --slide-mpp X "
-                "or add an `mpp` column to the CSV manifest"
+                "or add a `slide_mpp` column to the CSV manifest"
             )
     if abs(mx - my) > anisotropy_tolerance * min(mx, my):
         raise MppError(

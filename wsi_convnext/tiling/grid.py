@@ -69,17 +69,17 @@ class TileGrid:
 
 def select_level(
     level_downsamples: tuple[float, ...] | list[float],
+    *,
     slide_mpp: float,
     target_mpp: float,
-    *,
     allow_upsample: bool = False,
 ) -> int:
     """Pick the coarsest pyramid level that is still at least as fine as the target.
 
     Args:
         level_downsamples: Downsample of each level relative to level 0.
-        slide_mpp: Level-0 resolution, µm/px.
-        target_mpp: Wanted output resolution, µm/px.
+        slide_mpp: Level-0 resolution, µm/px (checked where it entered, > 0).
+        target_mpp: Wanted output resolution, µm/px (checked where it entered, > 0).
         allow_upsample: Accept a target finer than level 0 (the tiles are then upsampled).
 
     Returns:
@@ -88,8 +88,6 @@ def select_level(
     Raises:
         MppError: The target is finer than the scan and ``allow_upsample`` is false.
     """
-    if target_mpp <= 0 or slide_mpp <= 0:
-        raise MppError(f"mpp must be positive, got target {target_mpp} and slide {slide_mpp}")
     wanted = target_mpp / slide_mpp  # downsample from level 0 that gives the target
     if wanted < 1.0 - _DOWNSAMPLE_RTOL and not allow_upsample:
         raise MppError(
@@ -106,10 +104,10 @@ def select_level(
 def plan_grid(
     dimensions: tuple[int, int],
     level_downsamples: tuple[float, ...] | list[float],
+    *,
     slide_mpp: float,
     target_mpp: float,
     tile_size: int,
-    *,
     overlap: int = 0,
     allow_upsample: bool = False,
 ) -> TileGrid:
@@ -130,7 +128,7 @@ def plan_grid(
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     if not 0 <= overlap < tile_size:
         raise ValueError(f"overlap must be in [0, tile_size), got {overlap}")
-    level = select_level(level_downsamples, slide_mpp, target_mpp, allow_upsample=allow_upsample)
+    level = select_level(level_downsamples, slide_mpp=slide_mpp, target_mpp=target_mpp, allow_upsample=allow_upsample)
     factor = target_mpp / slide_mpp
     extent0 = tile_size * factor
     stride0 = (tile_size - overlap) * factor

@@ -422,10 +422,10 @@ def tile_slide(
 
     with ExitStack() as stack:
         stack.enter_context(path_lock(final, wait=wait))
-        reader = stack.enter_context(open_slide(path, backend=params.backend))
+        reader = stack.enter_context(open_slide(path, backend=params.backend, slide_mpp=slide_mpp))
         pixels = stack.enter_context(_pixel_reader(reader, params))
         try:
-            mpp, mpp_source = resolve_mpp(reader, slide_mpp)
+            mpp, mpp_source = resolve_mpp(reader)
         except MppError as exc:  # the slide opened: still show what it looks like
             qc = write_failed_qc(qc_path, pixels, slide_id, "no usable µm/px")
             if qc is None:
@@ -449,8 +449,8 @@ def tile_slide(
 
         try:
             grid = plan_grid(
-                reader.dimensions, reader.level_downsamples, mpp, params.mpp, params.tile_size,
-                overlap=params.overlap, allow_upsample=params.allow_upsample,
+                reader.dimensions, reader.level_downsamples, slide_mpp=mpp, target_mpp=params.mpp,
+                tile_size=params.tile_size, overlap=params.overlap, allow_upsample=params.allow_upsample,
             )  # fmt: skip
         except MppError as exc:
             raise MppError(f"{path}: {exc}; choose a coarser --mpp or pass --allow-upsample") from exc

@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import logging
 import math
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .._image import rgb_uint8
+from .._registry import Registry
+from ..coercion import Mismatch, coerce
 from ..errors import ConfigError, MppError
+from ..params import ParameterError, check_params, one_of, param
 
 __all__ = [
     "TissueParams",
@@ -59,6 +63,27 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def _range(what: str, low: float, high: float, *, open_low: bool = False) -> Callable[[Any], str | None]:
+    """Check: a number in [low, high] ((low, high] with ``open_low``), called ``what`` in the message."""
+
+    def check(v: Any) -> str | None:
+        ok = (low < v if open_low else low <= v) and v <= high and math.isfinite(v)
+        bounds = f"[{low:g}, {high:g}]" if math.isfinite(high) else ""
+        return None if ok else f"must be {what}" + (f" in {bounds}" if bounds else "")
+
+    return check
+
+
+_SATURATION = _range("a saturation", 0.0, 1.0)
+_INTENSITY = _range("an intensity", 0.0, 255.0)
+_LENGTH = _range("a finite value >= 0", 0.0, math.inf)
+
+
+def _hue_window(v: tuple[float, float]) -> str | None:
+    lo, hi = v
+    return None if 0.0 <= lo <= hi <= 360.0 else "must satisfy 0 <= low <= high <= 360"
 
 
 @dataclass(frozen=True)
@@ -105,81 +130,39 @@ class TissueParams:
         min_object_um2: Connected tissue pieces smaller than this are dropped.
     """
 
-    mask_mpp: float = 8.0
-    method: str = "otsu-saturation"
-    min_saturation: float = 0.07
-    max_saturation_threshold: float = 0.15
-    pale_min_od: float = 0.15
-    pale_min_saturation: float = 0.04
-    max_brightness: float = 235.0
-    smooth_um: float = 8.0
+    mask_mpp: float = param(8.0, check=_range("a positive µm/px value", 0, math.inf, open_low=True))
+    method: str = param("otsu-saturation", check=one_of(lambda: _METHODS.names()))
+    min_saturation: float = param(0.07, check=_SATURATION)
+    max_saturation_threshold: float = param(0.15, check=_SATURATION)
+    pale_min_od: float = param(0.15, check=_LENGTH)
+    pale_min_saturation: float = param(0.04, check=_SATURATION)
+    max_brightness: float = param(235.0, check=_INTENSITY)
+    smooth_um: float = param(8.0, check=_LENGTH)
     remove_blue_ink: bool = True
-    blue_ink_hue: tuple[float, float] = (190.0, 235.0)
+    blue_ink_hue: tuple[float, float] = param((190.0, 235.0), check=_hue_window)
     remove_green_ink: bool = True
-    green_ink_hue: tuple[float, float] = (70.0, 190.0)
-    ink_min_saturation: float = 0.3
+    green_ink_hue: tuple[float, float] = param((70.0, 190.0), check=_hue_window)
+    ink_min_saturation: float = param(0.3, check=_SATURATION)
     remove_black_ink: bool = True
-    black_max_value: float = 80.0
-    black_max_saturation: float = 0.35
-    ink_min_width_um: float = 40.0
-    ink_margin_um: float = 8.0
-    closing_um: float = 16.0
-    fill_holes_um2: float = 10000.0
-    min_object_um2: float = 2500.0
+    black_max_value: float = param(80.0, check=_INTENSITY)
+    black_max_saturation: float = param(0.35, check=_SATURATION)
+    ink_min_width_um: float = param(40.0, check=_LENGTH)
+    ink_margin_um: float = param(8.0, check=_LENGTH)
+    closing_um: float = param(16.0, check=_LENGTH)
+    fill_holes_um2: float = param(10000.0, check=_LENGTH)
+    min_object_um2: float = param(2500.0, check=_LENGTH)
 
     def __post_init__(self) -> None:
+        # Values arrive as TOML/flag values or Python numbers: converted to the field types (the
+        # one coercion of wsi_convnext.coercion), then checked by the param() checks, once.
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in ("bool", bool):
-                if not isinstance(value, (bool, np.bool_)):
-                    raise ConfigError(f"TissueParams.{f.name}={value!r} must be true or false")
-                object.__setattr__(self, f.name, bool(value))
-            elif f.type in ("float", float):
-                try:
-                    object.__setattr__(self, f.name, float(value))
-                except (TypeError, ValueError):
-                    raise ConfigError(f"TissueParams.{f.name}={value!r} must be a number") from None
-        for name in ("blue_ink_hue", "green_ink_hue"):
-            value = getattr(self, name)
             try:
-                lo, hi = (float(v) for v in value)
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"TissueParams.{name}={value!r} must be a (low, high) pair of hue degrees"
-                ) from None
-            if not 0.0 <= lo <= hi <= 360.0:
-                raise ConfigError(f"TissueParams.{name}={value!r} must satisfy 0 <= low <= high <= 360")
-            object.__setattr__(self, name, (lo, hi))
-        if not (math.isfinite(self.mask_mpp) and self.mask_mpp > 0):
-            raise ConfigError(f"TissueParams.mask_mpp={self.mask_mpp!r} must be a positive µm/px value")
-        if not isinstance(self.method, str) or not self.method:
-            raise ConfigError(f"TissueParams.method={self.method!r} must be a method name, one of {tissue_methods()}")
-        for name in (
-            "min_saturation",
-            "max_saturation_threshold",
-            "pale_min_saturation",
-            "ink_min_saturation",
-            "black_max_saturation",
-        ):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"TissueParams.{name}={value!r} must be a saturation in [0, 1]")
-        for name in ("max_brightness", "black_max_value"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 255.0:
-                raise ConfigError(f"TissueParams.{name}={value!r} must be an intensity in [0, 255]")
-        for name in (
-            "pale_min_od",
-            "smooth_um",
-            "ink_min_width_um",
-            "ink_margin_um",
-            "closing_um",
-            "fill_holes_um2",
-            "min_object_um2",
-        ):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"TissueParams.{name}={value!r} must be a finite value >= 0")
+                object.__setattr__(self, f.name, coerce(hints[f.name], value))
+            except Mismatch as exc:
+                raise ParameterError(f.name, f"must be {exc}", value) from None
+        check_params(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (hue windows become lists)."""
@@ -207,18 +190,21 @@ class TissueParams:
         Raises:
             ConfigError: A one-line message naming the item, for malformed items, unknown keys or bad values.
         """
-        kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        names = sorted(f.name for f in dataclasses.fields(cls))
         values: dict[str, Any] = dict(base or {})
+        given: dict[str, str] = {}
         for item in items:
             key, sep, raw = (part.strip() for part in str(item).partition("="))
             if not sep or not key:
                 raise ConfigError(f"tissue parameter {item!r} must look like key=value, e.g. min_object_um2=1000")
-            if key not in kinds:
-                raise ConfigError(f"unknown tissue parameter {key!r} in {item!r}; valid names: {', '.join(sorted(kinds))}")
-            values[key] = _parse_value(key, raw, kinds[key], item)
-            if key == "method" and values[key] not in _METHODS:
-                raise ConfigError(f"tissue parameter {item!r}: unknown method; choose one of {', '.join(tissue_methods())}")
-        return cls.from_kwargs(**values)
+            if key not in names:
+                raise ConfigError(f"unknown tissue parameter {key!r} in {item!r}; valid names: {', '.join(names)}")
+            values[key], given[key] = raw, str(item)  # converted and checked once, by the constructor
+        try:
+            return cls.from_kwargs(**values)
+        except ParameterError as exc:
+            where = f"tissue parameter {given[exc.name]!r}" if exc.name in given else "tissue parameters"
+            raise ConfigError(f"{where}: {exc.render(exc.name)}") from exc
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> TissueParams:
@@ -231,38 +217,7 @@ class TissueParams:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ConfigError(f"unknown tissue parameter(s) {unknown}; valid names are {sorted(names)}")
-        clean = {k: v for k, v in kwargs.items() if v is not None}
-        for name in ("blue_ink_hue", "green_ink_hue"):
-            if name in clean and not isinstance(clean[name], str):
-                try:
-                    clean[name] = tuple(clean[name])
-                except TypeError:
-                    pass  # __post_init__ reports it
-        return cls(**clean)
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _parse_value(key: str, raw: str, kind: str, item: str) -> Any:
-    """One ``key=value`` value as the field type ``kind`` (its annotation string)."""
-    if "bool" in kind:
-        if raw.lower() in _TRUE | _FALSE:
-            return raw.lower() in _TRUE
-        raise ConfigError(f"tissue parameter {item!r}: {key} must be true or false")
-    if "tuple" in kind:
-        parts = [v for v in raw.replace("(", "").replace(")", "").split(",") if v.strip()]
-        try:
-            return tuple(float(v) for v in parts)
-        except ValueError:
-            raise ConfigError(f"tissue parameter {item!r}: {key} must be low,high in degrees, e.g. 190,235") from None
-    if "float" in kind:
-        try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"tissue parameter {item!r}: {key} must be a number") from None
-    return raw
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 # --------------------------------------------------------------------------- methods
@@ -290,26 +245,24 @@ class TissueFeatures:
 TissueMethod = Callable[[TissueFeatures, TissueParams], np.ndarray]
 """A method maps features and parameters to a boolean (H, W) candidate mask."""
 
-_METHODS: dict[str, TissueMethod] = {}
+_METHODS: Registry[TissueMethod] = Registry("tissue method")
 
 
-def register_tissue_method(name: str, fn: TissueMethod | None = None) -> Any:
-    """Register a tissue candidate method under ``name`` (usable as a decorator).
+def register_tissue_method(name: str, fn: TissueMethod | None = None, *, replace: bool = False) -> Any:
+    """Register a tissue candidate method under ``name`` (usable as a decorator; the
+    :class:`~wsi_convnext._registry.Registry` rule).
 
     The method gets :class:`TissueFeatures` and :class:`TissueParams` and returns a
     boolean candidate mask; brightness, ink removal and morphology are applied after it.
     """
 
-    def deco(f: TissueMethod) -> TissueMethod:
-        _METHODS[name] = f
-        return f
-
+    deco = _METHODS.decorator(name, replace=replace)
     return deco if fn is None else deco(fn)
 
 
 def tissue_methods() -> tuple[str, ...]:
     """Names of the registered tissue methods."""
-    return tuple(sorted(_METHODS))
+    return tuple(sorted(_METHODS.names()))
 
 
 def _otsu(values: np.ndarray, lo: float, hi: float, bins: int = 256) -> float:
@@ -663,9 +616,7 @@ def _detect(rgb: np.ndarray, mpp: float, params: TissueParams, trace: dict[str, 
         raise MppError(f"detect_tissue: mpp={mpp!r} must be the image's µm/px as a positive number") from None
     if not (math.isfinite(mpp) and mpp > 0):
         raise MppError(f"detect_tissue: mpp={mpp!r} must be the image's µm/px as a positive number")
-    method = _METHODS.get(params.method)
-    if method is None:
-        raise ConfigError(f"unknown tissue method {params.method!r}; choose one of {tissue_methods()}")
+    method = _METHODS.lookup(params.method)
     image, transparent = rgb_uint8(rgb, "rgb")
     h, w = image.shape[:2]
     if h == 0 or w == 0:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._io import json_sha256
 from ..errors import ConfigError
+from .._registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -115,13 +116,12 @@ class TransformSpec:
 
 
 #: Registered transforms by name (``none`` is handled by :func:`build_transform`).
-TRANSFORMS: dict[str, TransformSpec] = {}
+TRANSFORMS: Registry[TransformSpec] = Registry("tile transform")
 
 
-def register_transform(spec: TransformSpec) -> TransformSpec:
-    """Add (or replace) a transform in :data:`TRANSFORMS`."""
-    TRANSFORMS[spec.name] = spec
-    return spec
+def register_transform(spec: TransformSpec, *, replace: bool = False) -> TransformSpec:
+    """Add a transform to :data:`TRANSFORMS` (the :class:`~wsi_convnext._registry.Registry` rule)."""
+    return TRANSFORMS.register(spec.name, spec, replace=replace)
 
 
 def build_transform(name: str, **params: Any) -> TileTransform | None:
@@ -136,9 +136,7 @@ def build_transform(name: str, **params: Any) -> TileTransform | None:
         if given:
             raise ConfigError(f"transform 'none' takes no parameters (got {', '.join(given)}); drop --stain-reference")
         return None
-    if name not in TRANSFORMS:
-        raise ConfigError(f"unknown tile transform {name!r}: choose none or one of {', '.join(TRANSFORMS)}")
-    factory = TRANSFORMS[name].factory
+    factory = TRANSFORMS.lookup(name).factory
     try:
         inspect.signature(factory).bind(**given)
     except TypeError as exc:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..._registry import Registry
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -90,13 +92,12 @@ class ExportFormat:
 STORE_PARTS: tuple[str, ...] = ("tissue_fraction", "tissue_mask", "scores")
 
 #: Export formats by name.
-FORMATS: dict[str, ExportFormat] = {}
+FORMATS: Registry[ExportFormat] = Registry("export format")
 
 
-def register_format(fmt: ExportFormat) -> ExportFormat:
-    """Add (or replace) a format in :data:`FORMATS`."""
-    FORMATS[fmt.name] = fmt
-    return fmt
+def register_format(fmt: ExportFormat, *, replace: bool = False) -> ExportFormat:
+    """Add a format to :data:`FORMATS` (the :class:`~wsi_convnext._registry.Registry` rule)."""
+    return FORMATS.register(fmt.name, fmt, replace=replace)
 
 
 def score_columns(item: SlideExport) -> dict[str, np.ndarray]:
