@@ -5,6 +5,10 @@
   (:class:`EncoderFamily`, :func:`register_family`, :data:`FAMILIES`).
 - :mod:`.convnext`: the ConvNeXt family: its stems (:data:`STEMS`, :class:`StemSpec`,
   :func:`register_stem`) and the exact patch → overlap stem conversion.
+- :mod:`.timm_generic`: the generic family for any other timm model or ``hf-hub:`` id (no stems;
+  ``dynamic_img_size`` where the model takes it).
+- :mod:`.presets`: pathology foundation-model presets (:data:`PRESETS`, :func:`register_preset`):
+  UNI, UNI2-h, Virchow(2), H-optimus-0/1, Prov-GigaPath, kaiko.ai, with their feature recipes.
 - :mod:`.weights`: weights files (safetensors-first, ``weights_only=True``), their metadata, and
   timm's pretrained weights through the Hugging Face cache.
 - :mod:`.device`: :func:`resolve_device`.
@@ -32,7 +36,12 @@ from .base import (
     family_for,
     register_family,
 )
-from .convnext import DEFAULT_STEM, STEMS, ConvNeXtFamily, StemSpec, convert_patch_stem_to_overlap, register_stem
+
+# Registration order matters: later families win, so the generic timm family is the fallback,
+# ConvNeXt keeps its names (stems, exact conversion) and preset names go to the presets.
+from .timm_generic import NO_STEM, TimmFamily  # isort: skip
+from .convnext import DEFAULT_STEM, STEMS, ConvNeXtFamily, StemSpec, convert_patch_stem_to_overlap, register_stem  # isort: skip
+from .presets import PRESETS, RECIPES, Preset, PresetFamily, register_preset  # isort: skip
 from .device import resolve_device
 from .weights import (
     ENCODER_FILE,
@@ -52,6 +61,9 @@ __all__ = [
     "ENCODER_FILE",
     "FAMILIES",
     "META_MODEL",
+    "NO_STEM",
+    "PRESETS",
+    "RECIPES",
     "META_STEM",
     "RANDOM",
     "RESIZE_POLICIES",
@@ -61,9 +73,12 @@ __all__ = [
     "Encoder",
     "EncoderConfig",
     "EncoderFamily",
+    "Preset",
+    "PresetFamily",
     "Stem",
     "StemSpec",
     "TileTransformFn",
+    "TimmFamily",
     "build_encoder",
     "convert_patch_stem_to_overlap",
     "family_for",
@@ -71,6 +86,7 @@ __all__ = [
     "load_weights",
     "read_weights_metadata",
     "register_family",
+    "register_preset",
     "register_stem",
     "resolve_device",
     "save_encoder_weights",
