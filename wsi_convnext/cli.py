@@ -192,6 +192,19 @@ def _stems() -> str:
     return ", ".join(STEMS)
 
 
+def _presets() -> str:
+    """The registered encoder presets for help texts (no torch import)."""
+    from .encoders import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+_MODEL_HELP = (
+    f"Encoder: a timm ConvNeXt (stems), any other timm name or hf-hub:ORG/NAME, or a preset ({_presets()}); "
+    "see docs/encoders.md."
+)
+
+
 def _device_list(devices: str | None) -> list[str] | None:
     return None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
 
@@ -199,8 +212,8 @@ def _device_list(devices: str | None) -> list[str] | None:
 @app.command()
 def embed(
     stores: Annotated[list[Path], typer.Argument(help="Stores (<slide_id>.zarr) or folders of stores.")],
-    model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_tiny",
-    stem: Annotated[Optional[str], typer.Option(help=f"Stem: {_stems()}; default: the stem recorded with --weights, else patch.")] = None,
+    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = "convnext_tiny",
+    stem: Annotated[Optional[str], typer.Option(help=f"ConvNeXt stem: {_stems()}; default: the stem recorded with --weights, else patch.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Weights file (safetensors or state dict), or a finetune output folder.")] = None,
     pretrained: Annotated[bool, typer.Option(help="timm pretrained weights via the Hugging Face cache (downloaded when online unless HF_HUB_OFFLINE=1).")] = False,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
@@ -217,7 +230,7 @@ def embed(
     stain_reference: Annotated[Optional[Path], typer.Option(help="Reference H&E tile/image for --stain (default: built-in).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute embeddings that already exist.")] = False,
 ) -> None:
-    """Stream tiles through a ConvNeXt and store one embedding per tile."""
+    """Stream tiles through an encoder and store one embedding per tile."""
     with _errors():
         from .embed import embed_stores
         from .errors import ConfigError
@@ -296,8 +309,8 @@ def finetune(
     data: Annotated[list[Path], typer.Argument(help="Image folder (one sub-folder per class), CSV path,label[,group][,split], or tile stores (with --labels).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (ENC_DIR): encoder.safetensors, head, config, metrics, curves.")],
     labels: Annotated[Optional[Path], typer.Option(help="For stores: CSV slide_id,label[,patient_id][,split]; every tile takes its slide's label.")] = None,
-    model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_atto",
-    stem: Annotated[str, typer.Option(help=f"Stem: {_stems()}.")] = "patch",
+    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = "convnext_atto",
+    stem: Annotated[Optional[str], typer.Option(help=f"ConvNeXt stem: {_stems()} (default patch).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from a weights file or an earlier finetune output folder.")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights (local Hugging Face cache).")] = False,
     stem_init: Annotated[Optional[str], typer.Option(help="checkpoint (convert a patch stem exactly) or random.")] = None,
@@ -326,7 +339,7 @@ def finetune(
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an output folder of another configuration.")] = False,
 ) -> None:
-    """Fine-tune (or train from scratch) a ConvNeXt tile encoder on labelled tiles; resumable."""
+    """Fine-tune (or train from scratch) a tile encoder on labelled tiles; resumable."""
     with _errors():
         from .finetune import FinetuneConfig, finetune_encoder
 
@@ -349,7 +362,7 @@ def finetune(
 
             path = finetune_encoder(cfg, progress=on_progress)
         typer.echo((path / "metrics.md").read_text())
-        typer.echo(f"encoder: {path / 'encoder.safetensors'}  (embed --weights it with --model {model} --stem {stem})")
+        typer.echo(f"encoder: {path / 'encoder.safetensors'}  (embed --weights it with --model {model})")
 
 
 @app.command("predict-tiles")
@@ -522,7 +535,7 @@ def run(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="Target µm/px of the tiles.")] = None,
     slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without metadata.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="timm ConvNeXt name.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=_MODEL_HELP)] = None,
     stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {_stems()}.")] = None,
     predict: Annotated[Optional[Path], typer.Option("--predict", help="Model folder: also predict each slide.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, tcp://host:port.")] = None,

@@ -98,7 +98,7 @@ def finetune_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mappi
     options = {f: v for f, v in vars(config.finetune).items() if v is not None and f not in ("labels", "held_out")}
     options.setdefault("device", config.embed.device or "auto")
     ft = FinetuneConfig(
-        data=stores, labels=str(labels), out=str(out / "encoder"), model=spec.model, stem=spec.stem or "patch",
+        data=stores, labels=str(labels), out=str(out / "encoder"), model=spec.model, stem=spec.stem,
         weights=spec.weights, pretrained=spec.pretrained, stem_init=spec.stem_init, overwrite=config.overwrite,
         **options,
     )  # fmt: skip

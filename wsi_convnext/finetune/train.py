@@ -186,18 +186,14 @@ def prepare_model(
     src_stem = source.get("stem")
     start = StartPoint(
         kind, encoder.weights_path, encoder.weights_sha256,
-        stem_converted=bool(weights is not None or config.pretrained) and (src_stem or "patch") != config.stem,
+        stem_converted=bool(weights is not None or config.pretrained)
+        and (src_stem or encoder.family.default_stem) != encoder.stem.name,
         source_config=source,
     )  # fmt: skip
     if kind == "scratch":
-        from functools import partial
-
-        from timm.models._manipulate import named_apply
-        from timm.models.convnext import _init_weights
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            named_apply(partial(_init_weights, head_init_scale=1.0), encoder.model)
+            encoder.family.init_weights(encoder.model)
         start.init_seed = config.seed
     head = torch.nn.Linear(encoder.num_features, len(classes))
     with torch.random.fork_rng(devices=[]):
