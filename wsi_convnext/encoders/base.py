@@ -451,7 +451,7 @@ class Encoder:
             "model": self.config.model,
             "architecture": arch_name(self.model),
             "family": self.family.name,
-            "tile_size": self.tile_size_policy,
+            "tile_size_policy": self.tile_size_policy,
             "stem": self.stem.name,
             "stem_init": self.config.stem_init,
             "pretrained": self.config.pretrained,

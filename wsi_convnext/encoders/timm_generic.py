@@ -71,8 +71,16 @@ def _trunk(model: nn.Module) -> nn.Module:
     return getattr(model, "trunk", model)
 
 
+def _patch_embed(model: nn.Module) -> nn.Module | None:
+    """The model's timm ``PatchEmbed`` (``patch_embed`` in ViTs, ``stem`` in MLP-Mixer), or None."""
+    from timm.layers import PatchEmbed
+
+    embed = getattr(model, "patch_embed", None)
+    return embed if embed is not None else next((m for m in model.modules() if isinstance(m, PatchEmbed)), None)
+
+
 def _patch_size(model: nn.Module) -> int | None:
-    patch = getattr(getattr(_trunk(model), "patch_embed", None), "patch_size", None)
+    patch = getattr(_patch_embed(_trunk(model)), "patch_size", None)
     if patch is None:
         return None
     return int(patch[0]) if isinstance(patch, (tuple, list)) else int(patch)
@@ -81,7 +89,7 @@ def _patch_size(model: nn.Module) -> int | None:
 def _fixed_size(model: nn.Module) -> int | None:
     """The one input side a model accepts, or None (any size / dynamic)."""
     model = _trunk(model)
-    embed = getattr(model, "patch_embed", None)
+    embed = _patch_embed(model)
     if embed is None or getattr(model, _DYNAMIC, False) or not getattr(embed, "strict_img_size", False):
         return None
     size = getattr(embed, "img_size", None)
