@@ -704,4 +704,4 @@ def test_import_is_light_and_offline() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]"
-    assert out[1] == "['convnext'] ['overlap', 'overlap_act', 'overlap_tiered', 'patch']"
+    assert out[1] == "['convnext', 'preset', 'timm'] ['overlap', 'overlap_act', 'overlap_tiered', 'patch']"
