@@ -168,3 +168,14 @@ def test_presets_embed_offline_side_by_side(cmu_slide: Path, tmp_path: Path, mon
         assert arr.shape == (3, EXPECTED.get(name, 384))
         assert np.isfinite(arr[:].astype(np.float32)).all()
         assert arr.attrs["model"] == name and arr.attrs["tile_size_policy"].startswith("dynamic_img_size")
+
+
+def test_docs_table_lists_every_preset() -> None:
+    """docs/encoders.md stays true: one row per preset with its feature size and licence."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "encoders.md").read_text()
+    for name, preset in PRESETS.items():
+        row = next((ln for ln in doc.splitlines() if ln.startswith(f"| `{name}` |")), None)
+        assert row is not None, name
+        cells = [c.strip() for c in row.split("|")]
+        assert str(preset.num_features) in cells and f"`{preset.arch}`" in row and preset.hf_repo in row
+        assert preset.license in row

@@ -221,7 +221,7 @@ register_preset(Preset(
 register_preset(Preset(
     "virchow", "Virchow", "vit_huge_patch14_224",
     {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", **_SWIGLU},
-    "paige-ai/Virchow", 2560, recipe="class_mean_patch", license="Apache-2.0 (with the model card's terms)",
+    "paige-ai/Virchow", 2560, recipe="class_mean_patch", license="Apache-2.0 with the model card's terms",
     description="ViT-H/14 (Paige); class token + mean patch tokens",
 ))  # fmt: skip
 register_preset(Preset(
@@ -244,7 +244,7 @@ register_preset(Preset(
     "prov-gigapath", "Prov-GigaPath (tile encoder)", "vit_giant_patch14_dinov2",
     {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
      "init_values": 1e-5, "mlp_ratio": 5.33334},
-    "prov-gigapath/prov-gigapath", 1536, license="Apache-2.0 (with the model card's terms)",
+    "prov-gigapath/prov-gigapath", 1536, license="Apache-2.0 with the model card's terms",
     description="ViT-g/16 tile encoder of Prov-GigaPath (Providence, Microsoft)",
 ))  # fmt: skip
 for _size, _arch, _dim, _img in (

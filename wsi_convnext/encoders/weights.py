@@ -454,7 +454,8 @@ def find_pretrained_file(cfg: Mapping[str, Any], name: str) -> Path:
     if hub_id:
         repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
         where = (
-            f"put {hub_files[0]} of the Hugging Face repo {repo_id} at {repo_dir}/snapshots/<commit>/{hub_files[0]} "
+            f"put {hub_files[0]} of the Hugging Face repo {repo_id} at {repo_dir}/snapshots/<commit>/{hub_files[0]}"
+            f"{''.join(f' (or {f})' for f in hub_files[1:])} "
             f"with the commit hash in {repo_dir}/refs/{revision or 'main'} (e.g. `hf download {repo_id} "
             f"--cache-dir {cache}` on a connected machine)"
         )
