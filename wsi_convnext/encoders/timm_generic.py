@@ -154,16 +154,17 @@ class TimmFamily(EncoderFamily):
 
         if not repo:
             return timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
+        from huggingface_hub.errors import HfHubHTTPError
+
         try:
             return timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
-        except TypeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - hub errors: offline, gated (401/403), not found, ...
+        except (OSError, HfHubHTTPError) as exc:  # offline and not cached, gated (401/403), no such repo
             from .weights import hf_hub_cache
 
             where = hf_hub_cache() / f"models--{repo.replace('/', '--')}"
             raise WeightsError(
-                f"cannot read the timm config of {model} from the Hugging Face hub ({one_line(exc, 160)}); "
+                f"cannot read the timm config of {model} from the Hugging Face hub ({one_line(exc, 160)}; "
+                "HF_HUB_OFFLINE=1 skips trying); "
                 f"if the repo is gated, accept its licence at https://huggingface.co/{repo} and set HF_TOKEN; "
                 f"offline, put its config.json (and weights) in the Hugging Face cache at {where}/snapshots/<commit>/ "
                 f"with the commit hash in {where}/refs/main"
