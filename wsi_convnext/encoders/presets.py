@@ -39,7 +39,6 @@ __all__ = ["PRESETS", "RECIPES", "Preset", "PresetFamily", "register_preset"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _HALF = (0.5, 0.5, 0.5)
-_TRUNK = "trunk."
 
 
 def _layer(name: str) -> Any:
@@ -184,20 +183,6 @@ class PresetFamily(TimmFamily):
         kwargs = {**preset.create_kwargs(), **timm_kwargs}
         net = timm.create_model(preset.arch, pretrained=False, num_classes=0, **kwargs)
         return RECIPES[preset.recipe](net)
-
-    def checkpoint_filter(  # type: ignore[override]
-        self,
-        state_dict: dict[str, torch.Tensor],
-        model: nn.Module,
-        *,
-        stem: Any,
-        fresh_stem: bool,
-        source: str,
-    ) -> dict[str, torch.Tensor]:
-        """The authors' checkpoints are in timm layout; a recipe wrapper keeps the trunk under ``trunk.``."""
-        if not hasattr(model, "trunk") or any(k.startswith(_TRUNK) for k in state_dict):
-            return state_dict
-        return {_TRUNK + k: v for k, v in state_dict.items()}
 
 
 def _vit_g14_reg4(**extra: Any) -> dict[str, Any]:

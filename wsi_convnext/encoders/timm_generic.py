@@ -37,13 +37,15 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["HF_HUB_PREFIXES", "NO_STEM", "NoStem", "TimmFamily"]
+__all__ = ["HF_HUB_PREFIXES", "NO_STEM", "TRUNK_PREFIX", "NoStem", "TimmFamily"]
 
 logger = logging.getLogger(__name__)
 
 #: Prefixes timm accepts for Hugging Face hub model ids.
 HF_HUB_PREFIXES = ("hf-hub:", "hf_hub:")
 _DYNAMIC = "dynamic_img_size"
+#: Where a feature-recipe wrapper keeps the timm model (its state-dict prefix).
+TRUNK_PREFIX = "trunk."
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,11 @@ class TimmFamily(EncoderFamily):
         fresh_stem: bool,
         source: str,
     ) -> dict[str, torch.Tensor]:
-        """Checkpoints are taken in the model's own timm layout (checked by the loader)."""
-        return state_dict
+        """Checkpoints in the model's own timm layout (checked by the loader); a feature-recipe
+        wrapper (:mod:`.presets`) keeps the timm model under ``trunk.``, so plain keys move there."""
+        if not hasattr(model, "trunk") or any(k.startswith(TRUNK_PREFIX) for k in state_dict):
+            return state_dict
+        return {TRUNK_PREFIX + k: v for k, v in state_dict.items()}
 
     def init_stem(self, model: nn.Module, generator: torch.Generator) -> None:
         """Not supported: the family has no stem choices, so there is nothing to re-initialise."""
