@@ -132,7 +132,7 @@ def test_vit_takes_other_multiples_of_the_patch(vit, tiles: np.ndarray) -> None:
     assert vit.tile_size_error(160) is None
     why = vit.tile_size_error(200)
     assert why is not None and "\n" not in why and "multiple of the 16-px patches" in why
-    assert "--tile-size 192 or 208" in why and 'resize = "input_size"' in why
+    assert "--tile-size 192 or 208" in why and "--resize input_size" in why
 
 
 def test_convnet_native_policy(tiles: np.ndarray) -> None:
@@ -219,9 +219,11 @@ def test_embed_refuses_tiles_a_vit_cannot_take(cmu_slide: Path, tmp_path: Path) 
     [result] = embed_stores([path], model=VIT, device="cpu")
     assert result.status == "failed" and "not a multiple of the 16-px patches" in result.error
     assert "\n" not in result.error
-    # The recorded alternative works: resize to the model's input size.
-    [ok] = embed_stores([path], encoder=build_encoder(VIT, resize="input_size"), device="cpu")
-    assert ok.status == "done" and ok.key == f"{VIT}-random-resize_input_size"
+    # The alternative the message names works: resize to the model's input size.
+    result = runner.invoke(app, ["embed", str(path), "--model", VIT, "--resize", "input_size", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    arr = zarr.open_group(str(path), mode="r")[f"features/{VIT}-random-resize_input_size"]
+    assert arr.shape == (3, 384) and arr.attrs["tile_size_policy"].startswith("resize")
 
 
 def test_cohort_embed_section_accepts_any_timm_name() -> None:

@@ -216,6 +216,7 @@ def embed(
     stem: Annotated[Optional[str], typer.Option(help=f"ConvNeXt stem: {_stems()}; default: the stem recorded with --weights, else patch.")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Weights file (safetensors or state dict), or a finetune output folder.")] = None,
     pretrained: Annotated[bool, typer.Option(help="timm pretrained weights via the Hugging Face cache (downloaded when online unless HF_HUB_OFFLINE=1).")] = False,
+    resize: Annotated[Optional[str], typer.Option(help="none (default: tiles keep their µm/px) or input_size (resample to the model's input size).")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     devices: Annotated[
@@ -247,7 +248,7 @@ def embed(
                     _err(f"{r.store_path}: {r.error}")
 
             results = embed_stores(
-                stores, model=model, stem=stem, weights=weights, pretrained=pretrained, batch_size=batch_size,
+                stores, model=model, stem=stem, weights=weights, pretrained=pretrained, resize=resize, batch_size=batch_size,
                 device=device, devices=_device_list(devices), dtype=dtype, overwrite=overwrite,
                 num_workers=num_workers, compile=compile, transform=transform, progress=update, on_result=on_result,
             )  # fmt: skip

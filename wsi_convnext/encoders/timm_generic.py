@@ -212,14 +212,14 @@ class TimmFamily(EncoderFamily):
         if fixed and size != fixed:
             return (
                 f"tiles of {size} px cannot go into {arch}, which takes {fixed}-px inputs only; re-tile with "
-                f"--tile-size {fixed} or set resize = \"input_size\" (resamples tiles: changes their µm/px)"
+                f"--tile-size {fixed} or resize with --resize input_size ([embed] resize; changes the µm/px)"
             )
         if patch and size % patch:
             lower, upper = size // patch * patch, (size // patch + 1) * patch
             return (
                 f"tiles of {size} px are not a multiple of the {patch}-px patches of {arch}; re-tile with "
-                f"--tile-size {lower or upper} or {upper}, or set resize = \"input_size\" (resamples tiles: "
-                "changes their µm/px)"
+                f"--tile-size {lower or upper} or {upper}, or resize with --resize input_size ([embed] "
+                "resize; changes the µm/px)"
             )
         return None
 
