@@ -148,7 +148,8 @@ def prepare_model(
 
     A stock patch-stem checkpoint loaded with an overlapping stem goes through the exact
     conversion of ``wsi_convnext.encoders`` (same function at the start). From scratch, the
-    network is initialised with timm's ConvNeXt init under ``config.seed``; the head is
+    network is initialised with its family's init (timm's ConvNeXt init for ConvNeXt) under
+    ``config.seed``; the head is
     initialised under ``config.seed`` too, unless an earlier finetune output with the same
     classes supplies it.
 
