@@ -179,3 +179,12 @@ def test_docs_table_lists_every_preset() -> None:
         cells = [c.strip() for c in row.split("|")]
         assert str(preset.num_features) in cells and f"`{preset.arch}`" in row and preset.hf_repo in row
         assert preset.license in row
+
+
+@pytest.mark.parametrize("command", ["embed", "finetune"])
+def test_cli_help_names_the_encoders(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], terminal_width=400)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "hf-hub:ORG/NAME" in text and "docs/encoders.md" in text
+    assert all(name in text for name in ("uni2-h", "virchow2", "h-optimus-0", "prov-gigapath", "kaiko-vits16"))
