@@ -347,11 +347,12 @@ def test_weights_and_pretrained_conflict(patch_ckpt: dict[str, Path]) -> None:
 # ------------------------------------------------------------------------ names and devices
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit_small_patch16_224", "convnext_does_not_exist"])
-def test_non_convnext_names_refused(name: str) -> None:
+@pytest.mark.parametrize("name", ["convnext_does_not_exist", "not_a_timm_model"])
+def test_unknown_names_refused(name: str) -> None:
     with pytest.raises(EncoderError, match=re.escape("timm.list_models('convnext*')")) as info:
         build_encoder(name)
     assert name in str(info.value)
+    # Other timm names go to the generic family (tests/test_encoders_timm_generic.py).
 
 
 def test_reserved_timm_kwargs_refused() -> None:
@@ -709,4 +710,4 @@ def test_import_is_light_and_offline() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]"
-    assert out[1] == "['convnext'] ['overlap', 'overlap_act', 'overlap_tiered', 'patch']"
+    assert out[1] == "['convnext', 'preset', 'timm'] ['overlap', 'overlap_act', 'overlap_tiered', 'patch']"

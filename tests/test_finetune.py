@@ -425,3 +425,26 @@ def test_a_second_run_on_one_output_folder_waits_for_the_first(tmp_path: Path) -
         assert t.is_alive() and not (tmp_path / "enc-locked").exists()  # waiting, nothing written
     t.join(300)
     assert results and (results[0] / "encoder.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------- other encoder families
+
+
+def test_finetune_a_timm_vit_then_embed_with_it(tmp_path: Path) -> None:
+    """A non-ConvNeXt timm model fine-tunes from scratch (its own init), with no stem, and loads back."""
+    import torch
+
+    from wsi_convnext.encoders import build_encoder
+
+    out = _tiny(tmp_path, "vit", model="vit_tiny_patch16_224", freeze="stem", layer_decay=0.8)
+    info = json.loads((out / "config.json").read_text())
+    assert info["stem"] == "none" and info["start"]["kind"] == "scratch" and info["start"]["stem_converted"] is False
+    assert "stem" in info["freeze"]["frozen"]
+    model = load_finetuned(out)
+    assert model.encoder.family.name == "timm" and model.encoder.key.startswith("vit_tiny_patch16_224-")
+    again = build_encoder("vit_tiny_patch16_224", weights=out)  # the stem "none" comes from the metadata
+    x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    torch.testing.assert_close(again(x), model.encoder(x))
+    r = runner.invoke(app, ["finetune", str(tmp_path / "colour"), "-o", str(tmp_path / "o2"), "--model",
+                            "vit_tiny_patch16_224", "--stem", "overlap", "--steps", "1", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 2 and "no stem choices" in r.output

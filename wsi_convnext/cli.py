@@ -230,6 +230,16 @@ def info(
 # --- embed / export -----------------------------------------------------------------------
 
 
+def _model_help() -> str:
+    """Encoder names for help texts: the families and the registered presets (no torch import)."""
+    from .encoders import PRESETS
+
+    return (
+        f"Encoder: a timm ConvNeXt (stems), any other timm name or hf-hub:ORG/NAME, or a preset "
+        f"({', '.join(PRESETS)}); see docs/encoders.md."
+    )
+
+
 def _device_list(devices: str | None) -> list[str] | None:
     return None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
 
@@ -237,10 +247,11 @@ def _device_list(devices: str | None) -> list[str] | None:
 @app.command()
 def embed(
     stores: Annotated[list[Path], typer.Argument(help="Stores (<slide_id>.zarr) or folders of stores.")],
-    model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_tiny",
+    model: Annotated[str, typer.Option(help=_model_help())] = "convnext_tiny",
     stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {', '.join(_stem_names())} (default: the stem recorded with --weights, else the family's default).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Weights file (safetensors or state dict), or a finetune output folder.")] = None,
     pretrained: Annotated[bool, typer.Option(help="timm pretrained weights via the Hugging Face cache (downloaded when online unless HF_HUB_OFFLINE=1).")] = False,
+    resize: Annotated[Optional[str], typer.Option(help="none (default: tiles keep their µm/px) or input_size (resample to the model's input size).")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
     device: Annotated[str, typer.Option(help=_device_help())] = "auto",
     devices: Annotated[
@@ -255,7 +266,7 @@ def embed(
     stain_reference: Annotated[Optional[Path], typer.Option(help="Reference H&E tile/image for --stain (default: built-in).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Recompute embeddings that already exist.")] = False,
 ) -> None:
-    """Stream tiles through a ConvNeXt and store one embedding per tile."""
+    """Stream tiles through an encoder and store one embedding per tile."""
     with _errors():
         from .embed import embed_stores
         from .transforms import build_transform
@@ -269,7 +280,7 @@ def embed(
                     _err(f"{r.store_path}: {r.error}")
 
             results = embed_stores(
-                stores, model=model, stem=stem, weights=weights, pretrained=pretrained, batch_size=batch_size,
+                stores, model=model, stem=stem, weights=weights, pretrained=pretrained, resize=resize, batch_size=batch_size,
                 device=device, devices=_device_list(devices), dtype=dtype, overwrite=overwrite,
                 num_workers=num_workers, compile=compile, transform=transform, progress=update, on_result=on_result,
             )  # fmt: skip
@@ -339,7 +350,7 @@ def finetune(
     data: Annotated[list[Path], typer.Argument(help="Image folder (one sub-folder per class), CSV path,label[,group][,split], or tile stores (with --labels).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (ENC_DIR): encoder.safetensors, head, config, metrics, curves.")],
     labels: Annotated[Optional[Path], typer.Option(help="For stores: CSV slide_id,label[,patient_id][,split]; every tile takes its slide's label.")] = None,
-    model: Annotated[str, typer.Option(help="timm ConvNeXt name.")] = "convnext_atto",
+    model: Annotated[str, typer.Option(help=_model_help())] = "convnext_atto",
     stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {', '.join(_stem_names())} (default: the stem recorded with --weights, else the family's default).")] = None,
     weights: Annotated[Optional[Path], typer.Option(help="Start from a weights file or an earlier finetune output folder.")] = None,
     pretrained: Annotated[bool, typer.Option(help="Start from timm's pretrained weights (local Hugging Face cache).")] = False,
@@ -369,7 +380,7 @@ def finetune(
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an output folder of another configuration.")] = False,
 ) -> None:
-    """Fine-tune (or train from scratch) a ConvNeXt tile encoder on labelled tiles; resumable."""
+    """Fine-tune (or train from scratch) a tile encoder on labelled tiles; resumable."""
     with _errors():
         from .finetune import FinetuneConfig, finetune_encoder
 
@@ -583,7 +594,7 @@ def run(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.")] = None,
     mpp: Annotated[Optional[float], typer.Option(help="Target µm/px of the tiles.")] = None,
     slide_mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px for slides without metadata.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="timm ConvNeXt name.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=_model_help())] = None,
     stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {', '.join(_stem_names())} (default: the family's).")] = None,
     predict: Annotated[Optional[Path], typer.Option("--predict", help="Model folder: also predict each slide.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Existing Dask scheduler, tcp://host:port.")] = None,

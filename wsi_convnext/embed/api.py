@@ -97,6 +97,7 @@ def embed_stores(
     stem: str | None = None,
     weights: str | os.PathLike[str] | None = None,
     pretrained: bool = False,
+    resize: str | None = None,
     encoder: Encoder | None = None,
     device: str | torch.device | None = "auto",
     devices: Sequence[str] | None = None,
@@ -116,7 +117,7 @@ def embed_stores(
 
     Args:
         stores: Store folders and/or folders of stores (see :func:`~wsi_convnext.store.find_stores`).
-        model, stem, weights, pretrained: See :func:`~wsi_convnext.encoders.build_encoder`.
+        model, stem, weights, pretrained, resize: See :func:`~wsi_convnext.encoders.build_encoder`.
         encoder: A prebuilt encoder to use instead (then ``model`` ... ``pretrained`` are
             ignored), e.g. to reuse a compiled model; one device only.
         device: One device for everything (ignored when ``devices`` is given).
@@ -145,7 +146,7 @@ def embed_stores(
     if devices is not None and len(devices) > 1:
         if encoder is not None:
             raise ConfigError("a prebuilt encoder runs on one device; pass model/stem/weights to use several devices")
-        kwargs = dict(model=model, stem=stem, weights=weights, pretrained=pretrained, overwrite=overwrite,
+        kwargs = dict(model=model, stem=stem, weights=weights, pretrained=pretrained, resize=resize, overwrite=overwrite,
                       transform=transform, **dataclasses.asdict(opts))  # fmt: skip
         from .devices import embed_on_devices
 
@@ -154,7 +155,7 @@ def embed_stores(
         device = devices[0]
     dev = resolve_device(device)
     if encoder is None:
-        encoder = build_encoder(model, stem=stem, weights=weights, pretrained=pretrained)
+        encoder = build_encoder(model, stem=stem, weights=weights, pretrained=pretrained, resize=resize)
     out = embed_many(
         paths, encoder, dev, opts, overwrite=overwrite, progress=progress, transform=transform, on_result=on_result
     )

@@ -195,6 +195,8 @@ def embed_many(
                         f"{store.path}: tiles of {store.tile_size} px are too small for {encoder.config.model} "
                         f"(at least {min_size} px); re-tile with --tile-size {min_size} or larger"
                     )
+                if (why := encoder.tile_size_error(store.tile_size)) is not None:
+                    raise StoreError(f"{store.path}: {why}")
                 if key in store.feature_keys and not overwrite:
                     logger.info("%s: features/%s already exist, skipping", store.slide_id, key)
                     out.put(seq, EmbedResult(

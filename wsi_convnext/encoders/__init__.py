@@ -5,6 +5,10 @@
   (:class:`EncoderFamily`, :func:`register_family`, :data:`FAMILIES`).
 - :mod:`.convnext`: the ConvNeXt family: its stems (:data:`STEMS`, :class:`StemSpec`,
   :func:`register_stem`) and the exact patch → overlap stem conversion.
+- :mod:`.timm_generic`: the generic family for any other timm model or ``hf-hub:`` id (no stems;
+  ``dynamic_img_size`` where the model takes it).
+- :mod:`.presets`: pathology foundation-model presets (:data:`PRESETS`, :func:`register_preset`):
+  UNI, UNI2-h, Virchow(2), H-optimus-0/1, Prov-GigaPath, kaiko.ai, with their feature recipes.
 - :mod:`.weights`: weights files (safetensors-first, ``weights_only=True``), their metadata, and
   timm's pretrained weights through the Hugging Face cache.
 - :mod:`.device`: :func:`resolve_device`.
@@ -34,7 +38,12 @@ from .base import (
     family_for,
     register_family,
 )
-from .convnext import DEFAULT_STEM, STEMS, ConvNeXtFamily, StemSpec, convert_patch_stem_to_overlap, register_stem
+
+# Registration order matters: later families win, so the generic timm family is the fallback,
+# ConvNeXt keeps its names (stems, exact conversion) and preset names go to the presets.
+from .timm_generic import NO_STEM, TimmFamily  # isort: skip
+from .convnext import DEFAULT_STEM, STEMS, ConvNeXtFamily, StemSpec, convert_patch_stem_to_overlap, register_stem  # isort: skip
+from .presets import PRESETS, RECIPES, Preset, PresetFamily, register_preset  # isort: skip
 from .device import resolve_device
 from .precision import PRECISIONS, Precision, resolve_precision
 from .weights import (
@@ -60,7 +69,10 @@ __all__ = [
     "META_PREFIX",
     "META_STEM",
     "PRECISIONS",
+    "NO_STEM",
+    "PRESETS",
     "RANDOM",
+    "RECIPES",
     "RESIZE_POLICIES",
     "STEMS",
     "STEM_INITS",
@@ -69,9 +81,12 @@ __all__ = [
     "EncoderConfig",
     "EncoderFamily",
     "Precision",
+    "Preset",
+    "PresetFamily",
     "Stem",
     "StemSpec",
     "TileTransformFn",
+    "TimmFamily",
     "build_encoder",
     "convert_patch_stem_to_overlap",
     "family_for",
@@ -79,6 +94,7 @@ __all__ = [
     "load_weights",
     "read_weights_metadata",
     "register_family",
+    "register_preset",
     "register_stem",
     "resolve_device",
     "resolve_precision",

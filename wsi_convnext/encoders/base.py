@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._registry import Registry
-from ..errors import ConfigError, EncoderError, WeightsError, one_line
+from ..errors import ConfigError, EncoderError, WeightsError, WsiConvnextError, one_line
 from ..params import ParameterError, check_params, one_of, param
 from .device import resolve_device
 
@@ -200,6 +200,27 @@ class EncoderFamily(ABC):
             groups[f"stages.{index}"] = stages[index]
         groups["head"] = head
         return groups
+
+    def init_weights(self, model: nn.Module) -> None:
+        """Re-initialise all of ``model``'s weights as training from scratch does (caller seeds torch).
+
+        Default: timm's own ``init_weights()`` where the model has one, else every module's
+        ``reset_parameters()``.
+        """
+        if callable(getattr(model, "init_weights", None)):
+            model.init_weights()
+            return
+        for module in model.modules():
+            if module is not model and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+
+    def tile_size_policy(self, model: nn.Module) -> str:
+        """How the model takes tiles of any size, in one line (recorded in the feature attrs)."""
+        return "native: fully convolutional, tiles are used at their stored size"
+
+    def tile_size_error(self, model: nn.Module, size: int) -> str | None:
+        """Why ``model`` cannot embed ``size``-px tiles without resizing (one line), or None."""
+        return None
 
     def is_stem_key(self, model: nn.Module, key: str) -> bool:
         """Whether state-dict entry ``key`` belongs to the stem (timm's ``group_matcher``)."""
@@ -432,9 +453,12 @@ class Encoder:
 
     @property
     def key(self) -> str:
-        """Store key naming the configuration: ``<model>-<stem>-<sha12|random>[-stemrand][-resize]``."""
+        """Store key naming the configuration: ``<model>[-<stem>]-<sha12|random>[-stemrand][-resize]``.
+
+        The stem is named only for families that have stems (ConvNeXt).
+        """
         sha = self.weights_sha256
-        parts = [self.config.model, self.stem.name, sha if sha == RANDOM else sha[:12]]
+        parts = [self.config.model, *([self.stem.name] if self.family.stems else []), sha if sha == RANDOM else sha[:12]]
         if sha != RANDOM and self.config.stem_init == "random":
             parts.append("stemrand")
         if self.config.resize != DEFAULT_RESIZE:
@@ -452,6 +476,8 @@ class Encoder:
             "key": self.key,
             "model": self.config.model,
             "architecture": arch_name(self.model),
+            "family": self.family.name,
+            "tile_size_policy": self.tile_size_policy,
             "stem": self.stem.name,
             "stem_init": self.config.stem_init,
             "pretrained": self.config.pretrained,
@@ -464,6 +490,19 @@ class Encoder:
             "torch_version": torch.__version__,
             "wsi_convnext_version": __version__,
         }
+
+    @property
+    def tile_size_policy(self) -> str:
+        """How tiles of the stored size reach the model (resize policy, else the family's policy)."""
+        if self.config.resize != DEFAULT_RESIZE:
+            return f"resize: tiles are resampled to input_size {self.preprocessing['input_size'][-2:]}"
+        return self.family.tile_size_policy(self.model)
+
+    def tile_size_error(self, size: int) -> str | None:
+        """Why ``size``-px tiles cannot be embedded as they are (one line), or None."""
+        if self.config.resize != DEFAULT_RESIZE:
+            return None
+        return self.family.tile_size_error(self.model, size)
 
     # --------------------------------------------------------------------------- training API
 
@@ -686,8 +725,11 @@ def build_encoder(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             net = family.create_model(model, spec, **timm_kwargs)
+    except WsiConvnextError:
+        raise
     except (TypeError, RuntimeError, ValueError, AssertionError) as exc:
-        raise EncoderError(f"cannot build {model!r} with stem {spec.name!r}: {one_line(exc)}") from exc
+        with_stem = f" with stem {spec.name!r}" if family.stems else ""
+        raise EncoderError(f"cannot build {model!r}{with_stem}: {one_line(exc)}") from exc
     net.eval()
 
     if weights_path is None and pretrained:

@@ -295,6 +295,15 @@ class ConvNeXtFamily(EncoderFamily):
             f"{stem.name!r}; use stem {_stem_name_hint(src)} or stem_init='random'"
         )
 
+    def init_weights(self, model: nn.Module) -> None:
+        """timm's ConvNeXt init of the whole network (``head_init_scale`` 1), as training from scratch uses."""
+        from functools import partial
+
+        from timm.models._manipulate import named_apply
+        from timm.models.convnext import _init_weights
+
+        named_apply(partial(_init_weights, head_init_scale=1.0), model)
+
     def init_stem(self, model: nn.Module, generator: torch.Generator) -> None:
         """timm's ConvNeXt init for the stem: trunc-normal(std 0.02) convs, zero biases, fresh norms."""
         import torch

@@ -466,7 +466,8 @@ def find_pretrained_file(cfg: Mapping[str, Any], name: str) -> Path:
     if hub_id:
         repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
         where = (
-            f"put {hub_files[0]} of the Hugging Face repo {repo_id} at {repo_dir}/snapshots/<commit>/{hub_files[0]} "
+            f"put {hub_files[0]} of the Hugging Face repo {repo_id} at {repo_dir}/snapshots/<commit>/{hub_files[0]}"
+            f"{''.join(f' (or {f})' for f in hub_files[1:])} "
             f"with the commit hash in {repo_dir}/refs/{revision or 'main'} (e.g. `hf download {repo_id} "
             f"--cache-dir {cache}` on a connected machine)"
         )
@@ -474,6 +475,9 @@ def find_pretrained_file(cfg: Mapping[str, Any], name: str) -> Path:
         where = f"put {url} at {torch_file}"
     else:
         where = "put the file at the pretrained config's 'file' path"
+    # Gated hub repos (presets) say in their pretrained config what access needs.
+    access = "".join(f"; {note}" for note in cfg.get("notes") or () if str(note).startswith("gated"))
+    licence = f" (licence: {cfg['license']}, {cfg.get('origin_url') or 'see its model card'})" if cfg.get("license") else ""
     raise WeightsError(
-        f"pretrained weights for {name} are not in the cache and {why}; {where}, or pass --weights PATH"
+        f"pretrained weights for {name}{licence} are not in the cache and {why}{access}; {where}, or pass --weights PATH"
     )

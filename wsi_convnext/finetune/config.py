@@ -66,8 +66,9 @@ class FinetuneConfig:
         data: Image folder, CSV ``path,label[,group][,split]``, or tile stores / folders of stores.
         out: Output folder (ENC_DIR).
         labels: Labels CSV ``slide_id,label[,patient_id][,split]`` for stores (weak labels).
-        model: timm ConvNeXt name.
-        stem: Stem name (``wsi_convnext.encoders.STEMS``); None: the stem recorded with the weights, else the family's default.
+        model: Encoder name: a timm model (ConvNeXt, any other timm name, ``hf-hub:`` id) or a preset
+            (``wsi_convnext.encoders.PRESETS``).
+        stem: Stem name (``wsi_convnext.encoders.STEMS``, ConvNeXt only); None: the stem recorded with the weights, else the family's default.
         weights: Starting weights: a weights file, or an earlier finetune output folder.
         pretrained: Start from timm's pretrained weights (local cache).
         stem_init: ``checkpoint`` or ``random`` (see ``wsi_convnext.encoders.STEM_INITS``).
@@ -145,6 +146,10 @@ class FinetuneConfig:
         data = (self.data,) if isinstance(self.data, str) else tuple(str(d) for d in self.data)
         object.__setattr__(self, "data", data)
         object.__setattr__(self, "out", str(self.out))
+        if self.stem is None:  # the model's family default ("patch" for ConvNeXt; "none" without stems)
+            from ..encoders import family_for
+
+            object.__setattr__(self, "stem", family_for(self.model).default_stem)
         if not data:
             raise ConfigError("no training data given; pass an image folder, a CSV or tile stores")
         if self.epochs is not None and self.steps is not None:

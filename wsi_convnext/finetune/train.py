@@ -135,7 +135,8 @@ def prepare_model(
 
     A stock patch-stem checkpoint loaded with an overlapping stem goes through the exact
     conversion of ``wsi_convnext.encoders`` (same function at the start). From scratch, the
-    network is initialised with timm's ConvNeXt init under ``config.seed``; the head is
+    network is initialised with its family's init (timm's ConvNeXt init for ConvNeXt) under
+    ``config.seed``; the head is
     initialised under ``config.seed`` too, unless an earlier finetune output with the same
     classes supplies it.
 
@@ -174,18 +175,13 @@ def prepare_model(
     start = StartPoint(
         kind, encoder.weights_path, encoder.weights_sha256,
         stem_converted=bool(weights is not None or config.pretrained)
-        and (src_stem or encoder.family.default_stem) != encoder.config.stem,
+        and (src_stem or encoder.family.default_stem) != encoder.stem.name,
         source_config=source,
     )  # fmt: skip
     if kind == "scratch":
-        from functools import partial
-
-        from timm.models._manipulate import named_apply
-        from timm.models.convnext import _init_weights
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            named_apply(partial(_init_weights, head_init_scale=1.0), encoder.model)
+            encoder.family.init_weights(encoder.model)
         start.init_seed = config.seed
     head = torch.nn.Linear(encoder.num_features, len(classes))
     with torch.random.fork_rng(devices=[]):
