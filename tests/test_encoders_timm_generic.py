@@ -21,7 +21,7 @@ from cmu_stores import read_cmu_tiles, write_store
 from wsi_convnext.cli import app
 from wsi_convnext.embed import embed_stores
 from wsi_convnext.encoders import build_encoder, family_for, save_encoder_weights
-from wsi_convnext.errors import EncoderError, WeightsError
+from wsi_convnext.errors import ConfigError, EncoderError, WeightsError
 from wsi_convnext.store import open_store
 
 VIT = "vit_small_patch16_224"
@@ -88,7 +88,7 @@ def test_unknown_name_fails_in_one_line() -> None:
 
 @pytest.mark.parametrize("stem", ["patch", "overlap"])
 def test_stem_on_a_family_without_stems_is_one_line(stem: str) -> None:
-    with pytest.raises(EncoderError, match="no stem choices") as info:
+    with pytest.raises(ConfigError, match="no stem choices") as info:
         build_encoder(VIT, stem=stem)
     assert "\n" not in str(info.value) and "drop --stem" in str(info.value)
 

@@ -165,7 +165,6 @@ ONE_SIDED: dict[str, str] = {
     "embed.channels_last": _TUNING,
     "embed.decode_on": _TUNING,
     "embed.stem_init": "stem conversion of a cohort's [embed] encoder: a run setting (embed --weights keeps the recorded stem)",
-    "embed.resize": "input-size policy of the cohort's [embed] encoder: a run setting",
     "embed.timm_kwargs": "free-form timm arguments: Python API only",
     "finetune.min_lr_ratio": _FINETUNE,
     "finetune.hed_sigma": _FINETUNE,

@@ -371,8 +371,11 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         check_params(self)
         families = _candidate_families(self.model)
-        if self.stem is not None and not any(self.stem in f.stems for f in families):
+        if self.stem is not None and not any(self.stem in f.stems or self.stem == f.default_stem for f in families):
             names = ", ".join(repr(n) for f in families for n in f.stems)
+            if not names:
+                why = f"is not a choice: {self.model!r} has no stem choices (it keeps its own stem); drop --stem"
+                raise ParameterError("stem", why, self.stem)
             raise ParameterError("stem", f"must be one of {names} (the stems of {self.model!r})", self.stem)
 
     def build(self) -> Encoder:
