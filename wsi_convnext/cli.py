@@ -131,7 +131,7 @@ def tile(
             encoding="png" if lossless else "jpeg", allow_upsample=allow_upsample, backend=backend, workers=workers,
             tissue=tissue_params, fingerprint=fingerprint,
         )  # fmt: skip
-        slides = discover_slides(inputs, slide_mpp=slide_mpp)
+        slides = discover_slides(inputs, slide_mpp=slide_mpp, out_dir=out)
         from ._io import ensure_dir
 
         ensure_dir(out)

@@ -538,7 +538,7 @@ def run_cohort(
     if slides is None:
         from ..inputs import discover_slides
 
-        slides = discover_slides(config.slides, slide_mpp=config.slide_mpp)
+        slides = discover_slides(config.slides, slide_mpp=config.slide_mpp, out_dir=out)
     slides = list(slides)
     if config.shard is not None:
         slides = select_shard(slides, *config.shard)
