@@ -13,22 +13,30 @@ pid written in them is dead), logs that it breaks them, and takes them over.
 
 Every output path a user-controlled name flows into is checked with :func:`inside` to
 resolve inside its output folder.
+
+Every CSV the project writes goes through :func:`csv_text` / :func:`write_csv`, which keep
+a spreadsheet from running a text cell as a formula (:func:`csv_escape`); the project's
+readers undo that with :func:`csv_unescape`.
 """
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
+import io
 import hashlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import BusyError, ConfigError, OutputWriteError, UnsafePathError
 
@@ -162,6 +170,49 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- CSV files ------------------------------------------------------------------------------
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP's CSV injection list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _needs_escape(text: str) -> bool:
+    if text.startswith(_FORMULA_START):
+        return _NUMBER.fullmatch(text) is None  # "-0.25" stays a number
+    return text.startswith("'") and _needs_escape(text[1:])  # so that csv_unescape undoes exactly this
+
+
+def csv_escape(cell: Any) -> str:
+    """A CSV cell as text: ``None`` → ``""``; a text starting with ``= + - @`` (or tab, CR) gets a leading ``'``.
+
+    A spreadsheet then shows the text instead of running it as a formula. Numbers (``-0.25``,
+    ``+1e-3``) are left as they are, so numeric columns stay numeric.
+    """
+    text = "" if cell is None else str(cell)
+    return "'" + text if _needs_escape(text) else text
+
+
+def csv_unescape(cell: str) -> str:
+    """Undo :func:`csv_escape` on a cell read back (``"'=x"`` → ``"=x"``; anything else as it is)."""
+    return cell[1:] if cell.startswith("'") and _needs_escape(cell[1:]) else cell
+
+
+def csv_text(header: Sequence[str] | None, rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text (comma-separated, ``\\n`` line ends) of a header (None: none) and rows, every cell :func:`csv_escape`-d."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    if header is not None:
+        writer.writerow([csv_escape(c) for c in header])
+    writer.writerows([csv_escape(c) for c in row] for row in rows)
+    return buf.getvalue()
+
+
+def write_csv(final: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a CSV file atomically through :func:`csv_text`; returns ``final`` as a Path."""
+    return atomic_write_text(final, csv_text(header, rows))
 
 
 # --- output paths ---------------------------------------------------------------------------

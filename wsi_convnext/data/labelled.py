@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, CorruptTileError, InputNotFoundError, LabelsError, StoreError
+from ..mil.data import check_label
 
 __all__ = [
     "BALANCE_MODES",
@@ -304,8 +305,10 @@ def csv_tiles(
     splits: list[str] = []
     for lineno, row in enumerate(rows[1:], start=2):
         cell = {k: (row[i].strip() if i < len(row) else "") for k, i in col.items()}
-        if not cell["path"] or ("label" in col and not cell["label"]):
-            raise LabelsError(f"{p}: row {lineno} has an empty path or label; fill it in or remove the row")
+        if not cell["path"]:
+            raise LabelsError(f"{p}: row {lineno} has an empty path; fill it in or remove the row")
+        if "label" in col:
+            cell["label"] = check_label(cell["label"], f"{p}: row {lineno}")
         f = Path(cell["path"]).expanduser()
         files.append(f if f.is_absolute() else p.parent / f)
         refs.append(cell["path"])

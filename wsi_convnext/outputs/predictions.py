@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text, path_lock
+from .._io import atomic_write_text, csv_text, csv_unescape, path_lock
 from ..errors import ConfigError
 
 __all__ = ["KEYS", "PredictionRow", "check_output_file", "prediction_rows", "read_predictions", "write_predictions"]
@@ -111,9 +111,7 @@ def _render(rows: Sequence[PredictionRow], classes: Sequence[str] | None) -> str
     for r in rows:
         extra.update(dict.fromkeys(k for k in r.extra if k not in extra))
     header = [*key, *(["true_label"] if with_label else []), "predicted", *[f"{PROB_PREFIX}{c}" for c in classes], *extra]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
+    lines = []
     for r in rows:
         line = [_fmt(r.key[k]) for k in key]
         if with_label:
@@ -123,8 +121,8 @@ def _render(rows: Sequence[PredictionRow], classes: Sequence[str] | None) -> str
             p = r.probabilities.get(c)
             line.append("" if p is None or not math.isfinite(float(p)) else f"{float(p):.6f}")
         line += [_fmt(r.extra.get(k)) for k in extra]
-        w.writerow(line)
-    return buf.getvalue()
+        lines.append(line)
+    return csv_text(header, lines)
 
 
 def write_predictions(
@@ -180,6 +178,7 @@ def read_predictions(path: str | os.PathLike[str]) -> list[PredictionRow]:
         known = {*key, "true_label", "predicted", *probs_cols} | ({"label"} if legacy else set())
         out: list[PredictionRow] = []
         for raw in reader:
+            raw = {k: csv_unescape(v) if isinstance(v, str) else v for k, v in raw.items()}
             if not all(raw.get(k) for k in key):
                 continue
             probs: dict[str, float] = {}

@@ -139,12 +139,7 @@ def make_cohort(
         slides.append(CohortSlide(slide_id, f"patient_{patient_of[i]:03d}", str(labels[i]), slide))
         if progress is not None:
             progress(i + 1, n_slides)
-    buf = io.StringIO()
-    wr = csv.writer(buf, lineterminator="\r\n")
-    wr.writerow(["slide_id", "label", "patient_id"])
-    for s in slides:
-        wr.writerow([s.slide_id, s.label, s.patient_id])
-    atomic_write_text(out / "labels.csv", buf.getvalue())
+    write_csv(out / "labels.csv", ["slide_id", "label", "patient_id"], [[s.slide_id, s.label, s.patient_id] for s in slides])
     return slides
 
 
