@@ -44,3 +44,22 @@ def test_run_config_error_is_one_line(tmp_path):
     res = _run(["run", str(bad)])
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "msp" in res.stderr
+
+
+def test_run_summary_adds_up_and_ids_stay_after_a_colliding_newcomer(tmp_path, slides_dir):
+    cohort, out = tmp_path / "slides", tmp_path / "out"
+    cohort.mkdir()
+    cmu = slides_dir / "CMU-1-Small-Region.svs"
+    (cohort / "a_b.svs").symlink_to(cmu)
+    args = ["run", "--slides", str(cohort), "--out", str(out), "--model", "convnext_atto", "--workers", "1"]
+    first = _run(args)
+    assert first.returncode == 0 and "1 slides: 1 done, 0 skipped, 0 failed" in first.stdout, first.stderr
+    (cohort / "a b.svs").write_bytes(cmu.read_bytes() + b"\0" * 4096)  # cleans to a_b too
+    second = _run(args)
+    assert second.returncode == 0, second.stderr
+    assert "2 slides: 1 done, 1 skipped, 0 failed" in second.stdout  # was "2 done, 1 skipped"
+    from wsi_convnext.store import open_store
+
+    assert open_store(out / "a_b.zarr").attrs["source"]["path"] == str(cmu.resolve())
+    (new,) = [p for p in out.glob("a_b-*.zarr")]
+    assert open_store(new).attrs["source"]["path"] == str((cohort / "a b.svs").resolve())

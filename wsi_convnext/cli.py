@@ -556,7 +556,7 @@ def run(
 
             summary = run_cohort(cfg, progress=on_progress)
         typer.echo(
-            f"{summary.total} slides: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed; "
+            f"{summary.total} slides: {summary.ran} done, {summary.skipped} skipped, {summary.failed} failed; "
             f"manifest: {summary.manifest}; report: {summary.report}"
         )
         for row in summary.failures[:20]:

@@ -206,7 +206,7 @@ class RunSummary:
     """Outcome of :func:`run_cohort`.
 
     Attributes:
-        total, done, failed, skipped: Slide counts (``done`` includes ``skipped``).
+        total, done, failed, skipped: Slide counts (``done`` includes ``skipped``; see :attr:`ran`).
         stages: The names of the stages run, per-slide ones first.
         failures: The failed stage rows (slide, stage, error type and message); a failed
             cohort-scope stage has ``slide_id == ""``.
@@ -231,6 +231,11 @@ class RunSummary:
     predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
     retried: int = 0
     requeued: int = 0
+
+    @property
+    def ran(self) -> int:
+        """Slides that did work in this run: ``ran + skipped + failed == total``."""
+        return self.done - self.skipped
 
     @property
     def ok(self) -> bool:
@@ -595,9 +600,9 @@ def run_cohort(
         summary.report = write_report(out, title=f"wsi-convnext run: {out.name}", report_images=config.report_images)
     summary.seconds = time.perf_counter() - t_start
     logger.info(
-        "%d slides: %d done (%d already finished), %d failed in %.1f s",
+        "%d slides: %d done, %d skipped (already finished), %d failed in %.1f s",
         summary.total,
-        summary.done,
+        summary.ran,
         summary.skipped,
         summary.failed,
         summary.seconds,
