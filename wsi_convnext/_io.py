@@ -240,22 +240,65 @@ def inside(folder: str | os.PathLike[str], *parts: str) -> Path:
     return child
 
 
-def ensure_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
-    """Create the output folder ``path`` (and parents); returns it.
+def _check_writable(folder: Path, option: str) -> None:
+    # os.access also says no, even to root, on a read-only file system (EROFS).
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputWriteError(
+            f"{folder}: cannot write into this folder (read-only, or no permission); choose another {option} "
+            "or make it writable"
+        )
+
+
+def ensure_dir(path: str | os.PathLike[str], option: str = "--out", *, create: bool = True) -> Path:
+    """Create the output folder ``path`` (and parents) and check it is writable; returns it.
+
+    The one check of an output folder, before any work: every command that writes a folder
+    calls it where the folder enters. ``create=False`` only checks (the folder, or the
+    nearest existing folder above it, must be a writable folder), for a caller that
+    validates more before it writes anything.
 
     Raises:
         ConfigError: ``path`` (or a parent) exists and is not a folder.
-        OutputWriteError: The folder cannot be created (permissions, full disk).
+        OutputWriteError: The folder cannot be created or written (read-only, permissions, full disk).
     """
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{p}: {option} must be a folder but is a file; choose another {option}")
+    if not create:
+        parent = next((q for q in (p, *p.parents) if q.exists()), p)
+        if not parent.is_dir():
+            raise ConfigError(f"{p}: {option} lies under a file, not a folder; choose another {option}")
+        _check_writable(parent, option)
+        return p
     try:
         p.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:
+    except (FileExistsError, NotADirectoryError) as exc:
         raise ConfigError(f"{p}: {option} lies under a file, not a folder; choose another {option}") from exc
     except OSError as exc:
         raise write_error(p, exc) from exc
+    _check_writable(p, option)
+    return p
+
+
+def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Check, before any work, that a file can be written at ``path``; returns it as a Path.
+
+    The one check of an output file: not a folder, no parent is a file, and the nearest
+    existing parent folder is writable (missing folders are created when the file is written).
+
+    Raises:
+        ConfigError: ``path`` is a folder, or a parent of it is a file.
+        OutputWriteError: The folder it goes into is read-only or not writable.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: {option} is a folder; give a file name such as {p / 'predictions.csv'}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{p}: {option} lies under {parent}, which is a file; choose another {option}")
+            _check_writable(parent, option)
+            break
     return p
 
 

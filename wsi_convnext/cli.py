@@ -7,6 +7,7 @@ Heavy libraries (torch, dask, zarr, openslide) are imported inside the commands,
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -30,6 +31,10 @@ def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
+#: OS errors that mean "the system refused this write or read", reported in one line.
+_OS_REFUSALS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST})
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn library errors into a one-line message and an exit code."""
@@ -45,6 +50,12 @@ def _errors() -> Iterator[None]:
             raise
         _err(exc.as_flag() if isinstance(exc, ParameterError) else one_line(exc))
         raise typer.Exit(2 if isinstance(exc, USAGE_ERRORS) else 1)
+    except OSError as exc:
+        # A refusal no check could foresee (e.g. a folder made read-only mid-run): still one line.
+        if _state["debug"] or exc.errno not in _OS_REFUSALS or not exc.filename:
+            raise
+        _err(f"{exc.filename}: {exc.strerror}")
+        raise typer.Exit(1)
     except KeyboardInterrupt:
         _err("interrupted")
         raise typer.Exit(130)

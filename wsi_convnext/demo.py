@@ -86,7 +86,9 @@ def run_demo(
     def report(stage: str) -> Callable[[int, int], None]:
         return lambda done, total: progress(stage, done, total) if progress else None
 
-    out = Path(out_dir)
+    from ._io import ensure_dir
+
+    out = ensure_dir(out_dir)
     slides_dir, tiles_dir, model_dir, heat_dir = out / "slides", out / "tiles", out / "model", out / "heatmaps"
     labels = slides_dir / "labels.csv"
     if not labels.is_file():

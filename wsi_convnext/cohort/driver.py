@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, ensure_dir
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..outcome import Outcome, failure_fields
@@ -547,13 +547,14 @@ def run_cohort(
     slides = list(slides)
     if config.shard is not None:
         slides = select_shard(slides, *config.shard)
+    ensure_dir(out, create=False)  # before the cluster starts
     names = tuple(s.name for s in plan)
     suffix = "" if config.shard is None else f"-shard-{config.shard[0]}-of-{config.shard[1]}"
 
     with contextlib.ExitStack() as stack:
         # The cluster first: a bad scheduler address or cluster option leaves no output behind.
         info: ClusterInfo = info_of(client) if client is not None else stack.enter_context(open_client(config))
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out)
         atomic_write_text(
             out / f"run-config{suffix}.json", json.dumps(config.to_dict(), indent=2, default=str) + "\n"
         )

@@ -551,6 +551,7 @@ def _embed_many(
                         seconds=time.perf_counter() - t0, skipped=True, status="skipped", device=str(dev),
                     ))  # fmt: skip
                     continue
+                store.check_writable("features")  # a read-only store fails now, not after embedding
                 host = torch.empty((len(store), d), dtype=torch_dtype, pin_memory=prec.pin_memory)
             except Exception as exc:
                 out.put(seq, _failed(path, key, t0, exc, dev), exc)

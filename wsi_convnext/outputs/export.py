@@ -153,7 +153,7 @@ def export_features(
         raise ConfigError(f"--format {fmt} writes one file per slide; drop --cohort (cohort files: {with_cohort})")
     if spec.check is not None:
         spec.check()
-    out = Path(out_dir)
+    out = ensure_dir(out_dir, create=False)
 
     # Validate everything first: a bad store or an existing file stops the export before it starts.
     plan: list[tuple[TileStore, str | None, Path]] = []

@@ -98,8 +98,11 @@ def heatmaps(
     Returns:
         Paths of the pictures by slide id.
     """
+    from .._io import ensure_dir
     from ..mil.api import predict
     from ..store import find_stores, open_store
+
+    ensure_dir(out_dir)
 
     _check_top_k(top_k)
     paths = find_stores(stores)

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text, csv_text, csv_unescape, path_lock
+from .._io import atomic_write_text, check_output_file, csv_text, csv_unescape, path_lock
 from ..errors import ConfigError
 
-__all__ = ["KEYS", "PredictionRow", "check_output_file", "prediction_rows", "read_predictions", "write_predictions"]
+__all__ = ["KEYS", "PredictionRow", "prediction_rows", "read_predictions", "write_predictions"]
 
 #: The key column sets a file may use.
 KEYS: tuple[tuple[str, ...], ...] = (("slide_id",), ("path",), ("slide_id", "tile"))
@@ -62,23 +62,6 @@ class PredictionRow:
         """The ``slide_id`` key value, if the file is keyed by slide."""
         v = self.key.get("slide_id")
         return None if v is None else str(v)
-
-
-def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
-    """Check, before any work, that a CSV can be written at ``path`` (not a folder, parent not a file).
-
-    Raises:
-        ConfigError: ``path`` is a folder, or a parent of it is a file.
-    """
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{p}: {option} is a folder; give a file name such as {p / 'predictions.csv'}")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{p}: {option} lies under {parent}, which is a file; choose another {option}")
-            break
-    return p
 
 
 def _key_columns(rows: Sequence[PredictionRow]) -> tuple[str, ...]:
