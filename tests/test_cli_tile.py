@@ -212,3 +212,11 @@ def test_overwrite_never_gives_a_store_to_another_file(tmp_path, cmu_slide):
     res = runner.invoke(app, ["tile", str(tmp_path / "m.csv"), "--out", str(out), "--workers", "1", "--overwrite"])
     assert res.exit_code == 1 and "slide id collision" in res.output and "Traceback" not in res.output
     assert open_store(out / "CMU-1-Small-Region.zarr").attrs["source"]["path"] == str(cmu_slide.resolve())
+
+
+def test_tile_absurd_upsampling_is_one_line(tmp_path, cmu_slide):
+    res = runner.invoke(app, ["tile", str(cmu_slide), "--out", str(tmp_path / "o"), "--mpp", "1e-9", "--allow-upsample"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "less than one" in errors[0] and str(cmu_slide) in errors[0]
+    assert not list((tmp_path / "o").glob("*.zarr"))

@@ -163,6 +163,14 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (1 TiB when the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return 1 << 40
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a whole file, read in 4 MiB chunks."""
     digest = hashlib.sha256()

@@ -484,7 +484,8 @@ def tile_slide(
                 overlap=params.overlap, allow_upsample=params.allow_upsample,
             )  # fmt: skip
         except MppError as exc:
-            raise MppError(f"{path}: {exc}; choose a coarser --mpp or pass --allow-upsample") from exc
+            hint = "" if params.allow_upsample else "; choose a coarser --mpp or pass --allow-upsample"
+            raise MppError(f"{path}: {exc}{hint}") from exc
         workers = params.workers or cpu_count()
         pool, cut = stack.enter_context(_tile_pool(pixels, len(grid), workers))
         thumb, thumb_ds, report, mask_ds = _thumbnail_and_mask(pixels, mpp, params.tissue)
