@@ -89,6 +89,6 @@ def test_absurd_upsampling_and_huge_grids_are_refused_before_allocating():
         plan_grid((2220, 2967), (1.0,), 0.499, 1e-9, 224, allow_upsample=True)
     # A grid that needs more than half the memory: a side with that many tiles squared.
     side = int((physical_memory() / PLAN_BYTES_PER_TILE) ** 0.5) * 224 * 2
-    with pytest.raises(MppError, match=r"plans [\d,]+ tiles, about [\d.]+ GiB .* larger --tile-size"):
+    with pytest.raises(MppError, match=r"plans [\d,]+ tiles, about [\d.]+ GiB .* larger tile size"):
         plan_grid((side, side), (1.0,), 0.25, 0.25, 224)
     assert len(plan_grid((2240, 2240), (1.0,), 0.25, 0.125, 224, allow_upsample=True)) == 400  # 2× is fine: 20 × 20 tiles

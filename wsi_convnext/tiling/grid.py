@@ -144,7 +144,7 @@ def plan_grid(
     if extent0 < 1.0:
         raise MppError(
             f"target {target_mpp:g} µm/px upsamples the scan ({slide_mpp:g} µm/px) {1 / factor:.3g}×: a {tile_size}-px "
-            f"tile would cover {extent0:.3g} scanned pixels, less than one; choose a coarser --mpp"
+            f"tile would cover {extent0:.3g} scanned pixels, less than one; choose a coarser target mpp"
         )
     width, height = dimensions
     nx = _count(width, extent0, stride0)
@@ -154,7 +154,7 @@ def plan_grid(
         raise MppError(
             f"target {target_mpp:g} µm/px with {tile_size}-px tiles plans {nx * ny:,} tiles, about "
             f"{need / 2**30:.1f} GiB to hold, more than half of this machine's {have / 2**30:.1f} GiB; "
-            "choose a coarser --mpp or a larger --tile-size"
+            "choose a coarser target mpp or a larger tile size"
         )
     xs = np.round(np.arange(nx) * stride0).astype(np.int64)
     ys = np.round(np.arange(ny) * stride0).astype(np.int64)
