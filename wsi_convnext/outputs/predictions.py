@@ -19,7 +19,6 @@ this dialect back, and also the older ``run`` dialect (``label`` holding the pre
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections.abc import Callable
@@ -13,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_write_text
+from .._io import write_csv
 from ..errors import ConfigError
 from .shapes import PEN_INKS, SyntheticSlide, SyntheticSlideSpec, TissueSpec, _rng
 from .write import write_synthetic_slide
