@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import csv_unescape
 from ..errors import ConfigError, CorruptTileError, InputNotFoundError, LabelsError, StoreError
 from ..mil.data import check_label
 
@@ -287,7 +288,7 @@ def csv_tiles(
     if not p.is_file():
         raise InputNotFoundError(f"{p}: CSV not found; pass a CSV with columns path,label[,group][,split]")
     with open(p, newline="", encoding="utf-8-sig") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+        rows = [[csv_unescape(c) for c in r] for r in csv.reader(fh) if r and any(c.strip() for c in r)]
     if not rows:
         raise InputNotFoundError(f"{p}: empty CSV; expected a header path,label[,group][,split]")
     header = [h.strip().lower() for h in rows[0]]
