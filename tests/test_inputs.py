@@ -123,3 +123,11 @@ def test_a_file_listed_twice_under_two_ids_names_both_rows(tmp_path):
     # Listed twice under one id (or in a folder and a manifest), it is one slide, not an error.
     (tmp_path / "m.csv").write_text("path,slide_id\na.svs,one\na.svs,one\n")
     assert [s.slide_id for s in discover_slides([tmp_path / "m.csv"], slide_mpp=1.0)] == ["one"]
+
+
+def test_relative_inputs_give_absolute_slide_paths(tmp_path, monkeypatch):
+    """The run manifest then names each file whatever the working folder of a later run (ids never move)."""
+    _touch(tmp_path / "in" / "a.svs")
+    monkeypatch.chdir(tmp_path)
+    (spec,) = discover_slides(["in"])
+    assert spec.path == tmp_path / "in" / "a.svs" and spec.path.is_absolute()

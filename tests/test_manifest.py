@@ -146,22 +146,18 @@ def test_csv_escape_only_text_and_round_trips() -> None:
         assert csv_escape(plain) == plain == csv_unescape(plain)
 
 
-def test_manifest_cells_cannot_become_formulas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real ``tile`` run: a slide given as ``=HYPERLINK(...).svs`` that fails to open."""
-    from typer.testing import CliRunner
-
-    from wsi_convnext.cli import app
-
-    monkeypatch.chdir(tmp_path)
-    name = '=HYPERLINK("x").svs'
-    (tmp_path / name).write_bytes(b"not a slide")
-    res = CliRunner().invoke(app, ["tile", name, "--out", "out"])
-    assert res.exit_code == 1 and "Traceback" not in res.output
-    (raw,) = _csv_rows(tmp_path / "out" / "manifest.csv")
-    assert raw["path"] == "'" + name and raw["seconds"][0].isdigit()
-    assert not any(v.startswith(("=", "+", "@")) for v in raw.values())
-    (row,) = read_manifest(tmp_path / "out" / "manifest.csv")  # the project reads its own file back
-    assert row.path == name and row.status == "failed"
+def test_manifest_cells_cannot_become_formulas(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.csv"
+    m = RunManifest(path)
+    m.record(ManifestRow("s1", "tile", "failed", path='=HYPERLINK("x").svs', error="-1+1 @x", error_type="@T", seconds=1.5))
+    m.record(ManifestRow("s2", "tile", "done", path="/ok/s2.svs", slide_mpp=0.25, seconds=2.0))
+    for stage in ("appended", "compacted"):
+        raw = {r["slide_id"]: r for r in _csv_rows(path)}
+        assert raw["s1"]["path"] == "\'=HYPERLINK(\"x\").svs" and raw["s1"]["error"] == "\'-1+1 @x", stage
+        assert raw["s1"]["error_type"] == "\'@T" and raw["s1"]["seconds"] == "1.500" and raw["s2"]["path"] == "/ok/s2.svs"
+        back = {r.slide_id: r for r in read_manifest(path)}  # the project reads its own file back
+        assert back["s1"].path == '=HYPERLINK("x").svs' and back["s1"].error == "-1+1 @x" and back["s1"].error_type == "@T"
+        m.close()
 
 
 def test_predictions_and_labels_escape_text_and_keep_numbers(tmp_path: Path) -> None:

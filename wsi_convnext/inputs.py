@@ -198,9 +198,10 @@ def _resolved(path: Path) -> Path:
 def recorded_slide_ids(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """The ids an output folder already gives to slide files: ``slide_id -> source file``.
 
-    A finished store ``OUT/<slide_id>.zarr`` records its source file (``source.path``); the
-    run manifests name the rest (e.g. slides whose tiling failed). A store that does not
-    open is left to the tiler, which reports it.
+    The run manifests name each slide's file (absolute since slide paths are made absolute
+    here); a store ``OUT/<slide_id>.zarr`` that no manifest row names by an absolute path is
+    asked for its own record (``source.path``). A store that does not open is left to the
+    tiler, which reports it.
     """
     from .errors import WsiConvnextError
     from .outputs.manifest import read_manifests
@@ -209,8 +210,14 @@ def recorded_slide_ids(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     out = Path(out_dir)
     if not out.is_dir():
         return {}
-    ids = {row.slide_id: _resolved(Path(row.path)) for row in read_manifests(out) if row.path and row.slide_id}
+    ids = {
+        row.slide_id: _resolved(Path(row.path))
+        for row in read_manifests(out)
+        if row.slide_id and row.path and Path(row.path).is_absolute()  # relative: to an unknown folder
+    }
     for store_dir in sorted(out.glob(f"*{STORE_SUFFIX}")):
+        if store_dir.name[: -len(STORE_SUFFIX)] in ids:
+            continue  # a rerun of a large cohort opens no store here
         try:
             store = open_store(store_dir)
         except (WsiConvnextError, OSError):
@@ -247,7 +254,7 @@ def discover_slides(
 ) -> list[SlideSpec]:
     """Expand files, folders (searched recursively) and CSV manifests into slides.
 
-    Slide ids are file stems. Ids never move: a slide file that already has an id in
+    Slide paths are made absolute. Slide ids are file stems. Ids never move: a slide file that already has an id in
     ``out_dir`` (:func:`recorded_slide_ids`) keeps it, and every recorded id stays taken.
     Slides whose stems collide (with each other or with a taken id) get an id from their
     path relative to the input folder (``a/x.svs`` and ``b/x.svs`` become ``a-x`` and
@@ -334,5 +341,7 @@ def discover_slides(
             if sid in owners:
                 raise ConfigError(f"slide id collision: {owners[sid]} and {e.path} both map to {sid!r}; list them in a manifest with explicit slide_id")
         owners[sid] = e.path
-        specs.append(SlideSpec(path=e.path, slide_id=sid, slide_mpp=e.slide_mpp if e.slide_mpp is not None else slide_mpp))
+        # Absolute, so that the run manifest names the file whatever the working folder of a later run.
+        path = e.path.absolute()
+        specs.append(SlideSpec(path=path, slide_id=sid, slide_mpp=e.slide_mpp if e.slide_mpp is not None else slide_mpp))
     return specs
