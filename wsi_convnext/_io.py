@@ -24,8 +24,8 @@ from __future__ import annotations
 import csv
 import errno
 import fcntl
-import io
 import hashlib
+import io
 import logging
 import os
 import re

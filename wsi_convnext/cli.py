@@ -32,7 +32,9 @@ def _err(msg: str) -> None:
 
 
 #: OS errors that mean "the system refused this write or read", reported in one line.
-_OS_REFUSALS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST})
+_OS_REFUSALS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST}
+)
 
 
 @contextmanager

@@ -254,8 +254,9 @@ def discover_slides(
 ) -> list[SlideSpec]:
     """Expand files, folders (searched recursively) and CSV manifests into slides.
 
-    Slide paths are made absolute. Slide ids are file stems. Ids never move: a slide file that already has an id in
-    ``out_dir`` (:func:`recorded_slide_ids`) keeps it, and every recorded id stays taken.
+    Slide paths are made absolute. Slide ids are file stems. Ids never move: a slide file
+    that already has an id in ``out_dir`` (:func:`recorded_slide_ids`) keeps it, and every
+    recorded id stays taken.
     Slides whose stems collide (with each other or with a taken id) get an id from their
     path relative to the input folder (``a/x.svs`` and ``b/x.svs`` become ``a-x`` and
     ``b-x``), or that id plus a hash of the path when it is taken too; a warning names the

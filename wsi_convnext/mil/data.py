@@ -287,8 +287,9 @@ def read_labels(path: str | os.PathLike[str], *, min_classes: int = 2, check_spl
 
     Columns (header names case-insensitive; comma, tab or semicolon separated): ``slide_id``,
     ``label`` (any string but an empty one or ``NaN``, see :func:`check_label`; classes are the
-    sorted unique labels, numerically sorted when all are integers), optional ``patient_id`` (slides of one patient are never split apart), optional
-    ``split`` (train/val/test) **or** ``fold`` (integer test fold).
+    sorted unique labels, numerically sorted when all are integers), optional ``patient_id``
+    (slides of one patient are never split apart), optional ``split`` (train/val/test) **or**
+    ``fold`` (integer test fold).
 
     Args:
         path: CSV path.

@@ -123,6 +123,7 @@ class ManifestRow:
     @classmethod
     def from_csv(cls, raw: Mapping[str, str | None]) -> ManifestRow:
         raw = {k: csv_unescape(v) if isinstance(v, str) else v for k, v in raw.items()}
+
         def num(name: str, kind: type) -> Any:
             v = (raw.get(name) or "").strip()
             return kind(float(v)) if v and kind is int else (kind(v) if v else None)

@@ -215,7 +215,8 @@ def _existing_store(
         # Even --overwrite never gives a store (and its id, which labels name) to another file.
         raise StoreExistsError(
             f"{final}: slide id {store.slide_id!r} already names a store tiled from {old_path}, not from {path}: "
-            "a slide id collision (--overwrite never gives an id to another file); give one of them another slide_id in a manifest, or use another --out"
+            "a slide id collision (--overwrite never gives an id to another file); give one of them another "
+            "slide_id in a manifest, or use another --out"
         )
     if overwrite:
         return None
