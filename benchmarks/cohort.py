@@ -16,6 +16,11 @@
     the settings run_cohort's clusters use (open_client); on 2 cores with 2 busy workers
     every CPU-second of it is taken from the slides.
 
+(d) Worker memory: the resident memory (RSS now, and peak) of a single local worker idle,
+    after a tile-only run of the slides of (a) (and whether it imported torch: it must not),
+    after importing torch + timm there, and of a fresh worker after a tile → embed run
+    (convnext_atto); the ratios are against the idle worker.
+
     python benchmarks/cohort.py                 # all
     python benchmarks/cohort.py --only overhead --n-dry 10000
 """
@@ -246,9 +251,68 @@ def bench_background(work: Path, seconds: float = 5.0) -> dict[str, float]:
     return out
 
 
+def _worker_memory() -> dict[str, Any]:
+    # Runs on the worker.
+    import resource
+    import sys
+
+    import psutil
+
+    return {
+        "rss_mb": psutil.Process().memory_info().rss / 2**20,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch": "torch" in sys.modules,
+    }
+
+
+def _import_torch() -> None:
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+
+
+def bench_memory(work: Path, n_slides: int, size: tuple[int, int]) -> dict[str, float]:
+    from wsi_convnext.cohort import open_client, run_cohort
+    from wsi_convnext.config import load_config
+
+    slides = make_slides(work / "slides", n_slides, size)
+    out: dict[str, float] = {}
+
+    def config(name: str, model: str) -> Any:
+        return load_config(None, {
+            "slides": [str(p) for p in slides], "out": str(work / f"mem-{name}"), "overwrite": True, "report": False,
+            "embed.model": model, "embed.device": "cpu", "local.n_workers": 1, "local.gpus": 0,
+            "local.dashboard_address": "",
+        })  # fmt: skip
+
+    def show(label: str, m: dict[str, Any]) -> None:
+        out[label] = m["rss_mb"]
+        ratio = m["rss_mb"] / out["idle"] if "idle" in out else 1.0
+        print(f"(d) worker {label}: RSS {m['rss_mb']:.0f} MB (peak {m['peak_mb']:.0f} MB, {ratio:.2f}x idle), "
+              f"torch imported: {m['torch']}")  # fmt: skip
+
+    cfg = config("tile", "")
+    with open_client(cfg) as info:
+        (idle,) = info.client.run(_worker_memory).values()
+        show("idle", idle)
+        summary = run_cohort(cfg, client=info.client)
+        assert summary.failed == 0, summary.failures
+        (tiled,) = info.client.run(_worker_memory).values()
+        show(f"after tiling {summary.total} slides (tile only)", tiled)
+        info.client.run(_import_torch)
+        (torched,) = info.client.run(_worker_memory).values()
+        show("after also importing torch + timm", torched)
+    cfg = config("embed", "convnext_atto")
+    with open_client(cfg) as info:
+        summary = run_cohort(cfg, client=info.client)
+        assert summary.failed == 0, summary.failures
+        (embedded,) = info.client.run(_worker_memory).values()
+        show(f"after tile → embed of {summary.total} slides (convnext_atto, fresh worker)", embedded)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("scaleout", "overhead", "background"))
+    parser.add_argument("--only", choices=("scaleout", "overhead", "background", "memory"))
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--n-slides", type=int, default=8)
     parser.add_argument("--size", type=int, nargs=2, default=(4000, 3000), metavar=("W", "H"))
@@ -264,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_background(work)
         if args.only in (None, "scaleout"):
             bench_scaleout(work, args.n_slides, tuple(args.size))
+        if args.only in (None, "memory"):
+            bench_memory(work, min(args.n_slides, 2), tuple(args.size))
     return 0
 
 

@@ -27,7 +27,6 @@ Results: ``<work>/results.json`` and ``<work>/results.md``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -56,6 +55,7 @@ FULL = {"steps": 3000, "batch_size": 64, "crop": 160, "eval_size": 224, "seeds":
 
 def make_split(tiles_dir: Path, work: Path, test_frac: float, test_groups_per_class: int, seed: int) -> tuple[Path, Path]:
     """Write train.csv (split=train) and test.csv; groups never on both sides."""
+    from wsi_convnext._io import write_csv
     from wsi_convnext.data import csv_tiles, grouped_split
 
     tiles = csv_tiles(tiles_dir / "labels.csv")
@@ -71,13 +71,8 @@ def make_split(tiles_dir: Path, work: Path, test_frac: float, test_groups_per_cl
     work.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, idx in (("train", train_idx), ("test", test_idx)):
-        p = work / f"{name}.csv"
-        with open(p, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["path", "label", "group", "split"])
-            for i in idx:
-                w.writerow([str(tiles_dir / tiles.refs[i]), tiles.classes[tiles.y[i]], tiles.groups[i], name])
-        paths.append(p)
+        rows = [[str(tiles_dir / tiles.refs[i]), tiles.classes[tiles.y[i]], tiles.groups[i], name] for i in idx]
+        paths.append(write_csv(work / f"{name}.csv", ["path", "label", "group", "split"], rows))
     return paths[0], paths[1]
 
 

@@ -59,3 +59,22 @@ def test_run_refuses_bad_values_before_any_slide_is_read(tmp_path, slides_dir, f
     res = _run(["run", "--slides", str(slides_dir), "--out", str(out), *flags])
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and message in res.stderr
     assert not out.exists()  # refused before the run started
+
+
+def test_run_summary_adds_up_and_ids_stay_after_a_colliding_newcomer(tmp_path, slides_dir):
+    cohort, out = tmp_path / "slides", tmp_path / "out"
+    cohort.mkdir()
+    cmu = slides_dir / "CMU-1-Small-Region.svs"
+    (cohort / "a_b.svs").symlink_to(cmu)
+    args = ["run", "--slides", str(cohort), "--out", str(out), "--model", "convnext_atto", "--workers", "1"]
+    first = _run(args)
+    assert first.returncode == 0 and "1 slides: 1 done, 0 skipped, 0 failed" in first.stdout, first.stderr
+    (cohort / "a b.svs").write_bytes(cmu.read_bytes() + b"\0" * 4096)  # cleans to a_b too
+    second = _run(args)
+    assert second.returncode == 0, second.stderr
+    assert "2 slides: 1 done, 1 skipped, 0 failed" in second.stdout  # was "2 done, 1 skipped"
+    from wsi_convnext.store import open_store
+
+    assert open_store(out / "a_b.zarr").attrs["source"]["path"] == str(cmu.resolve())
+    (new,) = [p for p in out.glob("a_b-*.zarr")]
+    assert open_store(new).attrs["source"]["path"] == str((cohort / "a b.svs").resolve())

@@ -181,3 +181,42 @@ def test_tile_small_fragment_points_at_tissue_option(tmp_path, fragment_slide):
     assert row["status"] == "done" and int(row["tiles"]) >= 1 and row["qc"]
     tissue = open_store(out / "ihc-fragment.zarr").attrs["tissue"]
     assert tissue["min_object_um2"] == float(value) and tissue["remove_black_ink"] is False
+
+
+def test_ids_survive_a_colliding_newcomer_and_overwrite(tmp_path, cmu_slide):
+    """``a_b.svs`` tiled, then ``a b.svs`` added: ``a_b.zarr`` stays ``a_b.svs``'s, even with --overwrite."""
+    slides, out = tmp_path / "in", tmp_path / "out"
+    slides.mkdir()
+    first = slides / "a_b.svs"
+    shutil.copy(cmu_slide, first)
+    args = ["tile", str(slides), "--out", str(out), "--workers", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    newcomer = slides / "a b.svs"  # other bytes, a cleaned name equal to a_b
+    newcomer.write_bytes(cmu_slide.read_bytes() + b"\0" * 4096)
+    for extra in ([], ["--overwrite"]):
+        res = runner.invoke(app, args + extra)
+        assert res.exit_code == 0, res.output
+        assert open_store(out / "a_b.zarr").attrs["source"]["path"] == str(first.resolve())
+        (other,) = [n for n in _visible(out) if n != "a_b.zarr"]
+        assert other.startswith("a_b-") and open_store(out / other).attrs["source"]["path"] == str(newcomer.resolve())
+    rows = _manifest(out)
+    assert Path(rows["a_b"]["path"]) == first and Path(rows[other[: -len(".zarr")]]["path"]) == newcomer
+
+
+def test_overwrite_never_gives_a_store_to_another_file(tmp_path, cmu_slide):
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["tile", str(cmu_slide), "--out", str(out), "--workers", "1"]).exit_code == 0
+    other = tmp_path / "b.svs"
+    other.write_bytes(cmu_slide.read_bytes() + b"\0" * 4096)
+    (tmp_path / "m.csv").write_text(f"path,slide_id\n{other},CMU-1-Small-Region\n")
+    res = runner.invoke(app, ["tile", str(tmp_path / "m.csv"), "--out", str(out), "--workers", "1", "--overwrite"])
+    assert res.exit_code == 1 and "slide id collision" in res.output and "Traceback" not in res.output
+    assert open_store(out / "CMU-1-Small-Region.zarr").attrs["source"]["path"] == str(cmu_slide.resolve())
+
+
+def test_tile_absurd_upsampling_is_one_line(tmp_path, cmu_slide):
+    res = runner.invoke(app, ["tile", str(cmu_slide), "--out", str(tmp_path / "o"), "--mpp", "1e-9", "--allow-upsample"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "less than one" in errors[0] and str(cmu_slide) in errors[0]
+    assert not list((tmp_path / "o").glob("*.zarr"))

@@ -27,6 +27,7 @@ from wsi_convnext.cohort import (
     noop_stages,
     CohortProgress,
     local_cluster_kwargs,
+    open_client,
     run_cohort,
     select_shard,
     shard_of,
@@ -477,3 +478,20 @@ def test_resume_after_sigkill_equals_uninterrupted(reference: dict[str, Any], co
         np.testing.assert_array_equal(a.coords, b.coords)
         np.testing.assert_array_equal(a.features(), b.features())
     assert not list(out.glob(".*partial*"))  # no leftovers of the killed run
+
+
+def test_a_tile_only_worker_never_imports_torch(tmp_path: Path, cmu_slide: Path) -> None:
+    """Issue 20: tiling needs no torch; a worker that only tiles stays small (see benchmarks/cohort.py --only memory)."""
+    cfg = load_config(None, {"slides": str(cmu_slide), "out": str(tmp_path / "out"), "embed.model": "", "report": False,
+                             "local.n_workers": 1, "local.gpus": 0, "local.dashboard_address": ""})  # fmt: skip
+    assert cfg.stages == ("tile",)
+
+    def heavy() -> list[str]:
+        import sys
+
+        return sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)
+
+    with open_client(cfg) as info:
+        summary = run_cohort(cfg, client=info.client)
+        assert (summary.total, summary.ran, summary.failed) == (1, 1, 0)
+        assert list(info.client.run(heavy).values()) == [[]]

@@ -7,6 +7,7 @@ bad worker count are one-line usage errors of ``wsi-convnext run``.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -154,3 +155,62 @@ def test_bad_worker_count_is_a_usage_error(tmp_path: Path, slide_folder: Path, w
     tile = runner.invoke(app, ["tile", str(slide_folder), "--out", str(tmp_path / "t"), "--workers", workers])
     assert "--workers must be at least 1" in _one_line_usage_error(tile)
     assert not (tmp_path / "t").exists() and not (tmp_path / "o").exists()
+
+
+# --- no hangs on a misconfigured cluster (issue 20) -------------------------------------------
+
+
+@pytest.fixture
+def http_server() -> Any:
+    """A real HTTP server on 127.0.0.1 (like a Dask dashboard's port): it listens but is no scheduler."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"tcp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_scheduler_address_that_is_no_scheduler_fails_in_one_line(tmp_path: Path, slide_folder: Path, http_server: str) -> None:
+    exe = Path(sys.executable).parent / "wsi-convnext"
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [str(exe), "run", "--slides", str(slide_folder), "--out", str(tmp_path / "out"), "--scheduler", http_server],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    seconds = time.monotonic() - t0
+    err = res.stderr.strip()
+    assert res.returncode == 2 and err.count("\n") == 0, res.stderr
+    assert f"{http_server} does not answer as a Dask scheduler" in err and "Traceback" not in res.stderr
+    assert seconds < 25  # the client's own 30 s timeout was never reached: it hung
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_real_scheduler_passes_the_check(tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        cfg = load_config(None, {"slides": str(tmp_path), "out": str(tmp_path / "out"), "scheduler": cluster.scheduler_address})
+        with open_client(cfg) as info:
+            assert info.client.submit(sum, [1, 2]).result() == 3 and info.threads == 1
+
+
+def test_slurm_without_its_commands_fails_in_one_line(tmp_path: Path, slide_folder: Path) -> None:
+    pytest.importorskip("dask_jobqueue")
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'slides = ["{slide_folder}"]\nout = "{tmp_path / "out"}"\ncluster = "slurm"\n')
+    empty = tmp_path / "bin"
+    empty.mkdir()  # a PATH without sbatch/squeue
+    exe = Path(sys.executable).parent / "wsi-convnext"
+    res = subprocess.run([str(exe), "run", str(toml)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PATH": str(empty)})  # fmt: skip
+    err = res.stderr.strip()
+    assert res.returncode == 2 and err.count("\n") == 0, res.stderr
+    assert "sbatch" in err and "squeue" in err and "not on PATH" in err and "Traceback" not in res.stderr

@@ -122,6 +122,16 @@ def test_unknown_label_names_file_and_row(tmp_path: Path) -> None:
         image_folder_tiles(tmp_path / "tiles", classes=["blue"])
 
 
+@pytest.mark.parametrize(("label", "match"), [("NaN", "label 'NaN', which marks a missing value"), ("nan", "'nan'"), ("", "empty label")])
+def test_nan_or_empty_tile_label_is_refused_in_one_line(tmp_path: Path, label: str, match: str) -> None:
+    colour_folder(tmp_path / "tiles", n=1)
+    p = tmp_path / "tiles" / "l.csv"
+    p.write_text(f"path,label\nblue/blue00.png,blue\nred/red00.png,{label}\n")
+    with pytest.raises(LabelsError, match=match) as e:
+        csv_tiles(p)
+    assert f"{p}: row 3" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("kind", ["text", "truncated"])
 def test_corrupt_files_are_skipped_and_listed_or_fail_under_strict(tmp_path: Path, kind: str) -> None:
     root = colour_folder(tmp_path / "tiles", n=3)

@@ -129,3 +129,56 @@ def test_tiler_rows_fit(tmp_path: Path) -> None:
         m.record(tile_manifest_row(result))
     (row,) = read_manifest(tmp_path / "manifest.csv")
     assert (row.slide_id, row.stage, row.status, row.tiles, row.slide_mpp) == ("s", "tile", "done", 7, 0.5)
+
+
+# --- CSV cells a spreadsheet would run as formulas (issue 20) -----------------------------------
+
+FORMULAS = ["=HYPERLINK(\"http://x\")", "+1+2", "-cmd|' /C calc'!A0", "@SUM(A1)", "'=already quoted", "\tx"]
+
+
+def test_csv_escape_only_text_and_round_trips() -> None:
+    from wsi_convnext._io import csv_escape, csv_unescape
+
+    for text in FORMULAS:
+        assert csv_escape(text).startswith("'") and csv_unescape(csv_escape(text)) == text
+    for number in ("-0.25", "+1e-3", "-3", "0.5", "-.5E+2"):
+        assert csv_escape(number) == number  # numeric columns stay numeric
+    for plain in ("a", "", "'plain", "x=1"):
+        assert csv_escape(plain) == plain == csv_unescape(plain)
+
+
+def test_manifest_cells_cannot_become_formulas(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.csv"
+    m = RunManifest(path)
+    m.record(ManifestRow("s1", "tile", "failed", path='=HYPERLINK("x").svs', error="-1+1 @x", error_type="@T", seconds=1.5))
+    m.record(ManifestRow("s2", "tile", "done", path="/ok/s2.svs", slide_mpp=0.25, seconds=2.0))
+    for stage in ("appended", "compacted"):
+        raw = {r["slide_id"]: r for r in _csv_rows(path)}
+        assert raw["s1"]["path"] == "\'=HYPERLINK(\"x\").svs" and raw["s1"]["error"] == "\'-1+1 @x", stage
+        assert raw["s1"]["error_type"] == "\'@T" and raw["s1"]["seconds"] == "1.500" and raw["s2"]["path"] == "/ok/s2.svs"
+        back = {r.slide_id: r for r in read_manifest(path)}  # the project reads its own file back
+        assert back["s1"].path == '=HYPERLINK("x").svs' and back["s1"].error == "-1+1 @x" and back["s1"].error_type == "@T"
+        m.close()
+
+
+def test_predictions_and_labels_escape_text_and_keep_numbers(tmp_path: Path) -> None:
+    from wsi_convnext.labels.table import LabelTable, read_labels, write_labels
+    from wsi_convnext.outputs.predictions import PredictionRow, read_predictions, write_predictions
+
+    rows = [
+        PredictionRow({"slide_id": f"s{i}"}, predicted=f, probabilities={f: 1.0}, true_label=f, extra={"note": f, "delta": -0.5})
+        for i, f in enumerate(FORMULAS)
+    ]  # fmt: skip
+    path = write_predictions(tmp_path / "p.csv", rows)
+    raw = _csv_rows(path)
+    assert all(r["predicted"].startswith("'") and r["note"].startswith("'") for r in raw)
+    assert {r["delta"] for r in raw} == {"-0.5"}
+    back = read_predictions(path)
+    assert [(r.predicted, r.true_label, r.extra["note"]) for r in back] == [(f, f, f) for f in FORMULAS]
+
+    ids = [f"s{i}" for i in range(4)]
+    table = LabelTable._validated(ids, ["=a", "-b", "=a", "-b"], ["@p1", "@p1", "p2", "p2"], None, None, "t")
+    path = write_labels(tmp_path / "labels.csv", table)
+    assert all(r["label"].startswith("'") for r in _csv_rows(path))
+    again = read_labels(path)
+    assert again.labels == table.labels and again.patient_ids == table.patient_ids

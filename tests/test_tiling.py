@@ -79,3 +79,16 @@ def test_read_window_clipped_and_with_margin():
     x0, y0, w, h = read_window(grid, np.array([0]), (1000, 1000))
     assert (x0, y0) == (0, 0)  # clipped at the slide edge
     assert w > 200 and h > 200  # tile extent 200 plus a margin for the resampling kernel
+
+
+def test_absurd_upsampling_and_huge_grids_are_refused_before_allocating():
+    from wsi_convnext._io import physical_memory
+    from wsi_convnext.tiling.grid import PLAN_BYTES_PER_TILE
+
+    with pytest.raises(MppError, match=r"upsamples the scan .* less than one"):
+        plan_grid((2220, 2967), (1.0,), 0.499, 1e-9, 224, allow_upsample=True)
+    # A grid that needs more than half the memory: a side with that many tiles squared.
+    side = int((physical_memory() / PLAN_BYTES_PER_TILE) ** 0.5) * 224 * 2
+    with pytest.raises(MppError, match=r"plans [\d,]+ tiles, about [\d.]+ GiB .* larger tile size"):
+        plan_grid((side, side), (1.0,), 0.25, 0.25, 224)
+    assert len(plan_grid((2240, 2240), (1.0,), 0.25, 0.125, 224, allow_upsample=True)) == 400  # 2× is fine: 20 × 20 tiles

@@ -13,21 +13,28 @@ pid written in them is dead), logs that it breaks them, and takes them over.
 
 Every output path a user-controlled name flows into is checked with :func:`inside` to
 resolve inside its output folder.
+
+Every CSV the project writes goes through :func:`csv_text` / :func:`write_csv`, which keep
+a spreadsheet from running a text cell as a formula (:func:`csv_escape`); the project's
+readers undo that with :func:`csv_unescape`.
 """
 
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -157,6 +164,14 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (1 TiB when the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return 1 << 40
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a whole file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
@@ -187,6 +202,49 @@ def json_sha256(obj: Any, n: int = 64, *, round_floats: int | None = None) -> st
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
+# --- CSV files ------------------------------------------------------------------------------
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP's CSV injection list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _needs_escape(text: str) -> bool:
+    if text.startswith(_FORMULA_START):
+        return _NUMBER.fullmatch(text) is None  # "-0.25" stays a number
+    return text.startswith("'") and _needs_escape(text[1:])  # so that csv_unescape undoes exactly this
+
+
+def csv_escape(cell: Any) -> str:
+    """A CSV cell as text: ``None`` → ``""``; a text starting with ``= + - @`` (or tab, CR) gets a leading ``'``.
+
+    A spreadsheet then shows the text instead of running it as a formula. Numbers (``-0.25``,
+    ``+1e-3``) are left as they are, so numeric columns stay numeric.
+    """
+    text = "" if cell is None else str(cell)
+    return "'" + text if _needs_escape(text) else text
+
+
+def csv_unescape(cell: str) -> str:
+    """Undo :func:`csv_escape` on a cell read back (``"'=x"`` → ``"=x"``; anything else as it is)."""
+    return cell[1:] if cell.startswith("'") and _needs_escape(cell[1:]) else cell
+
+
+def csv_text(header: Sequence[str] | None, rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text (comma-separated, ``\\n`` line ends) of a header (None: none) and rows, every cell :func:`csv_escape`-d."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    if header is not None:
+        writer.writerow([csv_escape(c) for c in header])
+    writer.writerows([csv_escape(c) for c in row] for row in rows)
+    return buf.getvalue()
+
+
+def write_csv(final: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
+    """Write a CSV file atomically through :func:`csv_text`; returns ``final`` as a Path."""
+    return atomic_write_text(final, csv_text(header, rows))
+
+
 # --- output paths ---------------------------------------------------------------------------
 
 
@@ -212,22 +270,65 @@ def inside(folder: str | os.PathLike[str], *parts: str) -> Path:
     return child
 
 
-def ensure_dir(path: str | os.PathLike[str], option: str = "--out") -> Path:
-    """Create the output folder ``path`` (and parents); returns it.
+def _check_writable(folder: Path, option: str) -> None:
+    # os.access also says no, even to root, on a read-only file system (EROFS).
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputWriteError(
+            f"{folder}: cannot write into this folder (read-only, or no permission); choose another {option} "
+            "or make it writable"
+        )
+
+
+def ensure_dir(path: str | os.PathLike[str], option: str = "--out", *, create: bool = True) -> Path:
+    """Create the output folder ``path`` (and parents) and check it is writable; returns it.
+
+    The one check of an output folder, before any work: every command that writes a folder
+    calls it where the folder enters. ``create=False`` only checks (the folder, or the
+    nearest existing folder above it, must be a writable folder), for a caller that
+    validates more before it writes anything.
 
     Raises:
         ConfigError: ``path`` (or a parent) exists and is not a folder.
-        OutputWriteError: The folder cannot be created (permissions, full disk).
+        OutputWriteError: The folder cannot be created or written (read-only, permissions, full disk).
     """
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{p}: {option} must be a folder but is a file; choose another {option}")
+    if not create:
+        parent = next((q for q in (p, *p.parents) if q.exists()), p)
+        if not parent.is_dir():
+            raise ConfigError(f"{p}: {option} lies under a file, not a folder; choose another {option}")
+        _check_writable(parent, option)
+        return p
     try:
         p.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as exc:
+    except (FileExistsError, NotADirectoryError) as exc:
         raise ConfigError(f"{p}: {option} lies under a file, not a folder; choose another {option}") from exc
     except OSError as exc:
         raise write_error(p, exc) from exc
+    _check_writable(p, option)
+    return p
+
+
+def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Check, before any work, that a file can be written at ``path``; returns it as a Path.
+
+    The one check of an output file: not a folder, no parent is a file, and the nearest
+    existing parent folder is writable (missing folders are created when the file is written).
+
+    Raises:
+        ConfigError: ``path`` is a folder, or a parent of it is a file.
+        OutputWriteError: The folder it goes into is read-only or not writable.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: {option} is a folder; give a file name such as {p / 'predictions.csv'}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{p}: {option} lies under {parent}, which is a file; choose another {option}")
+            _check_writable(parent, option)
+            break
     return p
 
 

@@ -7,6 +7,7 @@ Heavy libraries (torch, dask, zarr, openslide) are imported inside the commands,
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -75,6 +76,12 @@ def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
+#: OS errors that mean "the system refused this write or read", reported in one line.
+_OS_REFUSALS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST}
+)
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn library errors into a one-line message and an exit code."""
@@ -90,6 +97,12 @@ def _errors() -> Iterator[None]:
             raise
         _err(exc.as_flag() if isinstance(exc, ParameterError) else one_line(exc))
         raise typer.Exit(2 if isinstance(exc, USAGE_ERRORS) else 1)
+    except OSError as exc:
+        # A refusal no check could foresee (e.g. a folder made read-only mid-run): still one line.
+        if _state["debug"] or exc.errno not in _OS_REFUSALS or not exc.filename:
+            raise
+        _err(f"{exc.filename}: {exc.strerror}")
+        raise typer.Exit(1)
     except KeyboardInterrupt:
         _err("interrupted")
         raise typer.Exit(130)
@@ -176,7 +189,7 @@ def tile(
             encoding="png" if lossless else "jpeg", allow_upsample=allow_upsample, backend=backend, workers=workers,
             tissue=tissue_params, fingerprint=fingerprint,
         )  # fmt: skip
-        slides = discover_slides(inputs, slide_mpp=slide_mpp)
+        slides = discover_slides(inputs, slide_mpp=slide_mpp, out_dir=out)
         from ._io import ensure_dir
 
         ensure_dir(out)
@@ -628,7 +641,7 @@ def run(
 
             summary = run_cohort(cfg, progress=on_progress)
         typer.echo(
-            f"{summary.total} slides: {summary.done} done, {summary.skipped} skipped, {summary.failed} failed; "
+            f"{summary.total} slides: {summary.ran} done, {summary.skipped} skipped, {summary.failed} failed; "
             f"manifest: {summary.manifest}; report: {summary.report}"
         )
         for row in summary.failures[:20]:

@@ -86,7 +86,9 @@ def run_demo(
     def report(stage: str) -> Callable[[int, int], None]:
         return lambda done, total: progress(stage, done, total) if progress else None
 
-    out = Path(out_dir)
+    from ._io import ensure_dir
+
+    out = ensure_dir(out_dir)
     slides_dir, tiles_dir, model_dir, heat_dir = out / "slides", out / "tiles", out / "model", out / "heatmaps"
     labels = slides_dir / "labels.csv"
     if not labels.is_file():
@@ -94,7 +96,7 @@ def run_demo(
             slides_dir, n_slides, size=slide_size, mpp=0.5, seed=seed, lesion_fraction=(0.02, 0.06),
             progress=report("generate slides"),
         )  # fmt: skip
-    specs = discover_slides([slides_dir])
+    specs = discover_slides([slides_dir], out_dir=tiles_dir)
     tile_results = tile_slides(specs, tiles_dir, TileParams(mpp=0.5, tile_size=224), on_result=_counter(report("tile"), len(specs)))
     stores = [r.store_path for r in tile_results if r.status != "failed"]
     failed = [r for r in tile_results if r.status == "failed"]

@@ -134,6 +134,7 @@ class _Entry:
     slide_id: str | None
     slide_mpp: float | None
     rel: Path  # path relative to the input it came from; names colliding stems
+    where: str  # the input (``m.csv:3`` for a manifest row), to name in errors
 
 
 def _read_manifest(path: Path) -> list[_Entry]:
@@ -171,7 +172,7 @@ def _read_manifest(path: Path) -> list[_Entry]:
                     check_slide_id(sid, f"{path}:{lineno}")
                 rel = Path(row["path"])
                 rel = Path(*rel.parts[-2:]) if rel.is_absolute() else rel
-                rows.append(_Entry(slide, sid, slide_mpp, rel))
+                rows.append(_Entry(slide, sid, slide_mpp, rel, f"{path}:{lineno}"))
             return rows
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: manifest is not a text CSV file") from exc
@@ -192,19 +193,80 @@ def _resolved(path: Path) -> Path:
         return path.absolute()
 
 
-def discover_slides(inputs: Sequence[str | os.PathLike[str]], *, slide_mpp: float | None = None) -> list[SlideSpec]:
+def recorded_slide_ids(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """The ids an output folder already gives to slide files: ``slide_id -> source file``.
+
+    The run manifests name each slide's file (absolute since slide paths are made absolute
+    here); a store ``OUT/<slide_id>.zarr`` that no manifest row names by an absolute path is
+    asked for its own record (``source.path``). A store that does not open is left to the
+    tiler, which reports it.
+    """
+    from .errors import WsiConvnextError
+    from .outputs.manifest import read_manifests
+    from .store import STORE_SUFFIX, open_store
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        return {}
+    ids = {
+        row.slide_id: _resolved(Path(row.path))
+        for row in read_manifests(out)
+        if row.slide_id and row.path and Path(row.path).is_absolute()  # relative: to an unknown folder
+    }
+    for store_dir in sorted(out.glob(f"*{STORE_SUFFIX}")):
+        if store_dir.name[: -len(STORE_SUFFIX)] in ids:
+            continue  # a rerun of a large cohort opens no store here
+        try:
+            store = open_store(store_dir)
+        except (WsiConvnextError, OSError):
+            continue
+        source = (store.attrs.get("source") or {}).get("path")
+        if source:
+            ids[store.slide_id] = Path(source)
+    return ids
+
+
+def _unique_entries(entries: Sequence[_Entry]) -> list[_Entry]:
+    """One entry per slide file, in path order; a file named under two explicit ids is an error."""
+    unique: dict[Path, _Entry] = {}
+    for e in entries:
+        key = _resolved(e.path)
+        first = unique.get(key)
+        if first is None:
+            unique[key] = e
+        elif e.slide_id and first.slide_id and e.slide_id != first.slide_id:
+            raise ConfigError(
+                f"{first.where} and {e.where} both name {e.path} (as {first.slide_id!r} and {e.slide_id!r}); "
+                "list each slide file once"
+            )
+        elif e.slide_id and not first.slide_id:
+            unique[key] = e  # the explicit id wins over a folder listing
+    return sorted(unique.values(), key=lambda e: str(e.path))
+
+
+def discover_slides(
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    slide_mpp: float | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> list[SlideSpec]:
     """Expand files, folders (searched recursively) and CSV manifests into slides.
 
-    Slide ids are file stems. Ids are stable when slides are added: slides whose stems
-    collide all get an id from their path relative to the input folder (``a/x.svs`` and
-    ``b/x.svs`` become ``a-x`` and ``b-x``; a slide added later never renames them), and a
-    warning names the colliding files. An explicit ``slide_id`` from a manifest is checked
-    against the slide-id policy (:func:`check_slide_id`) and must be unique.
+    Slide paths are made absolute. Slide ids are file stems. Ids never move: a slide file
+    that already has an id in ``out_dir`` (:func:`recorded_slide_ids`) keeps it, and every
+    recorded id stays taken.
+    Slides whose stems collide (with each other or with a taken id) get an id from their
+    path relative to the input folder (``a/x.svs`` and ``b/x.svs`` become ``a-x`` and
+    ``b-x``), or that id plus a hash of the path when it is taken too; a warning names the
+    colliding files. An explicit ``slide_id`` from a manifest is checked against the
+    slide-id policy (:func:`check_slide_id`) and must be unique; a file listed twice under
+    two explicit ids is an error naming both rows (listed twice otherwise, it is one slide).
 
     Args:
         inputs: Slide files, folders or ``.csv`` manifests (columns ``path``, optional ``slide_id``, ``slide_mpp``; ``mpp`` is read as ``slide_mpp``).
         slide_mpp: Level-0 µm/px override for slides without one from a manifest (checked when
             the slide is opened, see :func:`~wsi_convnext.slide.open_slide`).
+        out_dir: The output folder whose recorded ids to keep (None: a fresh folder).
 
     Raises:
         InputNotFoundError: A path does not exist, or nothing slide-like was found.
@@ -221,20 +283,15 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]], *, slide_mpp: floa
                 raise InputNotFoundError(
                     f"{p}: no slides found (looked for {', '.join(sorted(SLIDE_EXTENSIONS))})"
                 )
-            entries += [_Entry(f, None, None, f.relative_to(p)) for f in files]
+            entries += [_Entry(f, None, None, f.relative_to(p), str(p)) for f in files]
         elif p.suffix.lower() == ".csv":
             rows = _read_manifest(p)
             if not rows:
                 raise InputNotFoundError(f"{p}: manifest lists no slides")
             entries += rows
         else:
-            entries.append(_Entry(p, None, None, Path(p.parent.name, p.name) if p.parent.name else Path(p.name)))
-
-    # De-duplicate the same file given twice; keep the first mention.
-    unique: dict[Path, _Entry] = {}
-    for e in entries:
-        unique.setdefault(_resolved(e.path), e)
-    ordered = sorted(unique.values(), key=lambda e: str(e.path))
+            entries.append(_Entry(p, None, None, Path(p.parent.name, p.name) if p.parent.name else Path(p.name), str(p)))
+    ordered = _unique_entries(entries)
 
     explicit: dict[str, Path] = {}
     for e in ordered:
@@ -244,32 +301,45 @@ def discover_slides(inputs: Sequence[str | os.PathLike[str]], *, slide_mpp: floa
             raise ConfigError(f"duplicate slide_id in manifest: {e.slide_id} ({explicit[e.slide_id]} and {e.path})")
         explicit[e.slide_id] = e.path
 
+    recorded = recorded_slide_ids(out_dir) if out_dir is not None else {}
+    kept: dict[Path, str] = {}  # a file that already has an id keeps it
+    for sid, source in sorted(recorded.items()):
+        kept.setdefault(source, sid)
+    ids: dict[Path, str] = {}
+    for e in ordered:
+        if e.slide_id is None and _resolved(e.path) in kept and kept[_resolved(e.path)] not in explicit:
+            ids[e.path] = kept[_resolved(e.path)]
+    taken = set(explicit) | set(recorded)
     by_stem: dict[str, list[_Entry]] = {}
     for e in ordered:
-        if e.slide_id is None:
+        if e.slide_id is None and e.path not in ids:
             by_stem.setdefault(slide_stem(e.path), []).append(e)
-    ids: dict[Path, str] = {}
     for stem, group in by_stem.items():
-        if len(group) == 1 and stem not in explicit:
+        if len(group) == 1 and stem not in taken:
             ids[group[0].path] = stem
             continue
         logger.warning(
             "slide id %r is shared by %s; naming them by their relative paths (%s)",
-            stem, " and ".join(str(e.path) for e in group), ", ".join(_path_id(e.rel) for e in group),
+            stem, " and ".join([str(e.path) for e in group] + ([str(recorded[stem])] if stem in recorded else [])),
+            ", ".join(_path_id(e.rel) for e in group),
         )  # fmt: skip
         for e in group:
             ids[e.path] = _path_id(e.rel)
-    # A path-derived id can still collide (``a-b/x`` vs ``a/b-x``): add a hash of the path.
-    owners: dict[str, Path] = dict(explicit)
+    # A path-derived id can still collide (``a-b/x`` vs ``a/b-x``, or an id recorded for
+    # another file): add a hash of the path.
+    owners: dict[str, Path] = {**recorded, **explicit}
     specs: list[SlideSpec] = []
     for e in ordered:
         sid = e.slide_id or ids[e.path]
-        if e.slide_id is None and sid in owners:
+        mine = e.slide_id is not None or kept.get(_resolved(e.path)) == sid
+        if not mine and sid in owners:
             other = owners[sid]
             sid = f"{sid}-{hashlib.sha1(str(e.rel).encode()).hexdigest()[:8]}"
             logger.warning("slide id collision: %s and %s; the latter is named %r", other, e.path, sid)
             if sid in owners:
                 raise ConfigError(f"slide id collision: {owners[sid]} and {e.path} both map to {sid!r}; list them in a manifest with explicit slide_id")
         owners[sid] = e.path
-        specs.append(SlideSpec(path=e.path, slide_id=sid, slide_mpp=e.slide_mpp if e.slide_mpp is not None else slide_mpp))
+        # Absolute, so that the run manifest names the file whatever the working folder of a later run.
+        path = e.path.absolute()
+        specs.append(SlideSpec(path=path, slide_id=sid, slide_mpp=e.slide_mpp if e.slide_mpp is not None else slide_mpp))
     return specs

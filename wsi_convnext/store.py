@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
-from ._io import TMP_MARK, file_sha256, path_lock, remove_dead_partials, replace_dir, temp_sibling
+from ._io import TMP_MARK, ensure_dir, file_sha256, path_lock, remove_dead_partials, replace_dir, temp_sibling
 from .errors import InputNotFoundError, StoreDamagedError, StoreError, StoreExistsError, StoreReplacedError, one_line
 
 logger = logging.getLogger(__name__)
@@ -848,6 +848,10 @@ class TileStore:
         if scores.shape[:1] != (len(self),):
             raise StoreError(f"{self.path}: scores must have N={len(self)} rows, got {scores.shape}")
         self._write_sub("scores", name, scores, attrs, overwrite=overwrite)
+
+    def check_writable(self, folder: str = "features") -> None:
+        """Raise :class:`~wsi_convnext.errors.OutputWriteError` now, before any work, if ``folder/`` cannot be written."""
+        ensure_dir(self.path / folder, "store", create=False)
 
     def _write_sub(
         self, folder: str, key: str, data: np.ndarray, attrs: Mapping[str, Any], *, overwrite: bool

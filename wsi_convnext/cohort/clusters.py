@@ -5,10 +5,12 @@ closes what it started. Built in:
 
 * ``local``: an embedded :class:`distributed.LocalCluster` sized to the machine
   (:func:`local_cluster_kwargs`), plus one worker per GPU;
-* ``scheduler``: an existing scheduler at ``config.scheduler`` (checked to answer first,
-  so a wrong address is a one-line error, not a 30 s wait);
+* ``scheduler``: an existing scheduler at ``config.scheduler`` (checked to answer Dask's
+  ``identity`` call within :data:`CONNECT_TIMEOUT` first, so a wrong address, or one where
+  something else listens, is a one-line error, not a silent wait);
 * ``slurm``: a dask-jobqueue ``SLURMCluster`` (:func:`slurm_cluster_kwargs`) scaled
-  adaptively between ``minimum_jobs`` and ``maximum_jobs`` jobs.
+  adaptively between ``minimum_jobs`` and ``maximum_jobs`` jobs (``sbatch``, ``squeue``
+  and ``scancel`` must be on PATH: checked first, a one-line error otherwise).
 
 The dashboard of a cluster this run starts listens on ``127.0.0.1`` unless
 ``dashboard_address`` (``[local]`` / ``[slurm]``) says otherwise; the address reported
@@ -26,6 +28,7 @@ import contextlib
 import copy
 import logging
 import re
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,7 +59,7 @@ __all__ = [
 
 #: Where a dashboard listens unless the config says otherwise: this machine only.
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
-#: Seconds to wait for an existing scheduler to accept a connection.
+#: Seconds to wait for an existing scheduler to accept a connection and answer.
 CONNECT_TIMEOUT = 5.0
 
 
@@ -354,7 +357,12 @@ def _open_local(config: RunConfig) -> Iterator[ClusterInfo]:
 
 
 def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Fail in one line, within ``timeout`` seconds, when nothing listens at a TCP ``address``."""
+    """Fail in one line, within about ``timeout`` seconds, unless a Dask scheduler answers at ``address``.
+
+    First a TCP connection (nothing listening: refused at once), then Dask's ``identity``
+    call: something else on that port (a dashboard, any HTTP server) never completes
+    Dask's handshake, and a Dask client would wait on it without a word.
+    """
     from distributed.comm import parse_address
     from distributed.comm.addressing import parse_host_port
 
@@ -370,6 +378,38 @@ def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
             f"cannot reach the Dask scheduler at {address} ({one_line(exc) or type(exc).__name__}); "
             "check --scheduler / 'scheduler' and that the scheduler is running"
         ) from exc
+    if scheme == "tcp":
+        _check_speaks_dask(address, timeout)
+
+
+def _check_speaks_dask(address: str, timeout: float) -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distributed.comm import connect
+
+    async def identity() -> Any:
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    def ask() -> Any:  # in its own thread: the caller may be inside a running event loop
+        return asyncio.run(asyncio.wait_for(identity(), timeout))
+
+    reason = ""
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            reply = pool.submit(ask).result()
+    except (OSError, TimeoutError, asyncio.TimeoutError, ValueError, TypeError) as exc:
+        reply, reason = None, f" ({one_line(exc) or type(exc).__name__})"
+    if not (isinstance(reply, dict) and reply.get("type") == "Scheduler"):
+        raise ConfigError(
+            f"{address} does not answer as a Dask scheduler within {timeout:g} s{reason}; "
+            "check --scheduler / 'scheduler' (the scheduler's port, e.g. 8786, not its dashboard's)"
+        )
 
 
 @register_cluster("scheduler")
@@ -436,6 +476,12 @@ def _open_slurm(config: RunConfig) -> Iterator[ClusterInfo]:
         from dask_jobqueue import SLURMCluster
     except ImportError as exc:
         raise ConfigError("cluster = 'slurm' needs dask-jobqueue: pip install 'wsi-convnext[slurm]'") from exc
+    missing = [cmd for cmd in ("sbatch", "squeue", "scancel") if shutil.which(cmd) is None]
+    if missing:
+        raise ConfigError(
+            f"cluster = 'slurm' needs the SLURM commands, but {', '.join(missing)} is not on PATH; "
+            "run on a SLURM login node or use cluster = 'local'"
+        )
     s = config.slurm
     with SLURMCluster(**slurm_cluster_kwargs(config)) as cluster:
         cluster.adapt(minimum_jobs=s.minimum_jobs, maximum_jobs=s.maximum_jobs)

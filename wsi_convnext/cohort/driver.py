@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, ensure_dir
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..outcome import Outcome, failure_fields
@@ -206,7 +206,7 @@ class RunSummary:
     """Outcome of :func:`run_cohort`.
 
     Attributes:
-        total, done, failed, skipped: Slide counts (``done`` includes ``skipped``).
+        total, done, failed, skipped: Slide counts (``done`` includes ``skipped``; see :attr:`ran`).
         stages: The names of the stages run, per-slide ones first.
         failures: The failed stage rows (slide, stage, error type and message); a failed
             cohort-scope stage has ``slide_id == ""``.
@@ -231,6 +231,11 @@ class RunSummary:
     predictions: dict[str, dict[str, Any]] = field(default_factory=dict)
     retried: int = 0
     requeued: int = 0
+
+    @property
+    def ran(self) -> int:
+        """Slides that did work in this run: ``ran + skipped + failed == total``."""
+        return self.done - self.skipped
 
     @property
     def ok(self) -> bool:
@@ -538,17 +543,18 @@ def run_cohort(
     if slides is None:
         from ..inputs import discover_slides
 
-        slides = discover_slides(config.slides, slide_mpp=config.slide_mpp)
+        slides = discover_slides(config.slides, slide_mpp=config.slide_mpp, out_dir=out)
     slides = list(slides)
     if config.shard is not None:
         slides = select_shard(slides, *config.shard)
+    ensure_dir(out, create=False)  # before the cluster starts
     names = tuple(s.name for s in plan)
     suffix = "" if config.shard is None else f"-shard-{config.shard[0]}-of-{config.shard[1]}"
 
     with contextlib.ExitStack() as stack:
         # The cluster first: a bad scheduler address or cluster option leaves no output behind.
         info: ClusterInfo = info_of(client) if client is not None else stack.enter_context(open_client(config))
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out)
         atomic_write_text(
             out / f"run-config{suffix}.json", json.dumps(config.to_dict(), indent=2, default=str) + "\n"
         )
@@ -595,9 +601,9 @@ def run_cohort(
         summary.report = write_report(out, title=f"wsi-convnext run: {out.name}", report_images=config.report_images)
     summary.seconds = time.perf_counter() - t_start
     logger.info(
-        "%d slides: %d done (%d already finished), %d failed in %.1f s",
+        "%d slides: %d done, %d skipped (already finished), %d failed in %.1f s",
         summary.total,
-        summary.done,
+        summary.ran,
         summary.skipped,
         summary.failed,
         summary.seconds,

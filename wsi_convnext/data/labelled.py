@@ -41,9 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from .._io import csv_unescape
 from ..errors import ConfigError, CorruptTileError, InputNotFoundError, LabelsError, StoreError, listing
 from ..labels.splits import inner_validation_split
-from ..labels.table import read_labels, sort_classes
+from ..labels.table import check_label, read_labels, sort_classes
 
 __all__ = [
     "BALANCE_MODES",
@@ -280,7 +281,7 @@ def csv_tiles(
     if not p.is_file():
         raise InputNotFoundError(f"{p}: CSV not found; pass a CSV with columns path,label[,group][,split]")
     with open(p, newline="", encoding="utf-8-sig") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+        rows = [[csv_unescape(c) for c in r] for r in csv.reader(fh) if r and any(c.strip() for c in r)]
     if not rows:
         raise InputNotFoundError(f"{p}: empty CSV; expected a header path,label[,group][,split]")
     header = [h.strip().lower() for h in rows[0]]
@@ -298,8 +299,10 @@ def csv_tiles(
     splits: list[str] = []
     for lineno, row in enumerate(rows[1:], start=2):
         cell = {k: (row[i].strip() if i < len(row) else "") for k, i in col.items()}
-        if not cell["path"] or ("label" in col and not cell["label"]):
-            raise LabelsError(f"{p}: row {lineno} has an empty path or label; fill it in or remove the row")
+        if not cell["path"]:
+            raise LabelsError(f"{p}: row {lineno} has an empty path; fill it in or remove the row")
+        if "label" in col:
+            cell["label"] = check_label(cell["label"], f"{p}: row {lineno}")
         f = Path(cell["path"]).expanduser()
         files.append(f if f.is_absolute() else p.parent / f)
         refs.append(cell["path"])

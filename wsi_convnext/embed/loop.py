@@ -204,6 +204,7 @@ def embed_many(
                         seconds=time.perf_counter() - t0, skipped=True, status="skipped", device=str(dev),
                     ))  # fmt: skip
                     continue
+                store.check_writable("features")  # a read-only store fails now, not after embedding
                 host = torch.empty((len(store), d), dtype=torch_dtype, pin_memory=prec.pin_memory)
             except Exception as exc:
                 out.put(seq, failed_result(path, key, t0, exc, dev), exc)

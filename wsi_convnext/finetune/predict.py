@@ -121,10 +121,13 @@ def predict_tiles(
     import torch
     from torch.utils.data import DataLoader
 
+    from .._io import check_output_file
     from ..encoders import resolve_precision
     from ..labels.metrics import compute_metrics
     from .outputs import load_finetuned
 
+    if out_csv is not None:
+        check_output_file(out_csv)
     model = load_finetuned(enc_dir, device=device)
     enc, head, classes = model.encoder, model.head, model.classes
     labelled = True

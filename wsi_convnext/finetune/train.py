@@ -348,8 +348,9 @@ def finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None = None)
         DeviceError: The requested device is absent.
         StoreExistsError: ``out`` holds another run's result and ``overwrite`` is false.
     """
-    from .._io import path_lock
+    from .._io import ensure_dir, path_lock
 
+    ensure_dir(config.out, create=False)
     # One writer per ENC_DIR: a second run on the same folder waits, then finds it finished
     # (same fingerprint) or resumes from the checkpoint; it never writes beside the first.
     with path_lock(Path(config.out)):

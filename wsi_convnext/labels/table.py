@@ -17,11 +17,14 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .._io import csv_unescape
 from ..errors import InputNotFoundError, LabelsError, listing
 
 __all__ = [
     "SPLIT_VALUES",
+    "MISSING_LABELS",
     "LabelTable",
+    "check_label",
     "check_fixed_assignment",
     "match_labels",
     "read_labels",
@@ -158,26 +161,38 @@ def _sniff_delimiter(header: str) -> str:
     return ","
 
 
+#: Cells that mean "no value" (empty, or pandas' and spreadsheets' NaN in any case); never a class name.
+MISSING_LABELS = frozenset({"", "nan"})
+
+
+def check_label(label: str, where: str) -> str:
+    """Return ``label`` (stripped) unless it is empty or ``NaN`` (any case).
+
+    Raises:
+        LabelsError: The label is missing, naming ``where`` (e.g. ``labels.csv: row 3``).
+    """
+    value = label.strip()
+    if value.lower() in MISSING_LABELS:
+        shown = "an empty label" if not value else f"label {value!r}, which marks a missing value, not a class"
+        raise LabelsError(f"{where} has {shown}; fill it in or remove the row")
+    return value
+
+
 def write_labels(path: str | os.PathLike[str], table: LabelTable) -> Path:
     """Write ``table`` as a labels CSV (``slide_id,label,patient_id``), atomically; returns the path."""
-    import io
+    from .._io import write_csv
 
-    from .._io import atomic_write_text
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["slide_id", "label", "patient_id"])
-    writer.writerows(zip(table.slide_ids, table.labels, table.patient_ids))
-    return atomic_write_text(Path(path), buf.getvalue())
+    return write_csv(Path(path), ["slide_id", "label", "patient_id"], zip(table.slide_ids, table.labels, table.patient_ids))
 
 
 def read_labels(path: str | os.PathLike[str], *, min_classes: int = 2, check_splits: bool = True) -> LabelTable:
     """Read a labels CSV.
 
     Columns (header names case-insensitive; comma, tab or semicolon separated): ``slide_id``,
-    ``label`` (any string; classes are the sorted unique labels, numerically sorted when all are
-    integers), optional ``patient_id`` (slides of one patient are never split apart), optional
-    ``split`` (train/val/test) **or** ``fold`` (integer test fold).
+    ``label`` (any string but an empty one or ``NaN``, see :func:`check_label`; classes are the
+    sorted unique labels, numerically sorted when all are integers), optional ``patient_id``
+    (slides of one patient are never split apart), optional ``split`` (train/val/test) **or**
+    ``fold`` (integer test fold).
 
     Args:
         path: CSV path.
@@ -200,7 +215,7 @@ def read_labels(path: str | os.PathLike[str], *, min_classes: int = 2, check_spl
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
         raise LabelsError(f"{p}: empty file; expected a header slide_id,label[,patient_id][,split|fold]")
-    reader = csv.reader(lines, delimiter=_sniff_delimiter(lines[0]))
+    reader = ([csv_unescape(c) for c in row] for row in csv.reader(lines, delimiter=_sniff_delimiter(lines[0])))
     header = [h.strip().lower() for h in next(reader)]
     missing = [c for c in ("slide_id", "label") if c not in header]
     if missing:
@@ -218,11 +233,10 @@ def read_labels(path: str | os.PathLike[str], *, min_classes: int = 2, check_spl
     folds: list[int] | None = [] if "fold" in col else None
     for lineno, row in enumerate(reader, start=2):
         cells = {k: (row[i].strip() if i < len(row) else "") for k, i in col.items()}
-        for required in ("slide_id", "label"):
-            if not cells[required]:
-                raise LabelsError(f"{p}: row {lineno} has an empty {required}; fill it in or remove the row")
+        if not cells["slide_id"]:
+            raise LabelsError(f"{p}: row {lineno} has an empty slide_id; fill it in or remove the row")
         ids.append(cells["slide_id"])
-        labs.append(cells["label"])
+        labs.append(check_label(cells["label"], f"{p}: row {lineno}"))
         pats.append(cells.get("patient_id") or cells["slide_id"])
         if splits is not None:
             v = _SPLIT_ALIASES.get(cells["split"].lower())

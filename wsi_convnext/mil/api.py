@@ -130,6 +130,9 @@ def _write_predictions_csv(
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    from .._io import ensure_dir
+
+    ensure_dir(out_dir)
     existing = [n for n in MODEL_FILES if (out_dir / n).exists()]
     if existing and not overwrite:
         raise ConfigError(f"{out_dir} already holds a model ({', '.join(existing)}); pass overwrite or choose another folder")
@@ -249,10 +252,13 @@ def evaluate(
         LabelsError: A labelled slide has no store (``require_all``), a label is not one of the
             model's classes, or label-file errors.
     """
+    from .._io import ensure_dir
     from .checkpoint import load_model
     from ..labels.metrics import compute_metrics, format_metrics_table, metrics_to_json
     from .plots import plot_roc
 
+    if out_dir is not None:
+        ensure_dir(out_dir)
     model = load_model(model_dir)
     table = read_labels(labels_csv, min_classes=1, check_splits=False)
     unknown = sorted(set(table.labels) - set(model.classes))
@@ -277,7 +283,6 @@ def evaluate(
     metrics.update({"model": str(model_dir), "classes": list(model.classes), "unlabeled_slides": unlabeled})
     if out_dir is not None:
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(metrics_to_json(metrics) + "\n", encoding="utf-8")
         (out / "metrics.txt").write_text(format_metrics_table(metrics, title=f"evaluation of {model_dir}"), encoding="utf-8")
         plot_roc(y, probs, model.classes, out / "roc.png", positive=pos, title=f"evaluation of {Path(model_dir).name}")
@@ -326,7 +331,8 @@ def predict(
     """
     from .. import __version__
     from ..errors import WsiConvnextError, one_line
-    from ..outputs.predictions import PredictionRow, check_output_file, write_predictions
+    from .._io import check_output_file
+    from ..outputs.predictions import PredictionRow, write_predictions
     from .checkpoint import load_model
 
     if on_error not in ("raise", "record"):
@@ -368,6 +374,8 @@ def _predict_one(
     from .data import _open, resolve_feature_key
 
     store = _open(path)
+    if write_scores:
+        store.check_writable("scores")  # a read-only store: one line, recorded like any failure
     key = resolve_feature_key(store, model.feature_key, f"store {path}")
     bag = Bag(str(store.slide_id), store.features(key), np.asarray(store.coords), source=str(path), feature_key=key)
     if bag.features.shape[1] != model.in_dim:

@@ -165,7 +165,7 @@ def export_features(
         raise ConfigError(f"--format {fmt} writes one file per slide; drop --cohort (cohort files: {with_cohort})")
     if spec.check is not None:
         spec.check()
-    out = Path(out_dir)
+    out = ensure_dir(out_dir, create=False)
 
     # Validate everything first: a bad store or an existing file stops the export before it starts.
     def failed(path: Path, exc: WsiConvnextError) -> None:

@@ -104,10 +104,12 @@ def heatmaps(
     Returns:
         Paths of the pictures by slide id.
     """
+    from .._io import ensure_dir
     from ..mil.api import predict
     from ..store import find_stores, open_store
 
     _check_top_k(top_k)
+    ensure_dir(out_dir)
     paths = find_stores(stores)
     if _is_finetune_dir(model_dir):
         return _tile_classifier_heatmaps(model_dir, paths, out_dir, top_k=top_k)

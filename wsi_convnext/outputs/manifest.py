@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_write_text, path_lock
+from .._io import atomic_write_text, csv_text, csv_unescape, path_lock
 from ..errors import one_line
 from ..outcome import MAX_ERROR as OUTCOME_MAX_ERROR
 
@@ -109,22 +109,25 @@ class ManifestRow:
     def key(self) -> tuple[str, str]:
         return (self.slide_id, self.stage)
 
-    def to_csv(self) -> dict[str, str]:
-        out: dict[str, str] = {}
+    def to_csv(self) -> list[str]:
+        """The cells of this row, in :data:`MANIFEST_FIELDS` order."""
+        out: list[str] = []
         for name in MANIFEST_FIELDS:
             value = getattr(self, name)
             if value is None:
-                out[name] = ""
+                out.append("")
             elif name == "seconds":
-                out[name] = f"{value:.3f}"
+                out.append(f"{value:.3f}")
             elif name == "slide_mpp":
-                out[name] = f"{value:.6g}"
+                out.append(f"{value:.6g}")
             else:
-                out[name] = str(value)
+                out.append(str(value))
         return out
 
     @classmethod
     def from_csv(cls, raw: Mapping[str, str | None]) -> ManifestRow:
+        raw = {k: csv_unescape(v) if isinstance(v, str) else v for k, v in raw.items()}
+
         def num(name: str, kind: type) -> Any:
             v = (raw.get(name) or "").strip()
             return kind(float(v)) if v and kind is int else (kind(v) if v else None)
@@ -291,10 +294,7 @@ class RunManifest:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 new = not self.path.exists() or self.path.stat().st_size == 0
                 with open(self.path, "a", encoding="utf-8", newline="") as fh:
-                    writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row.to_csv())
+                    fh.write(csv_text(MANIFEST_FIELDS if new else None, [row.to_csv()]))
                 self._lines += 1
             if self._lines > max(1000, 2 * len(self._rows)):
                 self._sync(rewrite=True)
@@ -344,10 +344,5 @@ class RunManifest:
             self._rows = merged
             self._lines = lines
             if (rewrite or dirty or lines > len(disk) or changed) and (merged or create or self.path.exists()):
-                buf = io.StringIO()
-                writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-                writer.writeheader()
-                for r in merged.values():
-                    writer.writerow(r.to_csv())
-                atomic_write_text(self.path, buf.getvalue())
+                atomic_write_text(self.path, csv_text(MANIFEST_FIELDS, [r.to_csv() for r in merged.values()]))
                 self._lines = len(merged)

@@ -19,7 +19,6 @@ this dialect back, and also the older ``run`` dialect (``label`` holding the pre
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text, path_lock
+from .._io import atomic_write_text, check_output_file, csv_text, csv_unescape, path_lock
 from ..errors import ConfigError
 
-__all__ = ["KEYS", "PredictionRow", "check_output_file", "prediction_rows", "read_predictions", "write_predictions"]
+__all__ = ["KEYS", "PredictionRow", "prediction_rows", "read_predictions", "write_predictions"]
 
 #: The key column sets a file may use.
 KEYS: tuple[tuple[str, ...], ...] = (("slide_id",), ("path",), ("slide_id", "tile"))
@@ -64,23 +63,6 @@ class PredictionRow:
         return None if v is None else str(v)
 
 
-def check_output_file(path: str | os.PathLike[str], option: str = "--out") -> Path:
-    """Check, before any work, that a CSV can be written at ``path`` (not a folder, parent not a file).
-
-    Raises:
-        ConfigError: ``path`` is a folder, or a parent of it is a file.
-    """
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{p}: {option} is a folder; give a file name such as {p / 'predictions.csv'}")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{p}: {option} lies under {parent}, which is a file; choose another {option}")
-            break
-    return p
-
-
 def _key_columns(rows: Sequence[PredictionRow]) -> tuple[str, ...]:
     cols = {tuple(r.key) for r in rows}
     if len(cols) > 1:
@@ -111,9 +93,7 @@ def _render(rows: Sequence[PredictionRow], classes: Sequence[str] | None) -> str
     for r in rows:
         extra.update(dict.fromkeys(k for k in r.extra if k not in extra))
     header = [*key, *(["true_label"] if with_label else []), "predicted", *[f"{PROB_PREFIX}{c}" for c in classes], *extra]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
+    lines = []
     for r in rows:
         line = [_fmt(r.key[k]) for k in key]
         if with_label:
@@ -123,8 +103,8 @@ def _render(rows: Sequence[PredictionRow], classes: Sequence[str] | None) -> str
             p = r.probabilities.get(c)
             line.append("" if p is None or not math.isfinite(float(p)) else f"{float(p):.6f}")
         line += [_fmt(r.extra.get(k)) for k in extra]
-        w.writerow(line)
-    return buf.getvalue()
+        lines.append(line)
+    return csv_text(header, lines)
 
 
 def write_predictions(
@@ -180,6 +160,7 @@ def read_predictions(path: str | os.PathLike[str]) -> list[PredictionRow]:
         known = {*key, "true_label", "predicted", *probs_cols} | ({"label"} if legacy else set())
         out: list[PredictionRow] = []
         for raw in reader:
+            raw = {k: csv_unescape(v) if isinstance(v, str) else v for k, v in raw.items()}
             if not all(raw.get(k) for k in key):
                 continue
             probs: dict[str, float] = {}

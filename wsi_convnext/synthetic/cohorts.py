@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections.abc import Callable
@@ -13,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_write_text
+from .._io import write_csv
 from ..errors import ConfigError
 from .shapes import PEN_INKS, SyntheticSlide, SyntheticSlideSpec, TissueSpec, _rng
 from .write import write_synthetic_slide
@@ -139,12 +137,7 @@ def make_cohort(
         slides.append(CohortSlide(slide_id, f"patient_{patient_of[i]:03d}", str(labels[i]), slide))
         if progress is not None:
             progress(i + 1, n_slides)
-    buf = io.StringIO()
-    wr = csv.writer(buf, lineterminator="\r\n")
-    wr.writerow(["slide_id", "label", "patient_id"])
-    for s in slides:
-        wr.writerow([s.slide_id, s.label, s.patient_id])
-    atomic_write_text(out / "labels.csv", buf.getvalue())
+    write_csv(out / "labels.csv", ["slide_id", "label", "patient_id"], [[s.slide_id, s.label, s.patient_id] for s in slides])
     return slides
 
 

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._io import physical_memory
 from ..errors import MppError
 
 # Slack for float noise in level downsamples (e.g. 4.000152 reported for a 4× level).
 _DOWNSAMPLE_RTOL = 1e-3
+#: Bytes held per planned tile while the grid is built and filtered (coords and their transients, tissue fraction).
+PLAN_BYTES_PER_TILE = 64
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ def plan_grid(
         tile_size: Output tile side, pixels.
         overlap: Overlap between neighbouring tiles, in output pixels.
         allow_upsample: See :func:`select_level`.
+
+    Raises:
+        MppError: The target is finer than the scan without ``allow_upsample``, a tile would
+            cover less than one level-0 pixel, or the grid would not fit in half the memory.
     """
     if tile_size <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
@@ -132,9 +139,21 @@ def plan_grid(
     factor = target_mpp / slide_mpp
     extent0 = tile_size * factor
     stride0 = (tile_size - overlap) * factor
+    if extent0 < 1.0:
+        raise MppError(
+            f"target {target_mpp:g} µm/px upsamples the scan ({slide_mpp:g} µm/px) {1 / factor:.3g}×: a {tile_size}-px "
+            f"tile would cover {extent0:.3g} scanned pixels, less than one; choose a coarser target mpp"
+        )
     width, height = dimensions
     nx = _count(width, extent0, stride0)
     ny = _count(height, extent0, stride0)
+    need, have = nx * ny * PLAN_BYTES_PER_TILE, physical_memory()
+    if need > have // 2:  # checked before allocating anything
+        raise MppError(
+            f"target {target_mpp:g} µm/px with {tile_size}-px tiles plans {nx * ny:,} tiles, about "
+            f"{need / 2**30:.1f} GiB to hold, more than half of this machine's {have / 2**30:.1f} GiB; "
+            "choose a coarser target mpp or a larger tile size"
+        )
     xs = np.round(np.arange(nx) * stride0).astype(np.int64)
     ys = np.round(np.arange(ny) * stride0).astype(np.int64)
     gx, gy = np.meshgrid(xs, ys)  # row-major: tiles ordered by row (y), then x

@@ -174,24 +174,28 @@ def _existing_store(
         if overwrite:
             return None
         raise StoreExistsError(f"{final}: exists but is not a usable store ({exc}); pass --overwrite to replace it") from exc
-    if overwrite:
-        return None
     source = store.attrs.get("source", {}) or {}
     stored_mode = source.get("fingerprint_mode", "quick")
-    if stored_mode not in fingerprints:
-        fingerprints[stored_mode] = slide_fingerprint(path, stored_mode)
-    same_file = source.get("fingerprint") == fingerprints[stored_mode]
+    old_path = source.get("path")
+    moved = bool(old_path) and Path(old_path) != path.resolve()
+    if moved or not overwrite:
+        if stored_mode not in fingerprints:
+            fingerprints[stored_mode] = slide_fingerprint(path, stored_mode)
+    same_file = source.get("fingerprint") == fingerprints.get(stored_mode)
+    if moved and not same_file:
+        # Even --overwrite never gives a store (and its id, which labels name) to another file.
+        raise StoreExistsError(
+            f"{final}: slide id {store.slide_id!r} already names a store tiled from {old_path}, not from {path}: "
+            "a slide id collision (--overwrite never gives an id to another file); give one of them another "
+            "slide_id in a manifest, or use another --out"
+        )
+    if overwrite:
+        return None
     old_sig = store.attrs.get("tiling_params", {})
     if old_sig == signature and same_file:
         if mode == "full" and stored_mode != "full":
             logger.warning("%s: store was fingerprinted %s; pass --overwrite to re-tile with --fingerprint full", final, stored_mode)
         return store
-    old_path = source.get("path")
-    if not same_file and old_path and Path(old_path) != path.resolve():
-        raise StoreExistsError(
-            f"{final}: slide id {store.slide_id!r} already names a store tiled from {old_path}, not from {path}: "
-            "a slide id collision; give one of them another slide_id in a manifest, or use another --out"
-        )
     diff = sorted(k for k in set(old_sig) | set(signature) if old_sig.get(k) != signature.get(k))
     what = f"parameters differ ({', '.join(diff)})" if diff else "the slide file changed"
     raise StoreExistsError(f"{final}: already tiled but {what}; pass --overwrite to re-tile")
@@ -453,7 +457,8 @@ def tile_slide(
                 tile_size=params.tile_size, overlap=params.overlap, allow_upsample=params.allow_upsample,
             )  # fmt: skip
         except MppError as exc:
-            raise MppError(f"{path}: {exc}; choose a coarser --mpp or pass --allow-upsample") from exc
+            hint = "" if params.allow_upsample else "; choose a coarser --mpp or pass --allow-upsample"
+            raise MppError(f"{path}: {exc}{hint}") from exc
         workers = params.workers or cpu_count()
         pool, cut = stack.enter_context(_tile_pool(pixels, len(grid), workers))
         thumb, thumb_ds, report, mask_ds = _thumbnail_and_mask(pixels, mpp, params.tissue)
