@@ -86,9 +86,9 @@ def test_absurd_upsampling_and_huge_grids_are_refused_before_allocating():
     from wsi_convnext.tiling.grid import PLAN_BYTES_PER_TILE
 
     with pytest.raises(MppError, match=r"upsamples the scan .* less than one"):
-        plan_grid((2220, 2967), (1.0,), 0.499, 1e-9, 224, allow_upsample=True)
+        plan_grid((2220, 2967), (1.0,), slide_mpp=0.499, target_mpp=1e-9, tile_size=224, allow_upsample=True)
     # A grid that needs more than half the memory: a side with that many tiles squared.
     side = int((physical_memory() / PLAN_BYTES_PER_TILE) ** 0.5) * 224 * 2
     with pytest.raises(MppError, match=r"plans [\d,]+ tiles, about [\d.]+ GiB .* larger tile size"):
-        plan_grid((side, side), (1.0,), 0.25, 0.25, 224)
-    assert len(plan_grid((2240, 2240), (1.0,), 0.25, 0.125, 224, allow_upsample=True)) == 400  # 2× is fine: 20 × 20 tiles
+        plan_grid((side, side), (1.0,), slide_mpp=0.25, target_mpp=0.25, tile_size=224)
+    assert len(plan_grid((2240, 2240), (1.0,), slide_mpp=0.25, target_mpp=0.125, tile_size=224, allow_upsample=True)) == 400  # 2× is fine: 20 × 20 tiles
