@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from wsi_convnext.errors import InputNotFoundError, LabelsError, WsiConvnextError
-from wsi_convnext.labels import LabelTable, match_labels, read_labels
+from wsi_convnext.labels import match_labels, read_labels
 
 
 def _csv(tmp_path: Path, text: str, name: str = "labels.csv") -> Path:
