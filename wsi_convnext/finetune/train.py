@@ -476,9 +476,9 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
                 st[k] = v.to(device)
 
     autocast = functools.partial(prec.autocast, device)
-    # float16 autocast (CUDA without bfloat16) needs loss scaling; a no-op otherwise. Its state is
+    # Loss scaling for float16 autocast (CUDA without bfloat16), a no-op otherwise. Its state is
     # not checkpointed: a resumed float16 run starts with a fresh scale.
-    scaler = torch.amp.GradScaler(device.type, enabled=prec.autocast_dtype == "float16")
+    scaler = prec.grad_scaler(device)
 
     body: Callable[[torch.Tensor], torch.Tensor] = encoder.model
     if cfg.compile and cuda:
