@@ -107,3 +107,29 @@ def test_sigkill_of_run_leaves_no_cluster_processes(big_slide: Path, tmp_path: P
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigkill_of_embed_on_devices_leaves_no_device_processes(tmp_path: Path) -> None:
+    """`embed --devices` runs one spawned process per device; they die with it (``_proc.die_with_parent``)."""
+    from wsi_convnext.synthetic import SyntheticSlideSpec, write_synthetic_slide
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for seed in (1, 2):
+        write_synthetic_slide(slides / f"s{seed}.svs", SyntheticSlideSpec(width=1500, height=1500, mpp=0.5, seed=seed))
+    stores = tmp_path / "stores"
+    subprocess.run([EXE, "tile", str(slides), "--out", str(stores), "--tile-size", "64"], check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    cmd = [EXE, "embed", str(stores), "--model", "convnext_atto", "--stem", "patch", "--devices", "cpu,cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        kids = _descendants_once(proc, 2, 120)
+        t0 = time.monotonic()
+        while sum("spawn_main" in " ".join(k.cmdline()) for k in kids) < 2 and time.monotonic() - t0 < 120:
+            time.sleep(0.05)
+            kids = psutil.Process(proc.pid).children(recursive=True)
+        assert sum("spawn_main" in " ".join(k.cmdline()) for k in kids) >= 2, [k.cmdline() for k in kids]
+        _kill_and_check(proc, kids, within=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

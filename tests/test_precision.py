@@ -22,6 +22,12 @@ def test_channels_last_override_and_unknown_device_types() -> None:
     assert set(PRECISIONS) >= {"cuda", "cpu", "mps"}
 
 
+def test_grad_scaler_scales_only_under_float16() -> None:
+    cpu = torch.device("cpu")
+    assert not resolve_precision(cpu).grad_scaler(cpu).is_enabled()
+    assert not Precision("bfloat16", "bfloat16", False, False).grad_scaler(cpu).is_enabled()
+
+
 def test_autocast_enters_the_policy_dtype() -> None:
     p = Precision("bfloat16", "bfloat16", False, False)
     with p.autocast(torch.device("cpu")):
@@ -34,3 +40,4 @@ def test_cuda_autocasts_in_bfloat16_where_supported_else_float16() -> None:
     assert p.name == ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
     assert p.channels_last and p.pin_memory
     assert resolve_precision(torch.device("cuda"), amp=False).name == "float32"
+    assert p.grad_scaler(torch.device("cuda")).is_enabled() == (p.name == "float16")

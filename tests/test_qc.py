@@ -95,6 +95,20 @@ def test_render_qc_bad_inputs() -> None:
         render_qc(np.zeros((10, 10, 5), np.uint8), 4.0, None, np.zeros((0, 2)), 4.0)
 
 
+def test_tiling_qc_fits_the_qc_size_and_is_written_atomically(tmp_path: Path) -> None:
+    from wsi_convnext.outputs.qc import QC_MAX_SIZE, render_tiling_qc, write_tiling_qc
+    from wsi_convnext.tiling.grid import plan_grid
+
+    grid = plan_grid((8000, 6000), [1.0], slide_mpp=0.5, target_mpp=0.5, tile_size=256)
+    thumb, mask = _thumb(3000, 4000), np.ones((3000, 4000), bool)  # 2 level-0 px per thumbnail px
+    img = render_tiling_qc(thumb, 2.0, mask, grid, "s1", np.ones(len(grid)))
+    assert img.shape[1] == QC_MAX_SIZE and img.shape[0] > 3000 * QC_MAX_SIZE // 4000  # plus the title band
+    failed = render_tiling_qc(thumb, 2.0, mask, grid, "s1", np.ones(len(grid)), failed="no tissue")
+    assert failed.shape[1] == QC_MAX_SIZE and not np.array_equal(failed, img)
+    path = write_tiling_qc(tmp_path / "s1.png", thumb, 2.0, mask, grid, "s1", np.ones(len(grid)))
+    assert np.array_equal(np.asarray(Image.open(path)), img) and [p.name for p in tmp_path.iterdir()] == ["s1.png"]
+
+
 # --------------------------------------------------------------------------- overlay_scores
 
 

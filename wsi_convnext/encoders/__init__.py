@@ -54,8 +54,8 @@ from .weights import (
     find_pretrained_file,
     load_weights,
     read_weights_metadata,
-    weights_metadata,
     save_encoder_weights,
+    weights_metadata,
 )
 
 __all__ = [

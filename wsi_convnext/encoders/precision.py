@@ -3,7 +3,8 @@
 On CUDA the model runs under autocast, bfloat16 where the GPU supports it, else float16, on
 channels-last tensors fed from pinned memory with non-blocking copies; on CPU and MPS it runs
 in float32 (``amp`` is ignored there). :func:`resolve_precision` is the one entry point;
-:meth:`Precision.autocast` is the one way to enter it.
+:meth:`Precision.autocast` is the one way to enter it, and :meth:`Precision.grad_scaler` the loss
+scaling that training under it needs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ class Precision:
         import torch
 
         return torch.autocast(device.type, dtype=getattr(torch, self.autocast_dtype))
+
+    def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
+        """The loss scaler for training under this policy: active for float16 autocast only.
+
+        Use ``scaler.scale(loss).backward()``, ``scaler.step(optimizer)``, ``scaler.update()``;
+        disabled, these are plain ``backward``/``step``.
+        """
+        import torch
+
+        return torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == "float16")
 
 
 def _cuda_precision(dev: torch.device, amp: bool) -> Precision:

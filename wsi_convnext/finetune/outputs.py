@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .config import FinetuneConfig
     from .train import StartPoint
 
-__all__ = ["FinetunedModel", "load_finetuned", "read_fingerprint", "write_outputs"]
+__all__ = ["FinetunedModel", "load_finetuned", "read_training_fingerprint", "write_outputs"]
 
 HEAD_FILE = "head.safetensors"
 METRICS_FILE = "metrics.json"
@@ -48,7 +48,7 @@ TABLE_FILE = "metrics.md"
 CURVES_FILE = "curves.png"
 
 
-def read_fingerprint(enc_dir: str | os.PathLike[str]) -> str | None:
+def read_training_fingerprint(enc_dir: str | os.PathLike[str]) -> str | None:
     """The training fingerprint of a finished output folder, or None."""
     p = Path(enc_dir)
     try:

@@ -2,7 +2,7 @@
 
 :func:`finetune_encoder` is the library entry point (the CLI, the cohort stage and the
 benchmarks call it). A run is a pure function of its configuration's result fields, the data
-(tiles, labels, groups) and the starting weights: its fingerprint (:meth:`FinetuneConfig.fingerprint`).
+(tiles, labels, groups) and the starting weights: its training fingerprint (:meth:`FinetuneConfig.training_fingerprint`).
 
 Resuming. While training, the state lives in a hidden work folder next to the output
 (``.<ENC_DIR name>.work/checkpoint.pt``), rewritten atomically at every epoch end (and every
@@ -361,7 +361,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     import torch
 
     from ..encoders import resolve_device
-    from .outputs import read_fingerprint, write_outputs
+    from .outputs import read_training_fingerprint, write_outputs
 
     cfg = config
     out = Path(cfg.out)
@@ -380,7 +380,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     cfg = replace(cfg, stem=encoder.config.stem)  # the stem the weights or the family chose
     fingerprint = cfg.training_fingerprint(tiles.data_fingerprint(), start.weights_sha256)
     if out.exists():
-        done = read_fingerprint(out)
+        done = read_training_fingerprint(out)
         if done == fingerprint and not cfg.overwrite:
             logger.info("%s: already fine-tuned with this configuration; nothing to do", out)
             return out
@@ -475,9 +475,9 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
                 st[k] = v.to(device)
 
     autocast = functools.partial(prec.autocast, device)
-    # float16 autocast (CUDA without bfloat16) needs loss scaling; a no-op otherwise. Its state is
+    # Loss scaling for float16 autocast (CUDA without bfloat16), a no-op otherwise. Its state is
     # not checkpointed: a resumed float16 run starts with a fresh scale.
-    scaler = torch.amp.GradScaler(device.type, enabled=prec.autocast_dtype == "float16")
+    scaler = prec.grad_scaler(device)
 
     body: Callable[[torch.Tensor], torch.Tensor] = encoder.model
     if cfg.compile and cuda:
