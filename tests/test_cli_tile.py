@@ -127,6 +127,7 @@ def test_tile_cohort_with_bad_slides(tmp_path, slides_dir):
         (["tile", "/nonexistent/slides"], "no such file or folder"),
         (["tile", "{empty}"], "no slides found"),
         (["tile", "{cmu}", "--mpp", "-1"], "--mpp must be positive"),
+        (["tile", "{cmu}", "--slide-mpp", "0"], "--slide-mpp must be the level-0 µm/px, between 0.05 and 100"),
         (["tile", "{cmu}", "--overlap", "300"], "--overlap"),
         (["tile", "{cmu}", "--backend", "bioformats"], "bioformats"),
         (["info", "/nonexistent.svs"], "nonexistent.svs"),

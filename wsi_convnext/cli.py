@@ -177,6 +177,8 @@ def tile(
         from .errors import ConfigError
         from .inputs import discover_slides
         from .outputs.manifest import RunManifest, tile_manifest_row
+        from .params import ParameterError
+        from .slide.mpp import check_slide_mpp
         from .tiling.tiler import TileParams, tile_slides
         from .tiling.tissue import TissueParams
 
@@ -189,6 +191,9 @@ def tile(
             encoding="png" if lossless else "jpeg", allow_upsample=allow_upsample, backend=backend, workers=workers,
             tissue=tissue_params, fingerprint=fingerprint,
         )  # fmt: skip
+        problem = None if slide_mpp is None else check_slide_mpp(slide_mpp)
+        if problem:  # refused before any slide is opened, by the rule open_slide applies
+            raise ParameterError("slide_mpp", problem, slide_mpp)
         slides = discover_slides(inputs, slide_mpp=slide_mpp, out_dir=out)
         from ._io import ensure_dir
 

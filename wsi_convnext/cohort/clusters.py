@@ -103,10 +103,6 @@ def cluster_kinds() -> tuple[str, ...]:
 # --- the built-in kinds' settings ----------------------------------------------------------
 
 
-def _opt(check: Callable[[Any], str | None] | None = None, doc: str = "") -> Any:
-    return param(None, check=check, doc=doc)
-
-
 _WALLTIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 
 
@@ -134,12 +130,12 @@ class LocalConfig:
     most one per 2 GiB of memory), plus one worker per GPU that owns that GPU.
     """
 
-    n_workers: int | None = _opt(positive, "CPU worker processes")
-    threads_per_worker: int | None = _opt(positive, "threads per worker process")
-    memory_limit: str | None = _opt(_memory, "per worker, e.g. '8GiB', or 'auto'")
-    gpus: int | None = _opt(non_negative, "GPU workers (default: all visible GPUs when embedding)")
-    dashboard_address: str | None = _opt(
-        _dashboard, "default '127.0.0.1:8787' (this machine only); ':8787' opens it to all; '' disables it"
+    n_workers: int | None = param(None, check=positive, doc="CPU worker processes")
+    threads_per_worker: int | None = param(None, check=positive, doc="threads per worker process")
+    memory_limit: str | None = param(None, check=_memory, doc="per worker, e.g. '8GiB', or 'auto'")
+    gpus: int | None = param(None, check=non_negative, doc="GPU workers (default: all visible GPUs when embedding)")
+    dashboard_address: str | None = param(
+        None, check=_dashboard, doc="default '127.0.0.1:8787' (this machine only); ':8787' opens it to all; '' disables it"
     )
 
 
@@ -152,8 +148,8 @@ class SlurmConfig:
     advertise the ``GPU`` resource that embedding tasks need.
     """
 
-    queue: str | None = _opt(non_empty, "partition (-p)")
-    account: str | None = _opt(non_empty, "account (-A)")
+    queue: str | None = param(None, check=non_empty, doc="partition (-p)")
+    account: str | None = param(None, check=non_empty, doc="account (-A)")
     cores: int = param(8, check=positive, doc="cores per job")
     memory: str = param("32GiB", check=_memory, doc="memory per job")
     processes: int = param(1, check=positive, doc="worker processes per job")
@@ -161,14 +157,14 @@ class SlurmConfig:
     walltime: str = param("04:00:00", check=_walltime, doc="job time limit")
     job_extra_directives: list[str] = param(default_factory=list, doc="extra #SBATCH lines")
     job_script_prologue: list[str] = param(default_factory=list, doc="shell lines run first")
-    local_directory: str | None = _opt(non_empty, "worker scratch space, e.g. '$TMPDIR'")
-    log_directory: str | None = _opt(non_empty, "folder for the jobs' stdout/stderr")
-    interface: str | None = _opt(non_empty, "network interface, e.g. 'ib0'")
-    python: str | None = _opt(non_empty, "python on the compute nodes")
+    local_directory: str | None = param(None, check=non_empty, doc="worker scratch space, e.g. '$TMPDIR'")
+    log_directory: str | None = param(None, check=non_empty, doc="folder for the jobs' stdout/stderr")
+    interface: str | None = param(None, check=non_empty, doc="network interface, e.g. 'ib0'")
+    python: str | None = param(None, check=non_empty, doc="python on the compute nodes")
     minimum_jobs: int = param(0, check=non_negative, doc="adaptive lower bound")
     maximum_jobs: int = param(4, check=positive, doc="adaptive upper bound")
-    dashboard_address: str | None = _opt(
-        _dashboard, "scheduler dashboard; default '127.0.0.1:8787' (this machine only); '' disables it"
+    dashboard_address: str | None = param(
+        None, check=_dashboard, doc="scheduler dashboard; default '127.0.0.1:8787' (this machine only); '' disables it"
     )
 
     def check(self) -> None:

@@ -94,6 +94,16 @@ class Aggregator(nn.Module):
         # Binary → one positive logit; multi-class → one logit per class.
         self.n_out = 1 if self.n_classes == 2 else self.n_classes
 
+    @classmethod
+    def check_options(cls, **kwargs: Any) -> None:
+        """Fail fast on an unknown or bad hyperparameter: build a tiny instance (the global RNG is untouched).
+
+        Raises:
+            ConfigError: Unknown hyperparameter.
+        """
+        with torch.random.fork_rng(devices=[]):
+            build_aggregator(cls.name, 1, 2, **kwargs)
+
     def to_logits(self, z: Tensor) -> Tensor:
         """Map raw outputs (..., n_out) to class logits (..., C) (binary: prepend a zero logit)."""
         if self.n_out == 1:

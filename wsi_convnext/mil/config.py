@@ -25,13 +25,8 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 def _check_aggregator(aggregator: str, agg_kwargs: Mapping[str, Any]) -> None:
-    """Fail fast on an unknown aggregator or option (without touching the global RNG)."""
-    import torch
-
-    from .aggregators import build_aggregator
-
-    with torch.random.fork_rng(devices=[]):
-        build_aggregator(aggregator, 1, 2, **agg_kwargs)
+    """Fail fast on an unknown aggregator or option (the lookup imports the aggregators, and torch)."""
+    AGGREGATORS.lookup(aggregator).check_options(**agg_kwargs)
 
 
 @dataclass(frozen=True)
