@@ -186,6 +186,10 @@ def test_h5_export_reads_only_features_and_coords(stores, tmp_path, what) -> Non
     res = runner.invoke(app, ["export", str(stores), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "out").glob("*.h5"))) == 4
+    import h5py
+
+    with h5py.File(tmp_path / "out" / f"{BAD}.h5", "r") as f:  # bookkeeping stays in the store
+        assert not {"metadata_sha256", "integrity", "complete"} & set(f["features"].attrs)
 
 
 @pytest.mark.parametrize("what", ["scores", "thumbnail", "tiles", "features"])
