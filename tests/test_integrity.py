@@ -1,8 +1,9 @@
 """Integrity on every read (issue 20): one flipped bit in any chunk or in the defining metadata.
 
 Every command that reads a store notices it, fails that store in one line and goes on with
-the others (exit 1, no traceback); ``embed`` never writes features over damaged tiles; a
-store swapped under a reader by another run is reported as replaced, not as damaged.
+the others (exit 1, no traceback; ``train`` and ``finetune`` stop before training instead);
+``embed`` never writes features over damaged tiles; an h5 export reads no tile chunk; a store
+swapped under a reader by another run is reported as replaced, not as damaged.
 Real stores of CMU-1 tiles, real ConvNeXt embeddings, a real MIL model, real zarr files.
 """
 
@@ -33,7 +34,7 @@ LABELS = {"s0": "normal", "s1": "tumor", "s2": "normal", "s3": "tumor"}
 
 
 @pytest.fixture(scope="module")
-def cohort(cmu_slide, tmp_path_factory) -> dict[str, Path]:
+def cohort(cmu_slide, tmp_path_factory) -> dict[str, Path | str]:
     """Four embedded stores (real atto features), a saved MIL model, and its scores in every store."""
     from wsi_convnext.embed import embed_stores
     from wsi_convnext.mil.api import predict
@@ -54,7 +55,7 @@ def cohort(cmu_slide, tmp_path_factory) -> dict[str, Path]:
     predict(model_dir, sorted(folder.iterdir()), write_scores=True)
     labels = root / "labels.csv"
     labels.write_text("slide_id,label\n" + "".join(f"{s},{lab}\n" for s, lab in LABELS.items()))
-    return {"folder": folder, "model": model_dir, "labels": labels, "key": Path(res.key)}
+    return {"folder": folder, "model": model_dir, "labels": labels, "key": res.key}
 
 
 def _flip_bit(path: Path, offset: int) -> None:
@@ -81,6 +82,11 @@ def damage(store: Path, what: str) -> None:
     if what == "zarr.json":
         meta = store / "zarr.json"
         m = re.search(rb'"target_mpp": 0\.\d*([1-9])', meta.read_bytes())
+        _flip_bit(meta, m.start(1))
+        return
+    if what == "coords-meta":  # the row count: zarr alone would read 17 coords for 16 tiles
+        meta = store / "coords" / "zarr.json"
+        m = re.search(rb'"shape": \[\s*\d*(\d)', meta.read_bytes())
         _flip_bit(meta, m.start(1))
         return
     if what == "features-meta":
@@ -114,10 +120,15 @@ def _damage_words(what: str) -> tuple[str, ...]:
         return ("store damaged", "zarr.json fails its metadata checksum")
     if what == "features-meta":
         return ("store damaged", "features/", "zarr.json fails its metadata checksum")
+    if what == "coords-meta":
+        return ("store damaged", "coords: zarr.json")
     return ("store damaged", f"{what}", "fails its sha256 checksum")
 
 
-ALL = ("tiles", "coords", "tissue_fraction", "thumbnail", "tissue_mask", "features", "scores", "zarr.json", "features-meta")
+ALL = (
+    "tiles", "coords", "tissue_fraction", "thumbnail", "tissue_mask", "features", "scores",
+    "zarr.json", "features-meta", "coords-meta",
+)  # fmt: skip
 
 
 def test_a_sealed_store_is_schema_2_and_verifies(cohort) -> None:
@@ -149,7 +160,7 @@ def test_embed_overwrite_never_writes_features_over_damaged_tiles(stores, cohort
         assert (stores / f"{sid}.zarr" / "features" / key / "zarr.json").read_bytes() != before
 
 
-@pytest.mark.parametrize("what", ["features", "coords", "zarr.json", "features-meta"])
+@pytest.mark.parametrize("what", ["features", "coords", "zarr.json", "features-meta", "coords-meta"])
 def test_predict_fails_the_damaged_store_and_goes_on(stores, cohort, tmp_path, what) -> None:
     bad = stores / f"{BAD}.zarr"
     damage(bad, what)
@@ -186,6 +197,10 @@ def test_h5_export_reads_only_features_and_coords(stores, tmp_path, what) -> Non
     res = runner.invoke(app, ["export", str(stores), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "out").glob("*.h5"))) == 4
+    import h5py
+
+    with h5py.File(tmp_path / "out" / f"{BAD}.h5", "r") as f:  # bookkeeping stays in the store
+        assert not {"metadata_sha256", "integrity", "complete"} & set(f["features"].attrs)
 
 
 @pytest.mark.parametrize("what", ["scores", "thumbnail", "tiles", "features"])

@@ -28,7 +28,7 @@ import numpy as np
 
 from .._io import atomic_path, ensure_dir, inside
 from ..errors import ConfigError, InputNotFoundError, StoreError, StoreExistsError, WsiConvnextError, one_line
-from ..store import TileStore, find_stores, open_store
+from ..store import META_DIGEST, TileStore, find_stores, open_store
 from .exports import FORMATS, STORE_PARTS, ExportFormat, SlideExport, register_format
 
 __all__ = [
@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 #: Exported feature dtypes by name.
 EXPORT_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
-#: Store bookkeeping attrs (completion flag, chunk checksums) that exports leave out.
-_BOOKKEEPING = frozenset({"complete", "integrity"})
+#: Store bookkeeping attrs (completion flag, chunk checksums, metadata digest) that exports leave out.
+_BOOKKEEPING = frozenset({"complete", "integrity", META_DIGEST})
 
 #: File stem of a cohort export (``OUT/cohort<suffix>``).
 COHORT_STEM = "cohort"
