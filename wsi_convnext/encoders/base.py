@@ -135,13 +135,7 @@ class EncoderFamily(ABC):
 
     @abstractmethod
     def checkpoint_filter(
-        self,
-        state_dict: dict[str, torch.Tensor],
-        model: nn.Module,
-        *,
-        stem: Stem,
-        fresh_stem: bool,
-        source: str,
+        self, state_dict: dict[str, torch.Tensor], model: nn.Module, *, stem: Stem, fresh_stem: bool, source: str
     ) -> dict[str, torch.Tensor]:
         """Map an unwrapped checkpoint onto ``model``'s layout for ``stem``.
 

@@ -263,13 +263,7 @@ class ConvNeXtFamily(EncoderFamily):
         return timm.create_model(model, pretrained=False, num_classes=0, stem_type=stem.timm_stem_type, **timm_kwargs)
 
     def checkpoint_filter(  # type: ignore[override]
-        self,
-        state_dict: dict[str, torch.Tensor],
-        model: nn.Module,
-        *,
-        stem: StemSpec,
-        fresh_stem: bool,
-        source: str,
+        self, state_dict: dict[str, torch.Tensor], model: nn.Module, *, stem: StemSpec, fresh_stem: bool, source: str
     ) -> dict[str, torch.Tensor]:
         """Facebook/OpenCLIP layouts → timm; a patch stem → ``stem`` exactly; refuse the rest."""
         sd = _to_timm_layout(state_dict, model, source)

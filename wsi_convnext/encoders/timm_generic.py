@@ -173,13 +173,7 @@ class TimmFamily(EncoderFamily):
             ) from exc
 
     def checkpoint_filter(  # type: ignore[override]
-        self,
-        state_dict: dict[str, torch.Tensor],
-        model: nn.Module,
-        *,
-        stem: Any,
-        fresh_stem: bool,
-        source: str,
+        self, state_dict: dict[str, torch.Tensor], model: nn.Module, *, stem: Any, fresh_stem: bool, source: str
     ) -> dict[str, torch.Tensor]:
         """Checkpoints in the model's own timm layout (checked by the loader); a feature-recipe
         wrapper (:mod:`.presets`) keeps the timm model under ``trunk.``, so plain keys move there."""
