@@ -24,14 +24,15 @@ import pytest
 
 from cohort_faults import faulty_stages, install_on_workers
 from wsi_convnext.cohort import (
-    noop_stages,
     CohortProgress,
     local_cluster_kwargs,
+    noop_stages,
     open_client,
     run_cohort,
     select_shard,
     shard_of,
     slurm_cluster_kwargs,
+    stage_plan,
 )
 from wsi_convnext.config import RunConfig, load_config
 from wsi_convnext.inputs import SlideSpec
@@ -484,7 +485,7 @@ def test_a_tile_only_worker_never_imports_torch(tmp_path: Path, cmu_slide: Path)
     """Issue 20: tiling needs no torch; a worker that only tiles stays small (see benchmarks/cohort.py --only memory)."""
     cfg = load_config(None, {"slides": str(cmu_slide), "out": str(tmp_path / "out"), "embed.model": "", "report": False,
                              "local.n_workers": 1, "local.gpus": 0, "local.dashboard_address": ""})  # fmt: skip
-    assert cfg.stages == ("tile",)
+    assert [s.name for s in stage_plan(cfg)] == ["tile"]
 
     def heavy() -> list[str]:
         import sys

@@ -131,7 +131,7 @@ def test_flags_only_and_scheduler_implies_cluster() -> None:
         ("[predict]\nmodel_dir = 'm'", "'predict.model_dir' needs 'embed.model'"),
         ("[embed]\nstem = 'bogus'", "'embed.stem' must be one of 'patch', 'overlap', 'overlap_tiered', 'overlap_act' (the stems of 'convnext_tiny'), got 'bogus'"),
         ("[embed]\nmodel = 'convnext_atto'\nstem = 'bogus'", "(the stems of 'convnext_atto'), got 'bogus'"),
-        ("[embed]\nmodel = 'resnet50'", "'embed.model' must be a model of a registered encoder family"),
+        ("[embed]\nmodel = 'resnet50'\nstem = 'overlap'", "'embed.stem' is not a choice: 'resnet50' has no stem choices"),
         ("[embed]\ndevice = 'quantum'", "'embed.device' must be auto, cpu, cuda, cuda:N or mps, got 'quantum'"),
         ("[embed]\nstem_init = 'warm'", "'embed.stem_init' must be one of 'checkpoint', 'random', got 'warm'"),
         ("[finetune]\ndevice = 'gpu'", "'finetune.device' must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),

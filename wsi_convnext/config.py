@@ -284,7 +284,10 @@ class RunConfig:
 
         if not self.embed.model and not check:
             return None
-        return EncoderConfig(**_section_values(self.embed, EncoderConfig))
+        values = _section_values(self.embed, EncoderConfig)
+        if not self.embed.model:  # "" unsets the model (no embedding): its other keys are still checked
+            values.pop("model", None)
+        return EncoderConfig(**values)
 
     def mil_config(self) -> Any:
         """:class:`wsi_convnext.mil.TrainConfig` from ``[mil]`` (unset keys keep its defaults)."""
