@@ -28,7 +28,7 @@ def _methods() -> list[str]:
 
 
 def _crop(v: Any) -> str | None:
-    return None if isinstance(v, numbers.Integral) and v >= 16 and v % 4 == 0 else "must be a multiple of 4 and >= 16 px"
+    return None if isinstance(v, numbers.Integral) and v >= 32 and v % 4 == 0 else "must be a multiple of 4 and >= 32 px"
 
 
 @dataclass(frozen=True)
