@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from ..data.labelled import LabelledTiles
     from ..encoders import Encoder
 
-__all__ = ["PROBE_FILE", "ProbeResult", "embed_tiles", "fit_probes", "group_bootstrap", "load_probe_encoder", "run_probe"]
+__all__ = ["PROBE_FILE", "ProbeResult", "embed_tiles", "fit_probes", "group_bootstrap", "load_probe_encoder", "pixel_statistics",
+           "probe_probabilities", "run_probe", "score_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,14 +137,22 @@ def group_bootstrap(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, n_boot:
     return out
 
 
+def probe_probabilities(
+    xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, n_classes: int, *, seed: int = 0, knn: bool = True
+) -> dict[str, np.ndarray]:
+    """Class probabilities (n_test, C) of the held-out features: ``{"linear": ..., "knn": ...}``."""
+    res = {"linear": _linear_probs(xtr, ytr, xte, n_classes, seed)}
+    if knn:
+        res["knn"] = _knn_probs(xtr, ytr, xte, n_classes)
+    return res
+
+
 def score_features(
     xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, groups_te: np.ndarray, n_classes: int,
     *, seed: int = 0, n_boot: int = 1000, knn: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Linear (and kNN) probe scores on the held-out part: ``{"linear": {...}, "knn": {...}}``."""
-    res = {"linear": _linear_probs(xtr, ytr, xte, n_classes, seed)}
-    if knn:
-        res["knn"] = _knn_probs(xtr, ytr, xte, n_classes)
+    res = probe_probabilities(xtr, ytr, xte, n_classes, seed=seed, knn=knn)
     return {name: _summary(yte, p, groups_te, n_boot, seed) for name, p in res.items()}
 
 
