@@ -39,7 +39,7 @@ import numpy as np
 
 from .._io import atomic_path, path_lock
 from ..errors import ConfigError, CorruptTileError, DeviceError, StoreExistsError, WsiConvnextError
-from ..finetune.train import _default_workers, _lr_lambda, _state_dict_cpu, work_dir
+from ..finetune.train import _default_workers, _lr_lambda, _state_dict_cpu, read_checkpoint, work_dir
 from .config import PretrainConfig
 from .data import MultiCropDataset, ShardSampler, collate_views, data_fingerprint, load_unlabelled_tiles, tile_keys
 from .dist import DistEnv, detect_env, process_group
@@ -209,18 +209,7 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
     best_backbone: dict[str, Any] | None = None
     resumed = False
     if ckpt_path.is_file():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a torn/foreign checkpoint: start again
-            logger.warning("%s: unreadable checkpoint (%s); starting again", ckpt_path, exc)
-            ck = None
-        if ck is not None and ck.get("fingerprint") != fingerprint:
-            if not cfg.overwrite:
-                raise StoreExistsError(
-                    f"{work}: holds the checkpoint of another configuration; rerun that command to resume it, "
-                    "or pass --overwrite to start this one"
-                )
-            ck = None
+        ck = read_checkpoint(ckpt_path, fingerprint, overwrite=cfg.overwrite)
         if ck is not None:
             method.load_state_dict(ck["method"])
             optimizer.load_state_dict(ck["optimizer"])
