@@ -90,9 +90,19 @@ def test_outputs_and_embed_picks_up_the_stem(tmp_path: Path, method: str, stem: 
     assert enc.stem.name == stem
     x = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     assert np.isfinite(enc(x).numpy()).all()
-    # and the CLI embed command takes the folder (model and stem from its metadata)
-    res = _cli("embed", "--help")
-    assert res.exit_code == 0
+
+
+def test_cli_embed_takes_a_pretrain_output_and_its_stem(tmp_path: Path) -> None:
+    from wsi_convnext.store import open_store
+
+    out = _run(tmp_path, "enc", stem="overlap")
+    stores, _labels = _lc25000_stores(tmp_path, groups_per_class=1, tiles_per_store=2)
+    res = _cli("embed", *stores, "--model", "convnext_atto", "--weights", out, "--device", "cpu", "--batch-size", "4")
+    assert res.exit_code == 0, res.output
+    st = open_store(stores[0])
+    attrs = st.feature_attrs(st.feature_keys[0])
+    assert attrs["stem"] == "overlap" and attrs["weights_path"].endswith("encoder.safetensors")
+    assert st.features(st.feature_keys[0]).shape == (2, 320)
 
 
 def test_rerun_is_a_no_op_and_another_config_needs_overwrite(tmp_path: Path) -> None:

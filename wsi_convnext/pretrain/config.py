@@ -16,9 +16,10 @@ __all__ = ["INITS", "PretrainConfig"]
 #: Starting points besides a weights path.
 INITS = {"random": "timm's ConvNeXt init under --seed", "pretrained": "timm's pretrained weights of the model's tag (local cache)"}
 
-# Fields that do not change the result (where it runs, how fast, what is printed).
+# Fields that do not change the result (where it runs, how fast, what is printed). ``probe_every``
+# does (with --probe the best probed step is kept); the probe set enters by its content.
 _RUNTIME_FIELDS = frozenset({"out", "device", "num_workers", "threads", "overwrite", "compile", "checkpoint_every",
-                             "strict", "dist_timeout", "probe_every", "on_collapse"})  # fmt: skip
+                             "strict", "dist_timeout", "on_collapse"})  # fmt: skip
 
 
 def _methods() -> list[str]:
