@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--throughput-only", action="store_true",
                    help="only (re)measure interleaved throughput and update <work>/results.{json,md}")  # fmt: skip
     p.add_argument("--ssl", action="store_true", help="the self-supervised arms (issue 18; see the module docstring)")
+    p.add_argument("--probe-groups-per-class", type=int, default=None, help="--ssl: training groups per class the probes fit on (0 = all)")
+    p.add_argument("--control-groups-per-class", type=int, default=None, help="--ssl: test groups per class of the permuted-block control")
     a = p.parse_args(argv)
     if a.ssl:
         if not (a.tiles / "labels.csv").is_file():
@@ -476,7 +478,8 @@ def _pixel_baseline(probe_csv: str, test_csv: str, controls: dict[int, str], siz
 
 def ssl_main(a: argparse.Namespace) -> int:
     base = dict(QUICK_SSL if a.quick or a.device == "cpu" else CUDA_SSL)
-    for k in ("seeds", "steps", "ft_steps", "batch_size", "lr", "eval_size", "test_groups_per_class"):
+    for k in ("seeds", "steps", "ft_steps", "batch_size", "lr", "eval_size", "test_groups_per_class", "probe_groups_per_class",
+              "control_groups_per_class"):
         if getattr(a, k, None) is not None:
             base[k] = getattr(a, k)
     work = a.work / "ssl"

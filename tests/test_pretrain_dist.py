@@ -94,3 +94,25 @@ def test_a_dead_rank_stops_the_other_with_a_clear_error(tmp_path: Path) -> None:
     assert time.time() - t0 < 90
     assert "DistributedError" in err and "lost contact with the other ranks" in err, err[-2000:]
     assert not (tmp_path / "enc").exists()
+
+
+@pytest.mark.slurm
+def test_pretrain_slurm_sbatch_runs_two_srun_ranks(tmp_path: Path) -> None:
+    """pipelines/pretrain-slurm.sbatch on the CPU: 2 srun tasks become 2 DDP ranks (gloo)."""
+    import shutil
+
+    if not (shutil.which("sbatch") and shutil.which("sinfo")):
+        pytest.skip("no SLURM (sbatch/sinfo missing)")
+    res = subprocess.run(["sinfo", "-h", "-t", "idle,mix", "-o", "%P"], capture_output=True, text=True, timeout=30)
+    if res.returncode or not res.stdout.strip():
+        pytest.skip(f"no idle SLURM node ({(res.stderr or res.stdout).strip()[:200]})")
+    data = colour_folder(tmp_path / "data", n=8, size=64)
+    env = {**_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "DATA": str(data),
+           "OUT": str(tmp_path / "enc"), "DEVICE": "cpu", "BATCH": "8", "STEPS": "2", "MODEL": "convnext_atto",
+           "EXTRA_ARGS": "--global-size 48 --local-size 32 --n-local 2 --threads 1"}  # fmt: skip
+    script = REPO / "pipelines" / "pretrain-slurm.sbatch"
+    subprocess.run(["sbatch", "--wait", "--gres=none", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=4G", "--time=10",
+                    f"--partition={res.stdout.split()[0].rstrip('*')}", f"--output={tmp_path}/log-%j.out", str(script)],
+                   env=env, check=True, timeout=900)  # fmt: skip
+    cfg = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert cfg["resolved"]["world_size"] == 2 and cfg["stem"] == "overlap"
