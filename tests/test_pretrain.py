@@ -249,6 +249,23 @@ def test_labels_of_a_csv_are_ignored(tmp_path: Path) -> None:
     assert tiles.classes == ("unlabelled",) and set(tiles.y.tolist()) == {0} and len(set(tiles.groups.tolist())) == 3
 
 
+@pytest.mark.parametrize(("entropy", "rank", "what"), [(0.01, None, "teacher"), (6.92, None, "teacher"), (None, 1.2, "feature")])
+def test_collapse_is_reported_and_stops_when_asked(caplog: pytest.LogCaptureFixture, entropy: float | None, rank: float | None, what: str) -> None:
+    import logging
+
+    from wsi_convnext.pretrain.train import CollapseError, _check_collapse
+
+    state = {"step": 50, "total_steps": 100, "collapse": []}
+    with caplog.at_level(logging.WARNING):
+        _check_collapse(PretrainConfig(data=("x",), out="y"), state, entropy, rank)
+    assert state["collapse"][0]["what"] == what and "collapse at step 50" in caplog.text
+    with pytest.raises(CollapseError, match="collapse at step 50"):
+        _check_collapse(PretrainConfig(data=("x",), out="y", on_collapse="stop"), state, entropy, rank)
+    healthy = {"step": 50, "total_steps": 100, "collapse": []}
+    _check_collapse(PretrainConfig(data=("x",), out="y"), healthy, 4.0, 30.0)
+    assert healthy["collapse"] == []
+
+
 # ------------------------------------------------------------------------------------- resume
 
 

@@ -20,14 +20,16 @@ checkpoint and the outputs; the work folder must be on a file system every rank 
 
 Collapse: at every evaluation the effective rank of the exported backbone's features on a fixed
 sample of tiles is measured (and the teacher entropy recorded every step for DINO). A rank below
-:data:`COLLAPSE_RANK` or a teacher entropy below :data:`COLLAPSE_ENTROPY` is a collapse: logged as
-a warning, recorded in ``metrics.json`` and, with ``on_collapse="stop"``, an error.
+:data:`COLLAPSE_RANK`, a teacher entropy below :data:`COLLAPSE_ENTROPY` (one prototype) or, after
+the warm-up, above :data:`COLLAPSE_UNIFORM` × log(out_dim) (uniform output) is a collapse: logged
+as a warning, recorded in ``metrics.json`` and, with ``on_collapse="stop"``, an error.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
     from ..data.labelled import LabelledTiles
     from ..encoders import Encoder
 
-__all__ = ["COLLAPSE_ENTROPY", "COLLAPSE_RANK", "CollapseError", "PretrainProgress", "pretrain_encoder"]
+__all__ = ["COLLAPSE_ENTROPY", "COLLAPSE_RANK", "COLLAPSE_UNIFORM", "CollapseError", "PretrainProgress", "pretrain_encoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ CHECKPOINT_VERSION = 1
 COLLAPSE_RANK = 1.5
 #: Teacher entropy (nats) below which DINO's teacher counts as collapsed onto one prototype.
 COLLAPSE_ENTROPY = 0.05
+#: Fraction of log(out_dim) above which DINO's teacher counts as collapsed to the uniform output.
+COLLAPSE_UNIFORM = 0.995
 _EVAL_TILES = 128
 
 
@@ -204,8 +208,8 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
     # ---- resume
     work = work_dir(out)
     ckpt_path = work / "checkpoint.pt"
-    state: dict[str, Any] = {"epoch": 0, "pos": 0, "step": 0, "history": [], "evaluations": [], "collapse": [],
-                             "bad": {}, "train_seconds": 0.0, "train_tiles": 0, "best": None}  # fmt: skip
+    state: dict[str, Any] = {"epoch": 0, "pos": 0, "step": 0, "total_steps": total_steps, "history": [], "evaluations": [],
+                             "collapse": [], "bad": {}, "train_seconds": 0.0, "train_tiles": 0, "best": None}  # fmt: skip
     best_backbone: dict[str, Any] | None = None
     resumed = False
     if ckpt_path.is_file():
@@ -376,8 +380,11 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
 
 def _check_collapse(cfg: PretrainConfig, state: dict[str, Any], entropy: float | None, rank: float | None) -> None:
     what = None
+    uniform = COLLAPSE_UNIFORM * math.log(cfg.out_dim)
     if entropy is not None and entropy < COLLAPSE_ENTROPY:
         what = f"teacher entropy {entropy:.3g} nats < {COLLAPSE_ENTROPY} (one prototype takes all)"
+    elif entropy is not None and entropy > uniform and state["step"] > max(10, cfg.warmup * state.get("total_steps", 0)):
+        what = f"teacher entropy {entropy:.3g} nats > {uniform:.3g} = {COLLAPSE_UNIFORM} × log(out_dim) (uniform: centring dominates)"
     elif rank is not None and rank <= COLLAPSE_RANK:
         what = f"feature effective rank {rank:.2f} <= {COLLAPSE_RANK} (all tiles map to one direction)"
     if what is None:
