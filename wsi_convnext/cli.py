@@ -583,7 +583,7 @@ def demo(
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="Also fine-tune the encoder on weak labels of half the slides and compare MIL on random against fine-tuned features on the other half (a few more minutes on 2 cores; at this budget the sign of the difference is noise: the measured comparison is benchmarks/mil.py --finetune, BENCHMARKS.md).")] = False,
     finetune_steps: Annotated[int, typer.Option(help="Optimiser steps of the --finetune step.")] = 60,
 ) -> None:
-    """Run the whole pipeline on a generated cohort: tile → embed → train (CV) → metrics, ROC, heatmaps → fine-tuning vs random features."""
+    """Run the whole pipeline on a generated cohort: tile → embed → train (CV) → metrics, ROC, heatmaps (--finetune: also fine-tuned vs random features)."""
     with _errors():
         from .demo import run_demo
 
