@@ -408,6 +408,7 @@ def pretrain(
     probe: Annotated[Optional[Path], typer.Option(help="Labelled tiles (never part of DATA) to probe periodically; the best probe step is kept.")] = None,
     probe_every: Annotated[Optional[int], typer.Option(help="Evaluate every N steps (default: 4 times per run).")] = None,
     on_collapse: Annotated[str, typer.Option(help="warn or stop when the features collapse.")] = "warn",
+    dist_timeout: Annotated[float, typer.Option(help="Under torchrun/srun: seconds a rank waits for the others before failing.")] = 300.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps (under torchrun/srun: each rank's local GPU).")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (CUDA).")] = False,
@@ -424,8 +425,8 @@ def pretrain(
             data=tuple(str(d) for d in data), out=str(out), model=model, stem=stem, init=init, method=method, steps=steps,
             epochs=epochs, batch_size=batch_size, lr=lr, global_size=global_size, local_size=local_size, n_local=n_local,
             hed_sigma=hed_sigma, probe=str(probe) if probe else None, probe_every=probe_every, on_collapse=on_collapse,
-            seed=seed, device=device, compile=compile, num_workers=num_workers, threads=threads, strict=strict,
-            overwrite=overwrite,
+            dist_timeout=dist_timeout, seed=seed, device=device, compile=compile, num_workers=num_workers, threads=threads,
+            strict=strict, overwrite=overwrite,
         )  # fmt: skip
         with _progress_bar("pretraining") as update:
 
