@@ -10,7 +10,11 @@ On one CUDA GPU (sized for <= 8 minutes on an H100/H200) it measures, in one pro
 - the same with JPEG decoding on the GPU (torchvision / nvJPEG, ``decode_on="device"``);
 - the loader alone (read + decode, no model) with the machine's cores;
 - the fine-tuning step throughput (forward + backward + AdamW step under bf16 autocast on the
-  encoder's model) when ``wsi_convnext.finetune`` is importable; the row is skipped otherwise.
+  encoder's model) when ``wsi_convnext.finetune`` is importable; the row is skipped otherwise;
+- the self-supervised pretraining step (DINO, 2 × 96-px global + 4 × 48-px local crops, bf16,
+  channels-last; ``benchmarks/pretrain.py``): the bare step on views in GPU memory against
+  ``pretrain_encoder`` from the stores (tiles/s on one GPU; a 1-against-N-GPU row is not wired
+  up: run ``torchrun --nproc-per-node N "$(command -v wsi-convnext)" pretrain ...`` by hand).
 
 The stores are generated here: a synthetic slide (:mod:`wsi_convnext.synthetic`), tiled with
 :func:`wsi_convnext.tiling.tiler.tile_slide`, copied to reach ``--tiles``. No downloads, random weights.
@@ -212,6 +216,21 @@ def main(argv: list[str] | None = None) -> int:
             row("fine-tuning step", f"{model}, batch {ft_bs}, bf16={amp}, AdamW", None, rate)
         else:
             row("fine-tuning step", "-", None, None, "skipped: wsi_convnext.finetune not importable")
+        if importlib.util.find_spec("wsi_convnext.pretrain") is not None:
+            from pretrain import bare_steps_per_second, pipeline_steps_per_second
+
+            from wsi_convnext.pretrain import PretrainConfig
+
+            pt_bs, pt_steps = (8, 3) if dry else (256, 30)
+            pcfg = PretrainConfig(
+                data=tuple(str(s) for s in stores), out=str(root / "pretrain-enc"), model=model, method="dino",
+                steps=pt_steps + 3, batch_size=pt_bs, global_size=64 if dry else 96, local_size=32 if dry else 48,
+                n_local=2 if dry else 4, device=str(dev), num_workers=0 if dry else workers, probe_every=10**9,
+                checkpoint_every=10**9, overwrite=True,
+            )  # fmt: skip
+            bare_pt = bare_steps_per_second(pcfg, dev, pt_steps) * pt_bs
+            pipe_pt = pipeline_steps_per_second(pcfg, 2) * pt_bs
+            row("pretraining step", f"{model} DINO, batch {pt_bs}, 2+{pcfg.n_local} crops, stores→step", bare_pt, pipe_pt)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

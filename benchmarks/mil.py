@@ -24,6 +24,11 @@ sets: slides the encoder never saw, so the random-feature AUC is the plain ``--c
 figure and the fine-tuned one is measured on the same folds
 (``wsi_convnext.finetune.compare_finetuned``). The cohorts are kept in ``--work`` between runs
 (delete it to regenerate); fine-tuning, embedding and MIL are redone each run.
+
+``--finetune --pretrain`` (issue 18) adds a third feature set in the same run: ``convnext_atto``
+(patch stem) pretrained self-supervised (``wsi_convnext.pretrain``, DINO, ``--pt-steps``) on the
+*unlabelled* tiles of the encoder's cohort, embedded on the MIL cohort and cross-validated with
+the same aggregators and folds. The encoder never sees the MIL slides.
 """
 
 from __future__ import annotations
@@ -128,7 +133,43 @@ def run_finetune(args: argparse.Namespace) -> None:
            "seconds": {"total": total, "cohorts": t_cohort, "finetune": cmp.finetune_seconds,
                        "embed_finetuned": cmp.embed_seconds},
            "arms": [vars(a) for a in cmp.arms]}  # fmt: skip
+    if args.pretrain:
+        doc["pretrain"] = run_pretrain_arm(args, enc_stores, mil_stores, mil_labels, cmp)
     (args.work / "finetune" / "results.json").write_text(json.dumps(doc, indent=1, default=list) + "\n")
+
+
+def run_pretrain_arm(args: argparse.Namespace, enc_stores: list, mil_stores: list, mil_labels: Path, cmp) -> dict:
+    """``--pretrain``: MIL on self-supervised features (encoder cohort, labels unused) beside ``cmp``'s two arms."""
+    from wsi_convnext.embed import embed_stores
+    from wsi_convnext.mil.api import train
+    from wsi_convnext.mil.training import TrainConfig
+    from wsi_convnext.pretrain import PretrainConfig, pretrain_encoder
+
+    t0 = time.perf_counter()
+    enc_dir = pretrain_encoder(PretrainConfig(
+        data=tuple(str(s) for s in enc_stores), out=str(args.work / "pretrain" / "encoder"), model="convnext_atto",
+        stem="patch", steps=args.pt_steps, batch_size=args.pt_batch, threads=args.ft_threads, seed=args.seed, overwrite=True,
+    ))  # fmt: skip
+    t1 = time.perf_counter()
+    res = embed_stores([str(s) for s in mil_stores], model="convnext_atto", weights=enc_dir, batch_size=32)
+    key = str(res[0].key)
+    rows = {}
+    for arm in cmp.arms:
+        if arm.features != "random":
+            continue
+        report = train([str(s) for s in mil_stores], mil_labels, args.work / "pretrain" / f"mil-{arm.aggregator}",
+                       TrainConfig(aggregator=arm.aggregator, folds=cmp.folds, seed=args.seed), feature_key=key, overwrite=True)  # fmt: skip
+        auc = report.metrics["pooled"]["auc"]
+        ft = next(a for a in cmp.arms if a.aggregator == arm.aggregator and a.features != "random")
+        rows[arm.aggregator] = {"random": arm.auc, "finetuned": ft.auc, "pretrained": float(auc["value"]),
+                                "pretrained_ci": (float(auc["ci_low"]), float(auc["ci_high"]))}  # fmt: skip
+    print(f"\nself-supervised arm: DINO {args.pt_steps} steps × {args.pt_batch} on the encoder cohort's unlabelled tiles "
+          f"({t1 - t0:.0f} s), MIL on the same {cmp.folds} folds")  # fmt: skip
+    print("| aggregator | random AUC | fine-tuned AUC | self-supervised AUC (95% CI) |\n|---|---:|---:|---:|")
+    for name, r in rows.items():
+        lo, hi = r["pretrained_ci"]
+        print(f"| {name} | {r['random']:.3f} | {r['finetuned']:.3f} | {r['pretrained']:.3f} ({lo:.3f}–{hi:.3f}) |")
+    return {"steps": args.pt_steps, "batch_size": args.pt_batch, "seconds": t1 - t0, "auc": rows}
 
 
 def lesion_fraction_of_tiles(store, truth, mpp_mask: float = 2.0) -> np.ndarray:
@@ -164,7 +205,12 @@ def main() -> None:
     ap.add_argument("--ft-threads", type=int, default=FT_RECIPE["threads"], help="--finetune: torch threads")
     ap.add_argument("--ft-val-frac", type=float, default=0.0,
                     help="--finetune: share of the encoder patients for validation and model selection (0 = last weights)")
+    ap.add_argument("--pretrain", action="store_true", help="with --finetune: add self-supervised features (issue 18)")
+    ap.add_argument("--pt-steps", type=int, default=300, help="--pretrain: DINO optimiser steps")
+    ap.add_argument("--pt-batch", type=int, default=32, help="--pretrain: global batch")
     args = ap.parse_args()
+    if args.pretrain and not args.finetune:
+        ap.error("--pretrain runs beside --finetune: pass both")
     if args.finetune:
         run_finetune(args)
         return

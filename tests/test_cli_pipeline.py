@@ -108,8 +108,25 @@ def test_demo_end_to_end(tmp_path):
             assert Path(line.split(":", 1)[1].strip()).is_file()
 
 
-def test_demo_fine_tunes_unless_told_not_to():
+def test_demo_fine_tunes_only_when_asked():
+    """At the demo's budget the sign of random vs fine-tuned is noise: the side-by-side is behind --finetune."""
     import typer.main
 
     params = {p.name: p for p in typer.main.get_command(app).commands["demo"].params}
-    assert params["finetune"].default is True and "--no-finetune" in params["finetune"].secondary_opts
+    assert params["finetune"].default is False and "--no-finetune" in params["finetune"].secondary_opts
+
+
+def test_demo_warns_about_random_weights_once_per_run(caplog):
+    import logging
+
+    from wsi_convnext.demo import _random_weights_warning_once
+    from wsi_convnext.encoders import build_encoder
+
+    with caplog.at_level(logging.WARNING), _random_weights_warning_once():
+        build_encoder("convnext_atto")
+        build_encoder("convnext_atto", stem="overlap")
+    assert sum("RANDOM weights" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_encoder("convnext_atto")  # outside a demo run, every build still warns
+    assert sum("RANDOM weights" in r.getMessage() for r in caplog.records) == 1

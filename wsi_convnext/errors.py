@@ -79,6 +79,10 @@ class DeviceError(WsiConvnextError, RuntimeError):
     """The requested compute device is not available."""
 
 
+class DistributedError(WsiConvnextError, RuntimeError):
+    """A distributed run lost a rank or cannot start (torchrun/srun environment, timeout)."""
+
+
 class LabelsError(WsiConvnextError, ValueError):
     """A labels file is malformed or inconsistent with the stores."""
 

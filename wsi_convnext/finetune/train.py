@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from ..encoders import Encoder
 
-__all__ = ["FinetuneProgress", "StartPoint", "finetune_encoder", "prepare_model", "work_dir"]
+__all__ = ["FinetuneProgress", "StartPoint", "finetune_encoder", "prepare_model", "read_checkpoint", "work_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -332,6 +332,32 @@ def _state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
+def read_checkpoint(path: Path, fingerprint: str, *, overwrite: bool) -> dict[str, Any] | None:
+    """The resumable state at ``path`` if it belongs to the run ``fingerprint``; None to start again.
+
+    An unreadable (torn, foreign) checkpoint is logged and ignored; one of another configuration
+    is ignored with ``overwrite``.
+
+    Raises:
+        StoreExistsError: The checkpoint belongs to another configuration and ``overwrite`` is false.
+    """
+    import torch
+
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a torn/foreign checkpoint: start again
+        logger.warning("%s: unreadable checkpoint (%s); starting again", path, exc)
+        return None
+    if ck.get("fingerprint") != fingerprint:
+        if not overwrite:
+            raise StoreExistsError(
+                f"{path.parent}: holds the checkpoint of another configuration; rerun that command to resume it, "
+                "or pass --overwrite to start this one"
+            )
+        return None
+    return ck
+
+
 # --------------------------------------------------------------------------------------------- run
 
 
@@ -420,18 +446,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     best_state: dict[str, Any] | None = None
     resumed = False
     if ckpt_path.is_file():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a torn/foreign checkpoint: start again
-            logger.warning("%s: unreadable checkpoint (%s); starting again", ckpt_path, exc)
-            ck = None
-        if ck is not None and ck.get("fingerprint") != fingerprint:
-            if not cfg.overwrite:
-                raise StoreExistsError(
-                    f"{work}: holds the checkpoint of another configuration; rerun that command to resume it, "
-                    "or pass --overwrite to start this one"
-                )
-            ck = None
+        ck = read_checkpoint(ckpt_path, fingerprint, overwrite=cfg.overwrite)
         if ck is not None:
             encoder.model.load_state_dict(ck["model"])
             head.load_state_dict(ck["head"])
