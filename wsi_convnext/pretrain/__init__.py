@@ -13,19 +13,14 @@ torch is imported by the submodules that need it, not here.
 
 from __future__ import annotations
 
-from .._lazy import lazy_getattr
+from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "INITS": "config",
-    "PretrainConfig": "config",
-    "METHODS": "methods",
-    "DEFAULT_METHOD": "methods",
-    "PretrainProgress": "train",
-    "pretrain_encoder": "train",
-    "run_probe": "probe",
-    "ProbeResult": "probe",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "config": ("INITS", "PretrainConfig"),
+        "methods": ("DEFAULT_METHOD", "METHODS"),
+        "train": ("PretrainProgress", "pretrain_encoder"),
+        "probe": ("ProbeResult", "run_probe"),
+    },
+)

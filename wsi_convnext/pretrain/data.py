@@ -31,12 +31,11 @@ from ..data.labelled import (
     LabelledTileDataset,
     LabelledTiles,
     _is_store_input,
-    _listing,
     csv_tiles,
     image_folder_tiles,
     store_tiles,
 )
-from ..errors import ConfigError, InputNotFoundError
+from ..errors import ConfigError, InputNotFoundError, listing
 
 __all__ = ["MultiCropDataset", "PretrainBatch", "ShardSampler", "collate_views", "data_fingerprint", "load_unlabelled_tiles", "tile_keys"]
 
@@ -58,7 +57,7 @@ def load_unlabelled_tiles(data: Sequence[str | os.PathLike[str]], *, strict: boo
     if items and all(_is_store_input(it) for it in items):
         tiles = store_tiles(items, None, classes=_UNLABELLED)
     elif len(items) != 1:
-        raise ConfigError(f"pass tile stores, or one image folder or CSV, not {len(items)} inputs ({_listing([str(i) for i in items])})")
+        raise ConfigError(f"pass tile stores, or one image folder or CSV, not {len(items)} inputs ({listing([str(i) for i in items])})")
     elif items[0].is_file():
         with open(items[0], newline="", encoding="utf-8-sig") as fh:
             header = [h.strip().lower() for h in next(csv.reader(fh), [])]
@@ -131,7 +130,7 @@ class MultiCropDataset:
         if len(small):
             names = [f"{tiles.refs[i]} ({tiles.sizes[i][0]}x{tiles.sizes[i][1]})" for i in small]
             raise ConfigError(
-                f"{tiles.source}: {len(small)} tile(s) are smaller than the {global_size}-px global crop: {_listing(names)}; "
+                f"{tiles.source}: {len(small)} tile(s) are smaller than the {global_size}-px global crop: {listing(names)}; "
                 "crops are never upscaled (it would change µm/px): lower --global-size or remove them"
             )
         self.base = LabelledTileDataset(tiles, size=int(tiles.sizes.min()), train=False)

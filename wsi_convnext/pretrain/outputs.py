@@ -86,7 +86,7 @@ def write_outputs(
     from safetensors.torch import save_file
 
     from .. import __version__
-    from ..mil.metrics import metrics_to_json
+    from ..labels.metrics import metrics_to_json
 
     selected = (state.get("best") or {}).get("step") or state["step"]
     meta = {

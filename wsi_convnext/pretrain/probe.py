@@ -114,7 +114,7 @@ def _linear_probs(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, n_classes: 
 
 def group_bootstrap(y: np.ndarray, p: np.ndarray, groups: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
     """Balanced accuracy and macro AUC with 95% percentile intervals over group resamples."""
-    from ..mil.metrics import balanced_accuracy, roc_auc
+    from ..labels.metrics import balanced_accuracy, roc_auc
 
     def both(yy: np.ndarray, pp: np.ndarray) -> tuple[float, float]:
         auc = roc_auc(yy, pp) if len(np.unique(yy)) > 1 else float("nan")
@@ -159,7 +159,7 @@ def score_features(
 def _summary(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
     if n_boot:
         return {"n": int(len(y)), **group_bootstrap(y, p, groups, n_boot=n_boot, seed=seed)}
-    from ..mil.metrics import balanced_accuracy, roc_auc
+    from ..labels.metrics import balanced_accuracy, roc_auc
 
     return {"n": int(len(y)), "balanced_accuracy": balanced_accuracy(y, p), "auc": roc_auc(y, p) if len(np.unique(y)) > 1 else float("nan")}
 
@@ -289,7 +289,7 @@ def run_probe(
                      test_frac=test_frac, baseline=baseline, batch_size=batch_size, num_workers=num_workers)  # fmt: skip
     doc = {"kind": "wsi_convnext.probe", "encoder": enc.attrs(), "data": str(data if isinstance(data, str) else ", ".join(map(str, data))),
            "test": test or "group-disjoint split", "seed": seed, "n_boot": n_boot, **res}  # fmt: skip
-    from ..mil.metrics import metrics_to_json
+    from ..labels.metrics import metrics_to_json
 
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
