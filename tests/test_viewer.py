@@ -443,8 +443,8 @@ def test_viewer_in_chromium(server: ViewerServer, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH for a headless browser check (apt-get install chromium)")
-def test_view_of_a_real_tile_embed_train_predict_output(tmp_path: Path, cmu_slide: Path) -> None:
-    """The CLI pipeline's own output (MIL attention written by `predict`) in the viewer, in Chromium."""
+def test_view_of_real_pipeline_and_run_outputs(tmp_path: Path, cmu_slide: Path) -> None:
+    """The CLI pipeline's own outputs in the viewer, in Chromium: tile → embed → train → predict, then `run`."""
     from wsi_convnext.synthetic import make_cohort
 
     make_cohort(tmp_path / "slides", 8, size=(1600, 1400), seed=5, pen_fraction=0.0, pale_fraction=0.0,
@@ -473,6 +473,35 @@ def test_view_of_a_real_tile_embed_train_predict_output(tmp_path: Path, cmu_slid
         _open_view(browser, base, "CMU-1")
         assert browser.js("document.getElementById('heatmap').value") == attention[0]
         assert browser.js("document.querySelectorAll('#layer-heat rect').length") == len(ov["coords"])
+        assert browser.js("document.getElementById('prediction').textContent").startswith("predicted ")
+        dz = [s for u, s in browser.responses if "/dzi/" in u and u.endswith(".jpeg")]
+        assert dz and set(dz) == {200}
+    finally:
+        browser.close()
+        server.stop()
+
+    # The same slides through `wsi-convnext run` (tile → embed → predict on a LocalCluster): the
+    # viewer reads the run folder (stores, manifest.csv, predictions.csv) and links the report.
+    run_out = tmp_path / "run"
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "wsi-convnext"), "run", "--slides", str(tmp_path / "slides"), "--slides", str(tmp_path / "CMU-1.svs"),
+         "--out", str(run_out), "--model", "convnext_atto", "--predict", str(tmp_path / "model"), "--workers", "1"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    cat = build_catalog(run_out)
+    assert cat.has_run and len(cat.slides) == 9 and all(s.status == "done" and s.prediction for s in cat.slides.values())
+    cat.close()
+    server = ViewerServer(run_out, port=0)
+    base = server.start().rstrip("/")
+    browser = Browser(str(find_chromium()), tmp_path / "profile-run")
+    try:
+        browser.goto(base + "/")
+        assert browser.js("document.querySelector('a[href=\"/view/CMU-1\"]') !== null")
+        _open_view(browser, base, "CMU-1")
+        assert browser.js("document.querySelectorAll('#layer-grid rect').length") == len(open_store(run_out / "CMU-1.zarr"))
+        assert browser.js("document.querySelectorAll('#layer-outline path').length") >= 1
+        assert browser.js("document.getElementById('heatmap').value") == attention[0]
         assert browser.js("document.getElementById('prediction').textContent").startswith("predicted ")
         dz = [s for u, s in browser.responses if "/dzi/" in u and u.endswith(".jpeg")]
         assert dz and set(dz) == {200}
