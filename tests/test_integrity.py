@@ -160,6 +160,15 @@ def test_embed_overwrite_never_writes_features_over_damaged_tiles(stores, cohort
         assert (stores / f"{sid}.zarr" / "features" / key / "zarr.json").read_bytes() != before
 
 
+def test_predict_heatmaps_go_on_past_a_damaged_thumbnail(stores, cohort, tmp_path) -> None:
+    bad = stores / f"{BAD}.zarr"
+    damage(bad, "thumbnail")  # predict itself needs no thumbnail: only its heatmap fails
+    hm = tmp_path / "hm"
+    res = runner.invoke(app, ["predict", str(cohort["model"]), str(stores), "--out", str(tmp_path / "p.csv"), "--heatmaps", str(hm)])
+    _failed_one(res, bad, *_damage_words("thumbnail"))
+    assert sorted(p.name for p in hm.glob("*.heatmap.png")) == [f"{s}.heatmap.png" for s in ("s0", "s2", "s3")]
+
+
 @pytest.mark.parametrize("what", ["features", "coords", "zarr.json", "features-meta", "coords-meta"])
 def test_predict_fails_the_damaged_store_and_goes_on(stores, cohort, tmp_path, what) -> None:
     bad = stores / f"{BAD}.zarr"

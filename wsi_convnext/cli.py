@@ -620,13 +620,16 @@ def predict(
             if p.status == "failed":
                 _err(p.error or "")
         typer.echo(f"predictions: {out}")
+        not_drawn: list[str] = []
         if heatmaps is not None:
             from .outputs.heatmap import heatmaps as draw
 
             good = [path for path, p in zip(paths, preds) if p.status != "failed"]
-            drawn = draw(model_dir, good, heatmaps) if good else {}
+            drawn = draw(model_dir, good, heatmaps, on_failure=lambda path, error: not_drawn.append(error)) if good else {}
             typer.echo(f"heatmaps: {len(drawn)} slide(s) in {heatmaps}")
-        if any(p.status == "failed" for p in preds):
+            for msg in not_drawn:
+                _err(msg)
+        if any(p.status == "failed" for p in preds) or not_drawn:
             raise typer.Exit(1)
 
 
