@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import __version__
-from ._io import TMP_MARK, ensure_dir, file_sha256, path_lock, remove_dead_partials, replace_dir, temp_sibling
+from ._io import TMP_MARK, ensure_dir, file_sha256, json_sha256, path_lock, remove_dead_partials, replace_dir, temp_sibling
 from .errors import InputNotFoundError, StoreDamagedError, StoreError, StoreExistsError, StoreReplacedError, one_line
 
 logger = logging.getLogger(__name__)
@@ -196,8 +196,7 @@ def _array_record(array_dir: Path, with_meta: bool = False) -> dict[str, Any]:
 def _meta_digest(doc: Mapping[str, Any]) -> str:
     """sha256 of a ``zarr.json`` document as canonical JSON (sorted keys), without its :data:`META_DIGEST`."""
     attrs = {k: v for k, v in (doc.get("attributes") or {}).items() if k != META_DIGEST}
-    body = json.dumps({**doc, "attributes": attrs}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(body.encode()).hexdigest()
+    return json_sha256({**doc, "attributes": attrs})
 
 
 def _seal(node: Any, meta_file: Path) -> None:
