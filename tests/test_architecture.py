@@ -250,3 +250,55 @@ def test_user_backend_is_used_in_tiling_worker_processes(tmp_path: Path, monkeyp
     workers = {int(p.name) for p in marks.iterdir()} - {os.getpid()}
     assert len(workers) >= 1, "no worker process opened the slide with the user's backend"
     assert "marking" not in slide_base._AUTO_ORDER
+
+
+def _library_target(name: str) -> str | None:
+    """The library module an imported name resolves to (the longest known prefix), or None."""
+    modules = _modules()
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def test_no_import_circle_spans_two_rooms() -> None:
+    """Circles of imports (lazy ones included) stay inside one room (a top-level module or package).
+
+    The package root is left out: it only re-exports lazily (``wsi_convnext.open_store``).
+    """
+    root = "wsi_convnext"
+    graph = {
+        m: {t for i in _imports(m) if (t := _library_target(i)) and t not in (m, root)} for m in _modules() if m != root
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[set[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(component)
+
+    for m in sorted(graph):
+        if m not in index:
+            visit(m)
+
+    def room(m: str) -> str:
+        return ".".join(m.split(".")[:2])
+
+    spanning = [sorted(c) for c in circles if len({room(m) for m in c}) > 1]
+    assert not spanning, f"import circles across rooms: {spanning}"

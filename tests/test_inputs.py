@@ -6,6 +6,7 @@ import pytest
 
 from wsi_convnext.errors import ConfigError, InputNotFoundError
 from wsi_convnext.inputs import discover_slides, slide_stem
+from wsi_convnext.outputs.manifest import recorded_slide_ids
 
 
 def _touch(p):
@@ -95,10 +96,10 @@ def test_a_recorded_id_stays_with_its_file_when_a_colliding_newcomer_arrives(tmp
     out = tmp_path / "out"
     out.mkdir()
     old = _touch(tmp_path / "in" / first)
-    (before,) = discover_slides([tmp_path / "in"], out_dir=out)
+    (before,) = discover_slides([tmp_path / "in"], recorded=recorded_slide_ids(out))
     _record(out, {before.slide_id: old})
     new = _touch(tmp_path / "in" / newcomer)
-    after = {s.path: s.slide_id for s in discover_slides([tmp_path / "in"], out_dir=out)}
+    after = {s.path: s.slide_id for s in discover_slides([tmp_path / "in"], recorded=recorded_slide_ids(out))}
     assert after[old] == before.slide_id
     assert re.fullmatch(new_id, after[new]), after
 
@@ -108,7 +109,7 @@ def test_a_recorded_id_stays_taken_when_its_file_is_gone(tmp_path):
     out.mkdir()
     _record(out, {"s": tmp_path / "elsewhere" / "s.svs"})
     new = _touch(tmp_path / "in" / "s.svs")
-    (spec,) = discover_slides([tmp_path / "in"], out_dir=out)
+    (spec,) = discover_slides([tmp_path / "in"], recorded=recorded_slide_ids(out))
     assert spec.path == new and spec.slide_id.startswith("s-") and len(spec.slide_id) == 10
 
 

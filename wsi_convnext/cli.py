@@ -176,7 +176,7 @@ def tile(
     with _errors():
         from .errors import ConfigError
         from .inputs import discover_slides
-        from .outputs.manifest import RunManifest, tile_manifest_row
+        from .outputs.manifest import RunManifest, recorded_slide_ids, tile_manifest_row
         from .params import ParameterError
         from .slide.mpp import check_slide_mpp
         from .tiling.tiler import TileParams, tile_slides
@@ -194,7 +194,7 @@ def tile(
         problem = None if slide_mpp is None else check_slide_mpp(slide_mpp)
         if problem:  # refused before any slide is opened, by the rule open_slide applies
             raise ParameterError("slide_mpp", problem, slide_mpp)
-        slides = discover_slides(inputs, slide_mpp=slide_mpp, out_dir=out)
+        slides = discover_slides(inputs, slide_mpp=slide_mpp, recorded=recorded_slide_ids(out))
         from ._io import ensure_dir
 
         ensure_dir(out)

@@ -108,6 +108,7 @@ def _run_demo(
     from .embed import embed_stores
     from .outputs.heatmap import heatmaps
     from .inputs import discover_slides
+    from .outputs.manifest import recorded_slide_ids
     from .mil.api import train
     from .labels.table import read_labels
     from .mil.training import TrainConfig
@@ -127,7 +128,7 @@ def _run_demo(
             slides_dir, n_slides, size=slide_size, mpp=0.5, seed=seed, lesion_fraction=(0.02, 0.06),
             progress=report("generate slides"),
         )  # fmt: skip
-    specs = discover_slides([slides_dir], out_dir=tiles_dir)
+    specs = discover_slides([slides_dir], recorded=recorded_slide_ids(tiles_dir))
     tile_results = tile_slides(specs, tiles_dir, TileParams(mpp=0.5, tile_size=224), on_result=_counter(report("tile"), len(specs)))
     stores = [r.store_path for r in tile_results if r.status != "failed"]
     failed = [r for r in tile_results if r.status == "failed"]

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,51 +186,19 @@ def _path_id(rel: Path) -> str:
     return sanitise_slide_id("-".join(sanitise_slide_id(p) for p in parts))
 
 
-def _resolved(path: Path) -> Path:
+def resolved_path(path: Path) -> Path:
+    """``path`` resolved (symlinks followed), or made absolute where it cannot be resolved."""
     try:
         return path.resolve()
     except (OSError, RuntimeError):
         return path.absolute()
 
 
-def recorded_slide_ids(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """The ids an output folder already gives to slide files: ``slide_id -> source file``.
-
-    The run manifests name each slide's file (absolute since slide paths are made absolute
-    here); a store ``OUT/<slide_id>.zarr`` that no manifest row names by an absolute path is
-    asked for its own record (``source.path``). A store that does not open is left to the
-    tiler, which reports it.
-    """
-    from .errors import WsiConvnextError
-    from .outputs.manifest import read_manifests
-    from .store import STORE_SUFFIX, open_store
-
-    out = Path(out_dir)
-    if not out.is_dir():
-        return {}
-    ids = {
-        row.slide_id: _resolved(Path(row.path))
-        for row in read_manifests(out)
-        if row.slide_id and row.path and Path(row.path).is_absolute()  # relative: to an unknown folder
-    }
-    for store_dir in sorted(out.glob(f"*{STORE_SUFFIX}")):
-        if store_dir.name[: -len(STORE_SUFFIX)] in ids:
-            continue  # a rerun of a large cohort opens no store here
-        try:
-            store = open_store(store_dir)
-        except (WsiConvnextError, OSError):
-            continue
-        source = (store.attrs.get("source") or {}).get("path")
-        if source:
-            ids[store.slide_id] = Path(source)
-    return ids
-
-
 def _unique_entries(entries: Sequence[_Entry]) -> list[_Entry]:
     """One entry per slide file, in path order; a file named under two explicit ids is an error."""
     unique: dict[Path, _Entry] = {}
     for e in entries:
-        key = _resolved(e.path)
+        key = resolved_path(e.path)
         first = unique.get(key)
         if first is None:
             unique[key] = e
@@ -248,13 +216,14 @@ def discover_slides(
     inputs: Sequence[str | os.PathLike[str]],
     *,
     slide_mpp: float | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
+    recorded: Mapping[str, Path] | None = None,
 ) -> list[SlideSpec]:
     """Expand files, folders (searched recursively) and CSV manifests into slides.
 
     Slide paths are made absolute. Slide ids are file stems. Ids never move: a slide file
-    that already has an id in ``out_dir`` (:func:`recorded_slide_ids`) keeps it, and every
-    recorded id stays taken.
+    that already has an id in the output folder (``recorded``, from
+    :func:`~wsi_convnext.outputs.manifest.recorded_slide_ids`) keeps it, and every recorded id
+    stays taken.
     Slides whose stems collide (with each other or with a taken id) get an id from their
     path relative to the input folder (``a/x.svs`` and ``b/x.svs`` become ``a-x`` and
     ``b-x``), or that id plus a hash of the path when it is taken too; a warning names the
@@ -266,7 +235,7 @@ def discover_slides(
         inputs: Slide files, folders or ``.csv`` manifests (columns ``path``, optional ``slide_id``, ``slide_mpp``; ``mpp`` is read as ``slide_mpp``).
         slide_mpp: Level-0 µm/px override for slides without one from a manifest (checked when
             the slide is opened, see :func:`~wsi_convnext.slide.open_slide`).
-        out_dir: The output folder whose recorded ids to keep (None: a fresh folder).
+        recorded: ``slide_id -> source file`` already given by the output folder (None: a fresh folder).
 
     Raises:
         InputNotFoundError: A path does not exist, or nothing slide-like was found.
@@ -301,14 +270,14 @@ def discover_slides(
             raise ConfigError(f"duplicate slide_id in manifest: {e.slide_id} ({explicit[e.slide_id]} and {e.path})")
         explicit[e.slide_id] = e.path
 
-    recorded = recorded_slide_ids(out_dir) if out_dir is not None else {}
+    recorded = dict(recorded or {})
     kept: dict[Path, str] = {}  # a file that already has an id keeps it
     for sid, source in sorted(recorded.items()):
         kept.setdefault(source, sid)
     ids: dict[Path, str] = {}
     for e in ordered:
-        if e.slide_id is None and _resolved(e.path) in kept and kept[_resolved(e.path)] not in explicit:
-            ids[e.path] = kept[_resolved(e.path)]
+        if e.slide_id is None and resolved_path(e.path) in kept and kept[resolved_path(e.path)] not in explicit:
+            ids[e.path] = kept[resolved_path(e.path)]
     taken = set(explicit) | set(recorded)
     by_stem: dict[str, list[_Entry]] = {}
     for e in ordered:
@@ -331,7 +300,7 @@ def discover_slides(
     specs: list[SlideSpec] = []
     for e in ordered:
         sid = e.slide_id or ids[e.path]
-        mine = e.slide_id is not None or kept.get(_resolved(e.path)) == sid
+        mine = e.slide_id is not None or kept.get(resolved_path(e.path)) == sid
         if not mine and sid in owners:
             other = owners[sid]
             sid = f"{sid}-{hashlib.sha1(str(e.rel).encode()).hexdigest()[:8]}"

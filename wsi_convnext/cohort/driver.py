@@ -53,7 +53,7 @@ from .._io import atomic_write_text, ensure_dir
 from ..config import RunConfig
 from ..errors import ConfigError
 from ..outcome import Outcome, failure_fields
-from ..outputs.manifest import ManifestRow, RunManifest, manifest_name
+from ..outputs.manifest import ManifestRow, RunManifest, manifest_name, recorded_slide_ids
 from .clusters import ClusterInfo, info_of, open_client
 from .shards import select_shard
 from .stages import StageFn, StageSpec, stage_plan
@@ -543,7 +543,7 @@ def run_cohort(
     if slides is None:
         from ..inputs import discover_slides
 
-        slides = discover_slides(config.slides, slide_mpp=config.slide_mpp, out_dir=out)
+        slides = discover_slides(config.slides, slide_mpp=config.slide_mpp, recorded=recorded_slide_ids(out))
     slides = list(slides)
     if config.shard is not None:
         slides = select_shard(slides, *config.shard)

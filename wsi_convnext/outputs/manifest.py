@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "recorded_slide_ids",
     "MANIFEST_FIELDS",
     "MANIFEST_NAME",
     "STATUSES",
@@ -346,3 +347,36 @@ class RunManifest:
             if (rewrite or dirty or lines > len(disk) or changed) and (merged or create or self.path.exists()):
                 atomic_write_text(self.path, csv_text(MANIFEST_FIELDS, [r.to_csv() for r in merged.values()]))
                 self._lines = len(merged)
+
+
+def recorded_slide_ids(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """The ids an output folder already gives to slide files: ``slide_id -> source file``.
+
+    The run manifests name each slide's file (absolute: :func:`~wsi_convnext.inputs.discover_slides`
+    makes slide paths absolute); a store ``OUT/<slide_id>.zarr`` that no manifest row names by an
+    absolute path is asked for its own record (``source.path``). A store that does not open is
+    left to the tiler, which reports it. Pass the result to ``discover_slides(recorded=...)``.
+    """
+    from ..errors import WsiConvnextError
+    from ..inputs import resolved_path
+    from ..store import STORE_SUFFIX, open_store
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        return {}
+    ids = {
+        row.slide_id: resolved_path(Path(row.path))
+        for row in read_manifests(out)
+        if row.slide_id and row.path and Path(row.path).is_absolute()  # relative: to an unknown folder
+    }
+    for store_dir in sorted(out.glob(f"*{STORE_SUFFIX}")):
+        if store_dir.name[: -len(STORE_SUFFIX)] in ids:
+            continue  # a rerun of a large cohort opens no store here
+        try:
+            store = open_store(store_dir)
+        except (WsiConvnextError, OSError):
+            continue
+        source = (store.attrs.get("source") or {}).get("path")
+        if source:
+            ids[store.slide_id] = Path(source)
+    return ids
