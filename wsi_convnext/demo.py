@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .encoders.convnext import OVERLAP_STEM
 from .mil.config import ProgressFn
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def run_demo(
     n_slides: int = 32,
     slide_size: tuple[int, int] = (4500, 4000),
     model: str = "convnext_atto",
-    stem: str = "overlap",
+    stem: str = OVERLAP_STEM,
     aggregator: str = "dsmil",
     folds: int = 5,
     seed: int = 0,

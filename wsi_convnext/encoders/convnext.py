@@ -45,6 +45,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEM = "patch"
+#: The gentler overlapping stem (two 3×3 stride-2 convolutions), the demo's choice.
+OVERLAP_STEM = "overlap"
 _TIMM_MODULE = "convnext"
 _FIRST_CONV = "stem.0"  # timm's pretrained_cfg['first_conv'] of every ConvNeXt
 
@@ -83,9 +85,9 @@ def register_stem(spec: StemSpec, *, replace: bool = False) -> StemSpec:
     return STEMS.register(spec.name, spec, replace=replace)
 
 
-register_stem(StemSpec("patch", "patch", "patch", True, "stock 4x4 stride-4 conv + norm"))
+register_stem(StemSpec(DEFAULT_STEM, "patch", "patch", True, "stock 4x4 stride-4 conv + norm"))
 register_stem(
-    StemSpec("overlap", "overlap", "overlap", True, "conv3x3 s2 (dims[0] ch) -> conv3x3 s2 -> norm, no activation")
+    StemSpec(OVERLAP_STEM, "overlap", "overlap", True, "conv3x3 s2 (dims[0] ch) -> conv3x3 s2 -> norm, no activation")
 )
 register_stem(
     StemSpec(
