@@ -269,6 +269,39 @@ def test_training_fails_the_damaged_store_and_trains_on_the_others(
         assert f"Left out (store failed): {bad}:" in (out / "metrics.md").read_text()
 
 
+def test_bag_and_tile_loaders_raise_or_record_a_damaged_store(stores, cohort) -> None:
+    """One policy: without ``on_failure`` the loaders raise; with it they leave the store out and report it."""
+    from wsi_convnext.data.labelled import store_tiles
+    from wsi_convnext.mil.data import load_bags
+
+    bad = stores / f"{BAD}.zarr"
+    damage(bad, "tiles")
+    damage(bad, "features")
+    paths = sorted(stores.iterdir())
+    # Lazy bags are read once to check when failures are recorded (else on first use, in training).
+    for load in (lambda **kw: load_bags(paths, in_memory=not kw, **kw), lambda **kw: store_tiles(paths, cohort["labels"], **kw)):
+        with pytest.raises(StoreDamagedError, match=str(bad)):
+            load()
+        failed: list[tuple[Path, str]] = []
+        got = load(on_failure=lambda path, error: failed.append((path, error)))
+        assert [p for p, _ in failed] == [bad] and "store damaged" in failed[0][1]
+        ids = [b.slide_id for b in got] if isinstance(got, list) else sorted(set(got.slide_ids))
+        assert ids == ["s0", "s2", "s3"]
+
+
+@pytest.mark.parametrize("what", ["features", "zarr.json"])
+def test_evaluate_fails_the_damaged_store_and_scores_the_others(stores, cohort, tmp_path, what) -> None:
+    bad = stores / f"{BAD}.zarr"
+    damage(bad, what)
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", str(cohort["model"]), str(stores), "--labels", str(cohort["labels"]), "--out", str(out)])
+    _failed_one(res, bad, *_damage_words(what))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [f["slide_id"] for f in metrics["failed_stores"]] == [BAD]
+    with (out / "predictions.csv").open() as fh:
+        assert sorted(r["slide_id"] for r in csv.DictReader(fh)) == ["s0", "s2", "s3"]
+
+
 def test_store_replaced_during_a_read_is_reported_as_replaced(stores, cmu_slide) -> None:
     path = stores / "s0.zarr"
     store = open_store(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 
 class WsiConvnextError(Exception):
@@ -110,7 +111,7 @@ def one_line(error: BaseException | str, limit: int | None = None) -> str:
 
 
 #: ``on_failure(store path, one-line message)``: how cohort commands record a failed store and go on.
-OnFailure = Callable[[str, str], None]
+OnFailure = Callable[[Path, str], None]
 
 
 def fail_or_raise(path: str | os.PathLike[str], exc: BaseException, on_failure: OnFailure | None, logger: logging.Logger) -> None:
@@ -120,9 +121,9 @@ def fail_or_raise(path: str | os.PathLike[str], exc: BaseException, on_failure: 
     """
     if on_failure is None:
         raise exc
-    logger.warning("%s: left out: %s", path, one_line(exc))
+    logger.info("%s: left out: %s", path, one_line(exc))  # the caller reports it (the CLI: one `error:` line)
     logger.debug("%s failed", path, exc_info=exc)
-    on_failure(str(path), one_line(exc))
+    on_failure(Path(path), one_line(exc))
 
 
 def listing(items: Iterable[object], n: int = 5) -> str:

@@ -381,8 +381,8 @@ def store_tiles(
     slide_of: list[str] = []
     failed: list[tuple[str, str]] = []
 
-    def record(path: str, why: str) -> None:
-        failed.append((path, why))
+    def record(path: Path, why: str) -> None:
+        failed.append((str(path), why))
         on_failure(path, why)  # type: ignore[misc]
 
     for path in paths:

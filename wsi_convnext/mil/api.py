@@ -97,8 +97,8 @@ def _labeled_bags(
         raise ConfigError("no stores given; pass the zarr stores of the slides")
     failed: list[dict[str, str]] = []
 
-    def record(path: str, error: str) -> None:
-        failed.append({"slide_id": Path(path).name.removesuffix(".zarr"), "store": path, "error": error})
+    def record(path: Path, error: str) -> None:
+        failed.append({"slide_id": path.name.removesuffix(".zarr"), "store": str(path), "error": error})
         on_failure(path, error)  # type: ignore[misc]
 
     record_fn = record if on_failure is not None else None
