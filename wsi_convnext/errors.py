@@ -114,7 +114,9 @@ def one_line(error: BaseException | str, limit: int | None = None) -> str:
 OnFailure = Callable[[Path, str], None]
 
 
-def fail_or_raise(path: str | os.PathLike[str], exc: BaseException, on_failure: OnFailure | None, logger: logging.Logger) -> None:
+def fail_or_raise(
+    path: str | os.PathLike[str], exc: BaseException, on_failure: OnFailure | None, logger: logging.Logger
+) -> None:
     """The one "record and go on" policy: report ``exc`` for ``path`` through ``on_failure``, or raise it without one.
 
     Call it inside the ``except`` block that caught ``exc``.
