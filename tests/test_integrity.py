@@ -1,7 +1,7 @@
 """Integrity on every read (issue 20): one flipped bit in any chunk or in the defining metadata.
 
 Every command that reads a store notices it, fails that store in one line and goes on with
-the others (exit 1, no traceback; ``train`` and ``finetune`` stop before training instead);
+the others (exit 1, no traceback; ``train`` and ``finetune`` train on the others and name it);
 ``embed`` never writes features over damaged tiles; an h5 export reads no tile chunk; a store
 swapped under a reader by another run is reported as replaced, not as damaged.
 Real stores of CMU-1 tiles, real ConvNeXt embeddings, a real MIL model, real zarr files.
@@ -231,19 +231,75 @@ def test_heatmap_fails_the_damaged_store_and_goes_on(stores, cohort, tmp_path, w
     ("command", "what"),
     [("train", "features"), ("train", "coords"), ("train", "zarr.json"), ("finetune", "tiles"), ("finetune", "zarr.json")],
 )
-def test_training_refuses_a_damaged_store_in_one_line(stores, cohort, tmp_path, command, what) -> None:
+def test_training_fails_the_damaged_store_and_trains_on_the_others(
+    stores, cohort, cmu_slide, tmp_path, command, what
+) -> None:
+    from wsi_convnext.embed import embed_stores
+
+    tiles, coords = read_cmu_tiles(cmu_slide, 3 * N)  # a fifth slide: two of each class are left
+    write_store(stores / "s4.zarr", tiles[2 * N :], coords[2 * N :], attrs=THUMB)
+    (res,) = embed_stores([stores / "s4.zarr"], model=MODEL, device="cpu", batch_size=8)
+    assert res.status == "done" and res.key == cohort["key"], res.error
+    labels = tmp_path / "labels.csv"  # the damaged slide's row is reported as failed, not as a label without a store
+    labels.write_text(Path(cohort["labels"]).read_text() + "s4,tumor\n")
     bad = stores / f"{BAD}.zarr"
     damage(bad, what)
     out = tmp_path / "out"
     options = {
         "train": ["--aggregator", "mean", "--folds", "2", "--epochs", "1"],
-        "finetune": ["--epochs", "1", "--device", "cpu", "--num-workers", "0"],
+        "finetune": ["--epochs", "1", "--device", "cpu", "--num-workers", "0", "--batch-size", "4"],
     }[command]
-    res = runner.invoke(app, [command, str(stores), "--labels", str(cohort["labels"]), "--out", str(out), *options])
+    res = runner.invoke(app, [command, str(stores), "--labels", str(labels), "--out", str(out), *options])
     _failed_one(res, bad, *_damage_words(what))
-    # Nothing trained on a silently smaller cohort, and no tile skipped as "unreadable" in a worker
-    # (the output folder is checked, and so created, before any work; it stays empty).
-    assert not out.exists() or not any(out.iterdir())
+    # The model was written from the others, and its outputs name the slide left out.
+    if command == "train":
+        assert (out / "model.safetensors").is_file()
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert [f["slide_id"] for f in metrics["failed_stores"]] == [BAD]
+        assert "store damaged" in metrics["failed_stores"][0]["error"]
+        assert f"left out (store failed): {BAD}:" in (out / "metrics.txt").read_text()
+        assert json.loads((out / "config.json").read_text())["training"]["failed_stores"][0]["store"] == str(bad)
+    else:
+        assert (out / "encoder.safetensors").is_file()
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert [f["store"] for f in metrics["failed_stores"]] == [str(bad)]
+        config = json.loads((out / "config.json").read_text())
+        assert config["data"]["failed_stores"] == metrics["failed_stores"]
+        assert config["data"]["n_tiles"] == 4 * N  # the three others' tiles, none of the damaged store's
+        assert f"Left out (store failed): {bad}:" in (out / "metrics.md").read_text()
+
+
+def test_bag_and_tile_loaders_raise_or_record_a_damaged_store(stores, cohort) -> None:
+    """One policy: without ``on_failure`` the loaders raise; with it they leave the store out and report it."""
+    from wsi_convnext.data.labelled import store_tiles
+    from wsi_convnext.mil.data import load_bags
+
+    bad = stores / f"{BAD}.zarr"
+    damage(bad, "tiles")
+    damage(bad, "features")
+    paths = sorted(stores.iterdir())
+    # Lazy bags are read once to check when failures are recorded (else on first use, in training).
+    for load in (lambda **kw: load_bags(paths, in_memory=not kw, **kw), lambda **kw: store_tiles(paths, cohort["labels"], **kw)):
+        with pytest.raises(StoreDamagedError, match=str(bad)):
+            load()
+        failed: list[tuple[Path, str]] = []
+        got = load(on_failure=lambda path, error: failed.append((path, error)))
+        assert [p for p, _ in failed] == [bad] and "store damaged" in failed[0][1]
+        ids = [b.slide_id for b in got] if isinstance(got, list) else sorted(set(got.slide_ids))
+        assert ids == ["s0", "s2", "s3"]
+
+
+@pytest.mark.parametrize("what", ["features", "zarr.json"])
+def test_evaluate_fails_the_damaged_store_and_scores_the_others(stores, cohort, tmp_path, what) -> None:
+    bad = stores / f"{BAD}.zarr"
+    damage(bad, what)
+    out = tmp_path / "eval"
+    res = runner.invoke(app, ["evaluate", str(cohort["model"]), str(stores), "--labels", str(cohort["labels"]), "--out", str(out)])
+    _failed_one(res, bad, *_damage_words(what))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [f["slide_id"] for f in metrics["failed_stores"]] == [BAD]
+    with (out / "predictions.csv").open() as fh:
+        assert sorted(r["slide_id"] for r in csv.DictReader(fh)) == ["s0", "s2", "s3"]
 
 
 def test_store_replaced_during_a_read_is_reported_as_replaced(stores, cmu_slide) -> None:

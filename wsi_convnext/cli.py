@@ -419,9 +419,14 @@ def finetune(
                 loss = f" loss {p.loss:.3f}" if p.loss is not None else ""
                 update(p.step, p.total_steps, f"epoch {p.epoch + (p.event != 'epoch')}/{p.total_epochs}{loss}{val}")
 
-            path = finetune_encoder(cfg, progress=on_progress)
+            failed: list[str] = []
+            path = finetune_encoder(cfg, progress=on_progress, on_failure=lambda p, error: failed.append(error))
         typer.echo((path / "metrics.md").read_text())
         typer.echo(f"encoder: {path / 'encoder.safetensors'}  (embed --weights it with --model {model}; it records its stem)")
+        for msg in failed:
+            _err(msg)
+        if failed:
+            raise typer.Exit(1)
 
 
 @app.command("predict-tiles")
@@ -568,14 +573,19 @@ def train(
         from .store import find_stores
 
         config = TrainConfig.create(aggregator=aggregator, folds=folds, epochs=epochs, lr=lr, seed=seed)
+        failed: list[str] = []
         with _progress_bar("training") as update:
             report = train_mil(
                 find_stores(stores), labels, out, config, feature_key=features, overwrite=overwrite,
-                progress=_mil_progress(update),
+                progress=_mil_progress(update), on_failure=lambda path, error: failed.append(error),
             )  # fmt: skip
         typer.echo(report.table)
         for role, path in report.files.items():
             typer.echo(f"{role:>16}: {path}")
+        for msg in failed:
+            _err(msg)
+        if failed:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -591,8 +601,13 @@ def evaluate(
         from .labels.metrics import format_metrics_table
         from .store import find_stores
 
-        metrics = evaluate_mil(model_dir, find_stores(stores), labels, out)
+        failed: list[str] = []
+        metrics = evaluate_mil(model_dir, find_stores(stores), labels, out, on_failure=lambda path, error: failed.append(error))
         typer.echo(format_metrics_table(metrics, title=f"evaluation of {model_dir}"))
+        for msg in failed:
+            _err(msg)
+        if failed:
+            raise typer.Exit(1)
 
 
 @app.command()

@@ -8,7 +8,10 @@ offending file or option, and say what to do.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 
 class WsiConvnextError(Exception):
@@ -105,6 +108,24 @@ def one_line(error: BaseException | str, limit: int | None = None) -> str:
     if limit is not None and len(text) > limit:
         text = text[: limit - 1] + "…"
     return text
+
+
+#: ``on_failure(store path, one-line message)``: how cohort commands record a failed store and go on.
+OnFailure = Callable[[Path, str], None]
+
+
+def fail_or_raise(
+    path: str | os.PathLike[str], exc: BaseException, on_failure: OnFailure | None, logger: logging.Logger
+) -> None:
+    """The one "record and go on" policy: report ``exc`` for ``path`` through ``on_failure``, or raise it without one.
+
+    Call it inside the ``except`` block that caught ``exc``.
+    """
+    if on_failure is None:
+        raise exc
+    logger.info("%s: left out: %s", path, one_line(exc))  # the caller reports it (the CLI: one `error:` line)
+    logger.debug("%s failed", path, exc_info=exc)
+    on_failure(Path(path), one_line(exc))
 
 
 def listing(items: Iterable[object], n: int = 5) -> str:

@@ -42,7 +42,9 @@ from typing import Any
 import numpy as np
 
 from .._io import csv_unescape
-from ..errors import ConfigError, CorruptTileError, InputNotFoundError, LabelsError, StoreError, listing
+from ..errors import (
+    ConfigError, CorruptTileError, InputNotFoundError, LabelsError, OnFailure, StoreError, fail_or_raise, listing,
+)
 from ..labels.splits import inner_validation_split
 from ..labels.table import check_label, read_labels, sort_classes
 
@@ -101,6 +103,7 @@ class LabelledTiles:
         tile_of: (N,) int tile index within its store, or None.
         slide_ids: (N,) str slide per tile (stores) or None.
         skipped: ``(ref, reason)`` of files left out as unreadable.
+        failed_stores: ``(store path, reason)`` of stores left out because they failed their check.
     """
 
     kind: str
@@ -117,6 +120,7 @@ class LabelledTiles:
     tile_of: np.ndarray | None = None
     slide_ids: np.ndarray | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed_stores: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(len(self.y))
@@ -150,6 +154,7 @@ class LabelledTiles:
             "tiles_per_class": self.counts(),
             "sizes": sorted({f"{h}x{w}" for h, w in self.sizes.tolist()}),
             "n_skipped": len(self.skipped),
+            "failed_stores": [{"store": p, "error": why} for p, why in self.failed_stores],
         }
 
     def data_fingerprint(self) -> str:
@@ -337,6 +342,7 @@ def store_tiles(
     labels: str | os.PathLike[str] | None,
     *,
     classes: Sequence[str] | None = None,
+    on_failure: OnFailure | None = None,
 ) -> LabelledTiles:
     """Weak labels: every tile of a labelled store takes its slide's label.
 
@@ -345,8 +351,12 @@ def store_tiles(
         labels: CSV ``slide_id,label[,patient_id][,split]``; stores without a row are left out
             (logged). None (prediction only): every tile gets class 0 of ``classes``.
         classes: Expected class names; a label outside them is an error.
+        on_failure: ``on_failure(path, message)`` for a store that fails to open or whose tile chunks
+            fail their check (damaged, replaced, missing chunk): it is left out (listed in
+            ``failed_stores``) and the others go on. None: raise.
 
     Raises:
+        StoreError: A store fails to open or its tiles fail their check (without ``on_failure``).
         InputNotFoundError: No stores, or no store with a label.
         LabelsError: Bad labels CSV (see :func:`~wsi_convnext.labels.read_labels`) or unknown labels.
     """
@@ -369,15 +379,25 @@ def store_tiles(
     sizes: list[int] = []
     unlabelled: list[str] = []
     slide_of: list[str] = []
+    failed: list[tuple[str, str]] = []
+
+    def record(path: Path, why: str) -> None:
+        failed.append((str(path), why))
+        on_failure(path, why)  # type: ignore[misc]
+
     for path in paths:
-        st = open_store(path)
-        sid = st.slide_id
-        if table is not None and sid not in by_id:
-            unlabelled.append(sid)
+        try:
+            st = open_store(path)
+            sid = st.slide_id
+            if table is not None and sid not in by_id:
+                unlabelled.append(sid)
+                continue
+            if len(st) == 0:
+                continue
+            st.verify("tiles")  # damage is found here, in one line, not as tiles skipped in workers
+        except StoreError as exc:
+            fail_or_raise(path, exc, record if on_failure is not None else None, logger)
             continue
-        if len(st) == 0:
-            continue
-        st.verify("tiles")  # damage fails the run here, in one line, not as tiles skipped in workers
         i = by_id[sid] if table is not None else -1
         store_paths.append(str(path))
         n_of.append(len(st))
@@ -389,7 +409,8 @@ def store_tiles(
     if unlabelled:
         logger.warning("%s: %d store(s) have no label and are left out: %s", src, len(unlabelled), listing(unlabelled))
     if not store_paths:
-        raise InputNotFoundError(f"{src}: none of the {len(paths)} store(s) has a label row (slide_id) or any tiles")
+        why = f" ({len(failed)} failed to read)" if failed else ""
+        raise InputNotFoundError(f"{src}: none of the {len(paths)} store(s){why} has a label row (slide_id) or any tiles")
     if table is not None:
         cls, y_store = _class_index(y_names, classes, src, [f"slide {s}" for s in slide_of])
     else:
@@ -408,7 +429,7 @@ def store_tiles(
         np.array(split_of, dtype=object)[store_of] if has_split else None,
         np.repeat(np.asarray(sizes, dtype=np.int64)[:, None], 2, axis=1)[store_of],
         store_paths=tuple(store_paths), store_of=store_of, tile_of=tile_of,
-        slide_ids=np.array(slide_of, dtype=object)[store_of],
+        slide_ids=np.array(slide_of, dtype=object)[store_of], failed_stores=failed,
     )  # fmt: skip
 
 
@@ -425,10 +446,12 @@ def load_labelled_tiles(
     classes: Sequence[str] | None = None,
     strict: bool = False,
     require_label: bool = True,
+    on_failure: OnFailure | None = None,
 ) -> LabelledTiles:
     """Tiles of whatever ``data`` is: a CSV, an image folder, or stores (with ``labels``).
 
-    Stores are recognised by their ``.zarr`` name (or a folder holding ``*.zarr``).
+    Stores are recognised by their ``.zarr`` name (or a folder holding ``*.zarr``); ``on_failure``
+    applies to them (see :func:`store_tiles`).
 
     Raises:
         InputNotFoundError, LabelsError, CorruptTileError: See the source functions.
@@ -443,7 +466,7 @@ def load_labelled_tiles(
     if all(_is_store_input(it) for it in items):
         if labels is None and require_label:
             raise LabelsError(f"stores {listing([str(i) for i in items])} need --labels slide_id,label[,patient_id]")
-        return store_tiles(items, labels, classes=classes)
+        return store_tiles(items, labels, classes=classes, on_failure=on_failure)
     if len(items) != 1:
         raise ConfigError(f"pass one image folder or one CSV, not {len(items)} inputs ({listing([str(i) for i in items])})")
     if labels is not None:

@@ -10,7 +10,8 @@
   freeze summary, the fingerprint and library versions.
 - ``metrics.json``: per-epoch history (``train_loss``, ``val_loss``, ``val_accuracy``,
   ``val_balanced_accuracy``, ``val_auc`` = macro one-vs-rest AUC), the best epoch, its
-  validation metrics with stratified bootstrap 95% CIs, training throughput, skipped files.
+  validation metrics with stratified bootstrap 95% CIs, training throughput, skipped files,
+  stores left out because they failed their check (``failed_stores``; also in ``config.json``).
 - ``metrics.md``: the same as a readable table.
 - ``curves.png``: training and validation loss, validation balanced accuracy and AUC per epoch.
 
@@ -152,6 +153,7 @@ def write_outputs(
         "train_seconds": secs, "train_tiles": int(state.get("train_tiles") or 0),
         "train_tiles_per_second": (state.get("train_tiles") or 0) / secs if secs > 0 else None,
         "n_skipped": len(skipped), "skipped": [{"tile": r, "reason": why} for r, why in skipped],
+        "failed_stores": [{"store": p, "error": why} for p, why in tiles.failed_stores],
     }  # fmt: skip
     with atomic_dir(out, overwrite=True) as tmp:
         enc_sd = {k: v.contiguous() for k, v in best_state["model"].items()}
@@ -159,7 +161,8 @@ def write_outputs(
         save_file({k: v.contiguous() for k, v in best_state["head"].items()}, str(tmp / HEAD_FILE), metadata=meta)
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(cfg_doc, indent=2, default=str) + "\n")
         atomic_write_text(tmp / METRICS_FILE, metrics_to_json(metrics_doc) + "\n")
-        atomic_write_text(tmp / TABLE_FILE, _table(state["history"], state.get("best_epoch"), best_eval))
+        left_out = "".join(f"\nLeft out (store failed): {p}: {why}\n" for p, why in tiles.failed_stores)
+        atomic_write_text(tmp / TABLE_FILE, _table(state["history"], state.get("best_epoch"), best_eval) + left_out)
         _curves(state["history"], tmp / CURVES_FILE)
     return out
 

@@ -39,7 +39,7 @@ from ..data.labelled import (
     load_labelled_tiles,
 )
 from ..encoders.weights import CONFIG_FILE, ENCODER_FILE
-from ..errors import ConfigError, StoreExistsError, WeightsError
+from ..errors import ConfigError, OnFailure, StoreExistsError, WeightsError
 from .config import FinetuneConfig, parse_freeze
 from .outputs import HEAD_FILE
 
@@ -361,11 +361,15 @@ def read_checkpoint(path: Path, fingerprint: str, *, overwrite: bool) -> dict[st
 # --------------------------------------------------------------------------------------------- run
 
 
-def finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None = None) -> Path:
+def finetune_encoder(
+    config: FinetuneConfig, progress: ProgressFn | None = None, on_failure: OnFailure | None = None
+) -> Path:
     """Fine-tune (or train from scratch) a ConvNeXt tile encoder; returns the output folder.
 
     See the module docstring for resuming and :mod:`wsi_convnext.finetune.outputs` for the files.
-    A finished output folder with the same fingerprint is returned as is.
+    A finished output folder with the same fingerprint is returned as is. With ``on_failure``, a
+    tile store that fails its check (damaged, replaced, missing chunk) is reported through
+    ``on_failure(path, message)`` and left out; the outputs list it under ``failed_stores``.
 
     Raises:
         InputNotFoundError, LabelsError, CorruptTileError: Bad data (see :mod:`wsi_convnext.data.labelled`).
@@ -380,10 +384,10 @@ def finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None = None)
     # One writer per ENC_DIR: a second run on the same folder waits, then finds it finished
     # (same fingerprint) or resumes from the checkpoint; it never writes beside the first.
     with path_lock(Path(config.out)):
-        return _finetune_encoder(config, progress)
+        return _finetune_encoder(config, progress, on_failure)
 
 
-def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Path:
+def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None, on_failure: OnFailure | None) -> Path:
     import torch
 
     from ..encoders import resolve_device
@@ -394,7 +398,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     device = resolve_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    tiles = load_labelled_tiles(cfg.data, labels=cfg.labels, strict=cfg.strict)
+    tiles = load_labelled_tiles(cfg.data, labels=cfg.labels, strict=cfg.strict, on_failure=on_failure)
     tiles.require_classes(2)
     train_idx, val_idx, test_idx = grouped_split(tiles, val_frac=cfg.val_frac, seed=cfg.seed)
     if len(test_idx):

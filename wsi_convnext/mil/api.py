@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, LabelsError, StoreError, listing
+from ..errors import ConfigError, LabelsError, OnFailure, StoreError, listing
 from .config import ProgressFn
 from ..labels.table import LabelTable, match_labels, read_labels
 from .data import Bag, index_stores, load_bags
@@ -44,6 +44,7 @@ class TrainReport:
         model: The final model (saved in ``out_dir``).
         final_model: How the final model was obtained (``"refit"`` or ``"split"``) and its epochs.
         unlabeled: Slide ids of stores without a label (ignored).
+        failed_stores: Stores left out because they failed to read (``slide_id``, ``store``, ``error``).
         files: Written files by role (model, config, metrics_json, metrics_txt, roc, oof_predictions).
     """
 
@@ -55,6 +56,7 @@ class TrainReport:
     final_model: dict[str, Any]
     unlabeled: list[str]
     files: dict[str, Path] = field(default_factory=dict)
+    failed_stores: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -83,12 +85,30 @@ def _labeled_bags(
     require_all: bool,
     in_memory: bool,
     progress: ProgressFn | None,
-) -> tuple[list[Bag], LabelTable, list[str]]:
-    """Open stores, match them to labels (errors/warnings as documented), load labelled bags."""
+    on_failure: OnFailure | None = None,
+) -> tuple[list[Bag], LabelTable, list[str], list[dict[str, str]]]:
+    """Open stores, match them to labels (errors/warnings as documented), load labelled bags.
+
+    With ``on_failure``, a store that fails to read is left out and returned in the failed list
+    (``slide_id`` from its ``<slide_id>.zarr`` name, ``store``, ``error``); its label row counts
+    as failed, not as a label without a store.
+    """
     if not stores:
         raise ConfigError("no stores given; pass the zarr stores of the slides")
-    by_id = index_stores(stores)
+    failed: list[dict[str, str]] = []
+
+    def record(path: Path, error: str) -> None:
+        failed.append({"slide_id": path.name.removesuffix(".zarr"), "store": str(path), "error": error})
+        on_failure(path, error)  # type: ignore[misc]
+
+    record_fn = record if on_failure is not None else None
+    by_id = index_stores(stores, on_failure=record_fn)
     ids = list(by_id)
+    if failed:
+        gone = {f["slide_id"] for f in failed}
+        if all(s in gone for s in table.slide_ids):
+            raise LabelsError(f"{table.source}: the stores of all labelled slides failed to read ({listing(sorted(gone))})")
+        table = table.subset([s for s in table.slide_ids if s not in gone])
     idx, unlabeled = match_labels(ids, table, require_all=require_all)
     matched = [ids[i] for i in idx]
     from .data import _open
@@ -99,8 +119,17 @@ def _labeled_bags(
             f"{table.source}: {len(no_emb)} labelled slide(s) have no embeddings in their store: "
             f"{listing(no_emb)}; embed them first or remove the rows"
         )
-    bags = load_bags([by_id[s] for s in matched], feature_key, in_memory=in_memory, progress=progress)
-    return bags, table.subset(matched), unlabeled
+    bags = load_bags(
+        [by_id[s] for s in matched], feature_key, in_memory=in_memory, progress=progress, on_failure=record_fn
+    )
+    if not bags:
+        raise LabelsError(f"{table.source}: the stores of all labelled slides failed to read ({listing(matched)})")
+    return bags, table.subset([b.slide_id for b in bags]), unlabeled, failed
+
+
+def _failed_lines(failed: Sequence[dict[str, str]]) -> str:
+    """Lines for a metrics table naming the slides left out because their stores failed."""
+    return "".join(f"left out (store failed): {f['slide_id']}: {f['error']}\n" for f in failed)
 
 
 def _write_predictions_csv(
@@ -149,6 +178,7 @@ def train(
     name: str | None = None,
     overwrite: bool = False,
     progress: ProgressFn | None = None,
+    on_failure: OnFailure | None = None,
 ) -> TrainReport:
     """Cross-validate an aggregator on a labelled cohort and save a final model.
 
@@ -173,10 +203,15 @@ def train(
         name: Model name stored in the config (default: the folder name).
         overwrite: Replace a model already in ``out_dir``.
         progress: ``progress(description, done, total)`` callback.
+        on_failure: ``on_failure(store path, message)`` for a store that fails to read (damaged,
+            replaced, missing chunk): its slide is left out, the others are trained on, and the
+            outputs list it under ``failed_stores``. None: such a store stops the run.
 
     Raises:
-        LabelsError: Label problems (see :func:`read_labels`, :func:`match_labels`, :func:`make_folds`).
+        LabelsError: Label problems (see :func:`read_labels`, :func:`match_labels`, :func:`make_folds`),
+            also when too few slides remain after failed stores are left out.
         ConfigError: Bad options or an existing model in ``out_dir`` without ``overwrite``.
+        StoreError: A store fails to read (without ``on_failure``).
     """
     from .checkpoint import save_model
     from ..labels.metrics import format_metrics_table, metrics_to_json
@@ -188,8 +223,8 @@ def train(
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     table = read_labels(labels_csv)
-    bags, table, unlabeled = _labeled_bags(
-        stores, table, feature_key, require_all=True, in_memory=in_memory, progress=progress
+    bags, table, unlabeled, failed = _labeled_bags(
+        stores, table, feature_key, require_all=True, in_memory=in_memory, progress=progress, on_failure=on_failure
     )
     table.require_classes(2)
     key = bags[0].feature_key
@@ -208,14 +243,16 @@ def train(
         model = train_model(bags, table, replace(cfg, epochs=final_epochs), feature_key=key, progress=progress)
         final = {"how": "refit", "epochs": final_epochs,
                  "description": "refitted on all labelled slides for the median best epoch of the CV folds"}
-    model.info.update({"labels_csv": str(labels_csv), "cv_metrics_pooled": cv.metrics["pooled"], "final_model": final})
+    model.info.update({"labels_csv": str(labels_csv), "cv_metrics_pooled": cv.metrics["pooled"], "final_model": final,
+                       "failed_stores": failed})
     title = f"{aggregator} — {'test split' if table.split is not None else f'{len(cv.folds)}-fold CV'}"
-    text = format_metrics_table(cv.metrics, title=title)
+    text = format_metrics_table(cv.metrics, title=title) + _failed_lines(failed)
     files: dict[str, Path] = {}
     save_model(out, model, name=name)
     files["model"] = out / "model.safetensors"
     files["config"] = out / "config.json"
-    metrics_doc = {**cv.to_dict(), "final_model": final, "feature_key": key, "unlabeled_slides": unlabeled}
+    metrics_doc = {**cv.to_dict(), "final_model": final, "feature_key": key, "unlabeled_slides": unlabeled,
+                   "failed_stores": failed}
     files["metrics_json"] = out / "metrics.json"
     files["metrics_json"].write_text(metrics_to_json(metrics_doc) + "\n", encoding="utf-8")
     files["metrics_txt"] = out / "metrics.txt"
@@ -227,7 +264,7 @@ def train(
     files["oof_predictions"] = _write_predictions_csv(
         out / "oof_predictions.csv", cv.slide_ids, table, cv.probs, cv.classes, cv.fold_of
     )
-    return TrainReport(out, cv.metrics, text, cv, model, final, unlabeled, files)
+    return TrainReport(out, cv.metrics, text, cv, model, final, unlabeled, files, failed)
 
 
 def evaluate(
@@ -240,11 +277,13 @@ def evaluate(
     seed: int = 0,
     require_all: bool = True,
     progress: ProgressFn | None = None,
+    on_failure: OnFailure | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved model on labelled stores.
 
-    Returns :func:`~wsi_convnext.labels.metrics.compute_metrics` output plus ``"model"``, ``"classes"``
-    and ``"unlabeled_slides"``. With ``out_dir``: writes ``metrics.json``, ``metrics.txt``,
+    Returns :func:`~wsi_convnext.labels.metrics.compute_metrics` output plus ``"model"``, ``"classes"``,
+    ``"unlabeled_slides"`` and ``"failed_stores"`` (stores left out through ``on_failure``, as in
+    :func:`train`; without it a store that fails to read stops the evaluation). With ``out_dir``: writes ``metrics.json``, ``metrics.txt``,
     ``roc.png`` and ``predictions.csv`` there. A single-class evaluation set is allowed (AUC is then
     undefined: null), e.g. to measure specificity on negatives.
 
@@ -266,8 +305,9 @@ def evaluate(
         raise LabelsError(
             f"{table.source}: label(s) {listing(unknown)} are not classes of the model ({list(model.classes)})"
         )
-    bags, table, unlabeled = _labeled_bags(
-        stores, table, model.feature_key, require_all=require_all, in_memory=False, progress=None
+    bags, table, unlabeled, failed = _labeled_bags(
+        stores, table, model.feature_key, require_all=require_all, in_memory=False, progress=None,
+        on_failure=on_failure,
     )
     lut = {c: i for i, c in enumerate(model.classes)}
     y = np.array([lut[lab] for lab in table.labels], dtype=np.int64)
@@ -280,11 +320,14 @@ def evaluate(
         log.warning("%s: evaluation slides hold a single class; AUC is undefined", table.source)
     pos = model.positive_index
     metrics = compute_metrics(y, probs, model.classes, positive=pos, n_boot=n_boot, seed=seed)
-    metrics.update({"model": str(model_dir), "classes": list(model.classes), "unlabeled_slides": unlabeled})
+    metrics.update({"model": str(model_dir), "classes": list(model.classes), "unlabeled_slides": unlabeled,
+                    "failed_stores": failed})
     if out_dir is not None:
         out = Path(out_dir)
         (out / "metrics.json").write_text(metrics_to_json(metrics) + "\n", encoding="utf-8")
-        (out / "metrics.txt").write_text(format_metrics_table(metrics, title=f"evaluation of {model_dir}"), encoding="utf-8")
+        (out / "metrics.txt").write_text(
+            format_metrics_table(metrics, title=f"evaluation of {model_dir}") + _failed_lines(failed), encoding="utf-8"
+        )
         plot_roc(y, probs, model.classes, out / "roc.png", positive=pos, title=f"evaluation of {Path(model_dir).name}")
         _write_predictions_csv(out / "predictions.csv", [b.slide_id for b in bags], table, probs, model.classes)
     return metrics

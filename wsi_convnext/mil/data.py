@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, LabelsError, StoreError, listing
+from ..errors import ConfigError, LabelsError, OnFailure, StoreError, fail_or_raise, listing
 from ..labels.table import LabelTable
 
 __all__ = ["Bag", "index_stores", "labels_for_bags", "load_bags"]
@@ -132,15 +132,27 @@ def resolve_feature_key(store, feature_key: str | None, where: str) -> str:  # n
     return keys[0]
 
 
-def index_stores(store_paths: Iterable[str | os.PathLike[str]]) -> dict[str, str]:
+def index_stores(
+    store_paths: Iterable[str | os.PathLike[str]], *, on_failure: OnFailure | None = None
+) -> dict[str, str]:
     """Map slide id → store path for ``store_paths`` (opens each store; reads no features).
+
+    Args:
+        store_paths: Store paths.
+        on_failure: ``on_failure(path, message)`` for a store that fails to open (damaged metadata,
+            incomplete, foreign): it is left out and the others go on. None: raise.
 
     Raises:
         LabelsError: Two stores hold the same slide id.
+        StoreError: A store fails to open (without ``on_failure``).
     """
     out: dict[str, str] = {}
     for path in store_paths:
-        sid = str(_open(path).slide_id)
+        try:
+            sid = str(_open(path).slide_id)
+        except StoreError as exc:
+            fail_or_raise(path, exc, on_failure, log)
+            continue
         if sid in out:
             raise LabelsError(f"stores {out[sid]} and {path} both hold slide_id {sid!r}; pass each slide once")
         out[sid] = str(path)
@@ -153,6 +165,7 @@ def load_bags(
     *,
     in_memory: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
+    on_failure: OnFailure | None = None,
 ) -> list[Bag]:
     """Load one :class:`Bag` per zarr store.
 
@@ -163,9 +176,12 @@ def load_bags(
         in_memory: Keep features in memory (their storage dtype, float16 at rest). ``False`` re-reads
             them from the store at each access (cohorts larger than RAM).
         progress: Optional ``progress(description, done, total)`` callback.
+        on_failure: ``on_failure(path, message)`` for a store whose metadata, coords or features
+            fail to read (damaged, replaced, missing chunk; lazy bags are read once to check):
+            it is left out and the others go on. None: raise.
 
     Raises:
-        StoreError: A store has no embeddings, the key is missing, feature rows do not match the tile
+        StoreError: A store fails to read (without ``on_failure``), has no embeddings, the key is missing, feature rows do not match the tile
             count, dimensions differ between stores, or features are not finite.
         ConfigError: ``feature_key`` is None and a store has several feature sets, or stores have
             different ones.
@@ -177,7 +193,11 @@ def load_bags(
     seen: dict[str, str] = {}
     dim: int | None = None
     for i, path in enumerate(paths):
-        store = _open(path)
+        try:
+            store = _open(path)
+        except StoreError as exc:
+            fail_or_raise(path, exc, on_failure, log)
+            continue
         sid = str(store.slide_id)
         if sid in seen:
             raise LabelsError(f"stores {seen[sid]} and {path} both hold slide_id {sid!r}; pass each slide once")
@@ -189,18 +209,22 @@ def load_bags(
             raise ConfigError(
                 f"stores use different feature sets ({a[0]!r} in {a[1]}, {b[0]!r} in {b[1]}); pass a feature key"
             )
-        coords = np.asarray(store.coords, dtype=np.int64)
-        if in_memory:
-            bag = Bag(sid, store.features(key), coords, source=path, feature_key=key)
-            d = bag.features.shape[1]
-        else:
-            bag = Bag(sid, coords=coords, loader=_StoreLoader(path, key), source=path, feature_key=key)
-            d = None
-        if len(coords) != len(store):
-            raise StoreError(f"store {path}: {len(coords)} coords but {len(store)} tiles")
+        try:
+            coords = np.asarray(store.coords, dtype=np.int64)
+            if in_memory:
+                bag = Bag(sid, store.features(key), coords, source=path, feature_key=key)
+                d = bag.features.shape[1]
+            else:
+                bag = Bag(sid, coords=coords, loader=_StoreLoader(path, key), source=path, feature_key=key)
+                d = bag.features.shape[1] if on_failure is not None else None
+            if len(coords) != len(store):
+                raise StoreError(f"store {path}: {len(coords)} coords but {len(store)} tiles")
+        except StoreError as exc:
+            fail_or_raise(path, exc, on_failure, log)
+            continue
         if d is not None:
             if dim is not None and d != dim:
-                raise StoreError(f"store {path}: feature dimension {d} differs from {dim} in {paths[0]}")
+                raise StoreError(f"store {path}: feature dimension {d} differs from {dim} in {bags[0].source}")
             dim = d
         bags.append(bag)
         if progress is not None:

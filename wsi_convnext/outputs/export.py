@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_path, ensure_dir, inside
-from ..errors import ConfigError, InputNotFoundError, StoreError, StoreExistsError, WsiConvnextError, one_line
+from ..errors import ConfigError, InputNotFoundError, StoreError, StoreExistsError, WsiConvnextError, OnFailure, fail_or_raise
 from ..store import META_DIGEST, TileStore, find_stores, open_store
 from .exports import FORMATS, STORE_PARTS, ExportFormat, SlideExport, register_format
 
@@ -120,7 +120,7 @@ def export_features(
     cohort: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    on_failure: Callable[[Path, str], None] | None = None,
+    on_failure: OnFailure | None = None,
 ) -> list[Path]:
     """Write each store's export to ``out_dir/<slide_id><suffix>`` (or all to one cohort file).
 
@@ -169,10 +169,7 @@ def export_features(
 
     # Validate everything first: a bad store or an existing file stops the export before it starts.
     def failed(path: Path, exc: WsiConvnextError) -> None:
-        if on_failure is None:
-            raise exc
-        logger.debug("%s: export failed", path, exc_info=exc)
-        on_failure(path, one_line(exc))
+        fail_or_raise(path, exc, on_failure, logger)
 
     plan: list[tuple[TileStore, str | None, Path]] = []
     owners: dict[str, Path] = {}

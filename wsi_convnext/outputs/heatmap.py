@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ from typing import Any
 import numpy as np
 
 from .._io import inside
-from ..errors import ConfigError, StoreError, one_line
+from ..errors import ConfigError, OnFailure, StoreError, fail_or_raise
 from ..store import TileStore
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def heatmaps(
     out_dir: str | os.PathLike[str],
     *,
     top_k: int = 16,
-    on_failure: Callable[[Path, str], None] | None = None,
+    on_failure: OnFailure | None = None,
 ) -> dict[str, HeatmapPaths]:
     """Score every tile of each store with a trained MIL model and draw its heatmap and top-k montage.
 
@@ -130,9 +133,7 @@ def heatmaps(
             title = heatmap_title(pred.slide_id, attrs)
             out[pred.slide_id] = render_heatmap(store, scores, out_dir, label=label, top_k=top_k, title=title)
         except StoreError as exc:
-            if on_failure is None:
-                raise
-            on_failure(Path(pred.store), one_line(exc))
+            fail_or_raise(Path(pred.store), exc, on_failure, _log)
     return out
 
 
