@@ -47,12 +47,13 @@ def test_every_registry_is_one_and_follows_the_rule() -> None:
     from wsi_convnext.encoders import FAMILIES, STEMS
     from wsi_convnext.mil.config import AGGREGATORS
     from wsi_convnext.outputs.exports import FORMATS
+    from wsi_convnext.pretrain.methods import METHODS
     from wsi_convnext.slide.base import _BACKENDS
     from wsi_convnext.tiling.tissue import _METHODS
     from wsi_convnext.transforms import TRANSFORMS
 
-    registries = [_BACKENDS, FAMILIES, STEMS, AGGREGATORS, TRANSFORMS, STAGES, CLUSTER_KINDS, FORMATS, _METHODS]
-    assert all(isinstance(r, Registry) for r in registries) and len({r.kind for r in registries}) == 9
+    registries = [_BACKENDS, FAMILIES, STEMS, AGGREGATORS, METHODS, TRANSFORMS, STAGES, CLUSTER_KINDS, FORMATS, _METHODS]
+    assert all(isinstance(r, Registry) for r in registries) and len({r.kind for r in registries}) == 10
     for reg in registries:
         name = reg.names()[0]
         other = object()
@@ -74,13 +75,15 @@ def test_stage_lists_are_asked_when_called() -> None:
     assert "census-of-now" not in stage_functions()
 
 
-def test_aggregator_names_are_listed_without_torch() -> None:
-    code = (
-        "import sys; from wsi_convnext.mil.config import AGGREGATORS; "
-        "print(','.join(AGGREGATORS.names()), 'torch' in sys.modules)"
-    )
+@pytest.mark.parametrize(
+    ("module", "registry", "names"),
+    [("wsi_convnext.mil.config", "AGGREGATORS", "mean,maxpool,abmil,dsmil,clam_sb"),
+     ("wsi_convnext.pretrain.methods", "METHODS", "dino,simclr")],
+)  # fmt: skip
+def test_torch_built_ins_are_listed_without_torch(module: str, registry: str, names: str) -> None:
+    code = f"import sys; from {module} import {registry} as R; print(','.join(R.names()), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.split() == ["mean,maxpool,abmil,dsmil,clam_sb", "False"]
+    assert out.stdout.split() == [names, "False"]
 
 
 def _option_help(result_output: str) -> str:

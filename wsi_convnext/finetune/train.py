@@ -48,7 +48,10 @@ if TYPE_CHECKING:
 
     from ..encoders import Encoder
 
-__all__ = ["FinetuneProgress", "StartPoint", "finetune_encoder", "prepare_model", "read_checkpoint", "work_dir"]
+__all__ = [
+    "FinetuneProgress", "StartPoint", "default_workers", "finetune_encoder", "prepare_model", "read_checkpoint",
+    "state_dict_cpu", "warmup_cosine", "work_dir",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +240,9 @@ def _param_groups(
     return out, info
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """The learning-rate factor per step (for ``LambdaLR``): linear warm-up, then cosine to ``min_ratio``."""
+
     def f(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -250,7 +255,8 @@ def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callabl
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _default_workers(device_type: str) -> int:
+def default_workers(device_type: str) -> int:
+    """DataLoader worker processes by default: up to 4 (CPU) or 8 (accelerator), leaving one core."""
     n = cpu_count()
     return max(0, min(4 if device_type == "cpu" else 8, n - 1))
 
@@ -328,7 +334,8 @@ def _better(val: dict[str, float], best: dict[str, float] | None) -> bool:
     return math.isfinite(a) and abs(a - b) <= 1e-12 and val.get("loss", math.inf) < best.get("loss", math.inf)
 
 
-def _state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``module``'s state dict (safe to keep while training goes on)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
@@ -436,7 +443,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps, cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, cfg.min_lr_ratio))
 
     # ---- resume
     work = work_dir(out)
@@ -466,7 +473,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     def save_checkpoint() -> None:
         payload = {
             "version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
-            "model": _state_dict_cpu(encoder.model), "head": _state_dict_cpu(head),
+            "model": state_dict_cpu(encoder.model), "head": state_dict_cpu(head),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(), "state": json.dumps(state), "best_state": best_state,
             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
@@ -503,7 +510,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
 
     colour = _colour_jitter(cfg.hed_sigma) if cfg.augment == "histology" else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    workers = _default_workers(device.type) if cfg.num_workers is None else cfg.num_workers
+    workers = default_workers(device.type) if cfg.num_workers is None else cfg.num_workers
     loader_kw: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_tiles, "pin_memory": cuda}
     if workers:
         loader_kw.update(persistent_workers=True, prefetch_factor=2)
@@ -579,7 +586,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
         if val_probs is None or _better(val_metrics, state["best"]):
             state["best"] = val_metrics
             state["best_epoch"] = epoch
-            best_state = {"model": _state_dict_cpu(encoder.model), "head": _state_dict_cpu(head)}
+            best_state = {"model": state_dict_cpu(encoder.model), "head": state_dict_cpu(head)}
             if val_probs is not None:
                 best_state["val_y"] = torch.from_numpy(val_probs[0])
                 best_state["val_probs"] = torch.from_numpy(val_probs[1])

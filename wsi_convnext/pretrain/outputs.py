@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._io import atomic_dir, atomic_write_text
-from ..finetune.outputs import CONFIG_FILE, CURVES_FILE, ENCODER_FILE, METRICS_FILE, TABLE_FILE
+from ..encoders.weights import CONFIG_FILE, ENCODER_FILE, weights_metadata
+from ..finetune.outputs import CURVES_FILE, METRICS_FILE, TABLE_FILE
 
 if TYPE_CHECKING:
     from ..data.labelled import LabelledTiles
@@ -89,11 +90,10 @@ def write_outputs(
     from ..labels.metrics import metrics_to_json
 
     selected = (state.get("best") or {}).get("step") or state["step"]
-    meta = {
-        "format": "pt", "wsi_convnext.kind": "pretrained_encoder", "wsi_convnext.model": config.model,
-        "wsi_convnext.stem": config.stem, "wsi_convnext.method": config.method, "wsi_convnext.fingerprint": fingerprint,
-        "wsi_convnext.data_fingerprint": data_fp, "wsi_convnext.version": __version__,
-    }  # fmt: skip
+    meta = weights_metadata(config.model, config.stem, {
+        "kind": "pretrained_encoder", "method": config.method, "fingerprint": fingerprint,
+        "data_fingerprint": data_fp, "version": __version__,
+    })  # fmt: skip
     secs = float(state.get("train_seconds") or 0.0)
     cfg_doc = {
         "kind": "wsi_convnext.pretrain", "config": config.to_dict(), "model": config.model, "stem": config.stem,

@@ -41,9 +41,9 @@ import numpy as np
 
 from .._io import atomic_path, path_lock
 from ..errors import ConfigError, CorruptTileError, DeviceError, StoreExistsError, WsiConvnextError
-from ..finetune.train import _default_workers, _lr_lambda, _state_dict_cpu, read_checkpoint, work_dir
+from ..finetune.train import default_workers, read_checkpoint, state_dict_cpu, warmup_cosine, work_dir
 from .config import PretrainConfig
-from .data import MultiCropDataset, ShardSampler, collate_views, data_fingerprint, load_unlabelled_tiles, tile_keys
+from .data import MultiCropDataset, ShardSampler, collate_views, load_unlabelled_tiles, tile_keys
 from .dist import DistEnv, detect_env, process_group
 
 if TYPE_CHECKING:
@@ -153,8 +153,8 @@ def _check_probe_set(cfg: PretrainConfig, tiles: LabelledTiles) -> LabelledTiles
 def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) -> Path:
     import torch
 
-    from ..finetune.outputs import read_fingerprint
-    from .methods import build_method
+    from ..finetune.outputs import read_training_fingerprint
+    from .methods import METHODS, build_method
     from .outputs import write_outputs
 
     out = Path(cfg.out)
@@ -171,15 +171,15 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
         raise ConfigError(f"{tiles.source}: {len(tiles)} readable tile(s) are fewer than one batch (--batch-size {cfg.batch_size}); add tiles or lower --batch-size")
     probe_tiles = _check_probe_set(cfg, tiles)
     dataset = MultiCropDataset(
-        tiles, global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local if cfg.method == "dino" else 0,
+        tiles, global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local if METHODS.lookup(cfg.method).multi_crop else 0,
         hed_sigma=cfg.hed_sigma, brightness_contrast=cfg.brightness_contrast, blur=cfg.blur,
     )  # fmt: skip
     encoder, start = _start_encoder(cfg)
-    data_fp = data_fingerprint(tiles)
-    probe_fp = "" if probe_tiles is None else probe_tiles.fingerprint()
+    data_fp = tiles.data_fingerprint()  # labels are one constant here
+    probe_fp = "" if probe_tiles is None else probe_tiles.data_fingerprint()
     fingerprint = cfg.fingerprint(data_fp, start.weights_sha256 + probe_fp)
     if out.exists():
-        if read_fingerprint(out) == fingerprint and not cfg.overwrite:
+        if read_training_fingerprint(out) == fingerprint and not cfg.overwrite:
             logger.info("%s: already pretrained with this configuration; nothing to do", out)
             return out
         if not cfg.overwrite:
@@ -203,7 +203,7 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
         {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps, cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, cfg.min_lr_ratio))
 
     # ---- resume
     work = work_dir(out)
@@ -232,7 +232,7 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
         if not env.is_main:
             return
         payload = {
-            "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "method": _state_dict_cpu(method),
+            "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "method": state_dict_cpu(method),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(), "state": json.dumps(state), "best_backbone": best_backbone,
         }  # fmt: skip
@@ -240,11 +240,16 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
             torch.save(payload, tmp)
 
     # ---- device, precision
+    from ..encoders import resolve_precision
+
     method.to(device)
     cuda = device.type == "cuda"
-    if cuda:
+    prec = resolve_precision(device)
+    scaler = prec.grad_scaler(device)
+    if prec.channels_last:
         method.to(memory_format=torch.channels_last)
         encoder.channels_last = True
+    if cuda:
         torch.backends.cudnn.benchmark = True
     for st in optimizer.state.values():
         for k, v in st.items():
@@ -252,15 +257,15 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
                 st[k] = v.to(device)
 
     def autocast() -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        return prec.autocast(device)
 
     if cfg.compile and cuda:
         method.student.compile()
 
-    workers = _default_workers(device.type) if cfg.num_workers is None else cfg.num_workers
+    workers = default_workers(device.type) if cfg.num_workers is None else cfg.num_workers
     from torch.utils.data import DataLoader
 
-    loader_kw: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_views, "pin_memory": cuda}
+    loader_kw: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_views, "pin_memory": prec.pin_memory}
     if workers:
         loader_kw.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=_worker_init)
     loader = DataLoader(dataset, batch_size=per_step // env.world_size, sampler=sampler, drop_last=False, **loader_kw)
@@ -320,8 +325,9 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
                 with autocast():
                     loss, stats = net(xg, xl)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 state["step"] += 1
                 state["pos"] += 1
@@ -344,7 +350,7 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
                     score = (ev.get("probe") or {}).get("linear", {}).get("balanced_accuracy")
                     if probe_tiles is not None and (state["best"] is None or (score or -1) > state["best"]["score"]):
                         state["best"] = {"step": state["step"], "score": score}
-                        best_backbone = _state_dict_cpu(method.export_backbone())
+                        best_backbone = state_dict_cpu(method.export_backbone())
                     report("eval", rec["loss"], ev)
                 if done:
                     break
@@ -364,7 +370,7 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
                 state["bad"] = bad
                 save_checkpoint()
         state["bad"] = bad
-        final = best_backbone if best_backbone is not None else _state_dict_cpu(method.export_backbone())
+        final = best_backbone if best_backbone is not None else state_dict_cpu(method.export_backbone())
         if env.is_main:
             write_outputs(
                 out, config=cfg, encoder=encoder, backbone_state=final, state=state, tiles=tiles, start=start,
