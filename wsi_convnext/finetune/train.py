@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from ..encoders import Encoder
 
 __all__ = [
-    "FinetuneProgress", "StartPoint", "default_workers", "finetune_encoder", "prepare_model", "read_checkpoint",
-    "state_dict_cpu", "warmup_cosine", "work_dir",
+    "FinetuneProgress", "StartPoint", "StepProgress", "default_workers", "finetune_encoder", "prepare_model",
+    "read_checkpoint", "state_dict_cpu", "warmup_cosine", "work_dir",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -59,27 +59,36 @@ CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class FinetuneProgress:
-    """One progress report.
+class StepProgress:
+    """One progress report of a training run (finetune, pretrain).
 
     Attributes:
-        event: ``start``, ``resume``, ``step``, ``epoch`` (after validation) or ``done``.
+        event: What happened (``start``, ``resume``, ``step``, ``done``; each run adds its own).
         step: Optimiser steps done.
         total_steps: Optimiser steps of the whole run.
-        epoch: Current epoch (0-based; after ``epoch`` events the finished one).
-        total_epochs: Epochs of the run.
-        loss: Mean training loss of the last step (``step``) or epoch (``epoch``).
-        lr: Learning rate of the head group.
-        val: Validation metrics of the last epoch (``loss``, ``accuracy``, ``balanced_accuracy``, ``auc``).
+        loss: Training loss of the last step (or epoch), if any.
+        lr: Learning rate (of the head group in finetune).
     """
 
     event: str
     step: int
     total_steps: int
-    epoch: int
-    total_epochs: int
     loss: float | None = None
     lr: float | None = None
+
+
+@dataclass(frozen=True)
+class FinetuneProgress(StepProgress):
+    """A finetune progress report (``event`` ``epoch``: after validation).
+
+    Attributes:
+        epoch: Current epoch (0-based; after ``epoch`` events the finished one).
+        total_epochs: Epochs of the run.
+        val: Validation metrics of the last epoch (``loss``, ``accuracy``, ``balanced_accuracy``, ``auc``).
+    """
+
+    epoch: int = 0
+    total_epochs: int = 0
     val: dict[str, float] | None = None
 
 
@@ -523,7 +532,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None) -> Pa
     def report(event: str, loss: float | None = None, val: dict[str, float] | None = None) -> None:
         if progress is not None:
             lr = optimizer.param_groups[-1]["lr"]
-            progress(FinetuneProgress(event, state["step"], total_steps, state["epoch"], total_epochs, loss, lr, val))
+            progress(FinetuneProgress(event, state["step"], total_steps, loss, lr, epoch=state["epoch"], total_epochs=total_epochs, val=val))
 
     report("resume" if resumed else "start")
     stop = state["step"] >= total_steps

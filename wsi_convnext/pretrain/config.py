@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from .._io import json_sha256
 from ..encoders import EncoderConfig
-from ..encoders.device import DEVICE_FORMS, check_device
 from ..errors import ConfigError
+from ..finetune.config import RUNTIME_FIELDS, TrainingRunConfig
 from ..params import at_least, check_params, fraction, half_open, non_negative, one_of, param, positive
 
 __all__ = ["INITS", "PretrainConfig"]
@@ -19,8 +19,7 @@ INITS = {"random": "timm's ConvNeXt init under --seed", "pretrained": "timm's pr
 
 # Fields that do not change the result (where it runs, how fast, what is printed). ``probe_every``
 # does (with --probe the best probed step is kept); the probe set enters by its content.
-_RUNTIME_FIELDS = frozenset({"out", "device", "num_workers", "threads", "overwrite", "compile", "checkpoint_every",
-                             "strict", "dist_timeout", "on_collapse"})  # fmt: skip
+_RUNTIME_FIELDS = RUNTIME_FIELDS | {"dist_timeout", "on_collapse"}
 
 
 def _methods() -> tuple[str, ...]:
@@ -46,7 +45,7 @@ def _default_stem(model: str, init_path: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(TrainingRunConfig):
     """Everything that defines a self-supervised pretraining run (see ``wsi-convnext pretrain --help``).
 
     Attributes:
@@ -92,29 +91,17 @@ class PretrainConfig:
     center_momentum: float = param(0.9, check=half_open(0, 1), doc="DINO centring momentum")
     ema: float = param(0.996, check=half_open(0, 1), doc="teacher EMA momentum at the start (cosine to 1)")
     temperature: float = param(0.2, check=positive, doc="SimCLR temperature")
-    seed: int = param(0, doc="seed of initialisation, data order and augmentation")
-    device: str = param("auto", check=check_device, doc=f"training device: {DEVICE_FORMS}")
-    compile: bool = param(False, doc="torch.compile the backbone (CUDA only)")
-    num_workers: int | None = param(None, check=non_negative, doc="DataLoader worker processes per rank")
-    threads: int | None = param(None, check=at_least(1), doc="torch CPU threads of each training process")
-    strict: bool = param(False, doc="fail on an unreadable image instead of skipping it")
-    checkpoint_every: int | None = param(None, check=at_least(1), doc="checkpoint every this many steps (default: ~20 per run)")
     probe: str | None = None
     probe_every: int | None = param(None, check=at_least(1), doc="probe every this many steps (default: 4 per run)")
     on_collapse: str = param("warn", check=one_of(("warn", "stop")), doc="warn or stop when the features collapse")
     dist_timeout: float = param(300.0, check=positive, doc="seconds a rank waits for the others before failing")
-    overwrite: bool = False
+
+    _command = "pretrain"
 
     def __post_init__(self) -> None:
-        data = (self.data,) if isinstance(self.data, str) else tuple(str(d) for d in self.data)
-        object.__setattr__(self, "data", data)
-        object.__setattr__(self, "out", str(self.out))
+        self._check_data_and_length()
         if self.stem is None:
             object.__setattr__(self, "stem", _default_stem(self.model, self.init_path))
-        if not data:
-            raise ConfigError("no pretraining data given; pass tile stores, an image folder or a CSV")
-        if self.epochs is not None and self.steps is not None:
-            raise ConfigError("pass either --epochs or --steps, not both")
         check_params(self)
         EncoderConfig(model=self.model, stem=self.stem)  # the encoder's own checks
         if self.local_size > self.global_size:
@@ -126,20 +113,6 @@ class PretrainConfig:
     def init_path(self) -> str | None:
         """The weights path of ``init`` (None for ``random``/``pretrained``)."""
         return None if self.init in INITS else self.init
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        d = asdict(self)
-        d["data"] = list(self.data)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown pretrain config key(s) {unknown}")
-        return cls(**{**d, "data": tuple(d.get("data") or ())})
 
     def fingerprint(self, data_fingerprint: str, start_sha256: str) -> str:
         """sha256 of the result-deciding fields, the data and the starting weights (named by content)."""

@@ -41,7 +41,7 @@ import numpy as np
 
 from .._io import atomic_path, path_lock
 from ..errors import ConfigError, CorruptTileError, DeviceError, StoreExistsError, WsiConvnextError
-from ..finetune.train import default_workers, read_checkpoint, state_dict_cpu, warmup_cosine, work_dir
+from ..finetune.train import StepProgress, default_workers, read_checkpoint, state_dict_cpu, warmup_cosine, work_dir
 from .config import PretrainConfig
 from .data import MultiCropDataset, ShardSampler, collate_views, load_unlabelled_tiles, tile_keys
 from .dist import DistEnv, detect_env, process_group
@@ -71,14 +71,9 @@ class CollapseError(WsiConvnextError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class PretrainProgress:
-    """One progress report: ``event`` is ``start``, ``resume``, ``step``, ``eval`` or ``done``."""
+class PretrainProgress(StepProgress):
+    """A pretrain progress report (``event`` ``eval``: after an evaluation, in ``evaluation``)."""
 
-    event: str
-    step: int
-    total_steps: int
-    loss: float | None = None
-    lr: float | None = None
     evaluation: dict[str, Any] | None = None
 
 
