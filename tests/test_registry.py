@@ -158,6 +158,8 @@ _CLUSTER = "cluster settings belong in the run TOML's table of their kind; `run`
 _MIL = "finer MIL training settings: `train` has the common ones, the run TOML's [mil] all of them"
 _FINETUNE = "finer fine-tuning settings: the `finetune` flags have the common ones, the run TOML's [finetune] all"
 _COHORT_ENCODER = "in a cohort run the encoder is [embed]'s and the data the run's stores: not a [finetune] key"
+_PRETRAIN = "finer pretraining settings (schedule, augmentation, method hyperparameters): the `pretrain` flags have the common ones, the run TOML's [pretrain] all"
+_COHORT_PRETRAIN = "in a cohort run the encoder and its start are [embed]'s and the data the run's stores: not a [pretrain] key"
 _RUN = "cohort-run settings with defaults that fit: set in the run TOML"
 _TUNING = "throughput tuning with measured defaults: set in the run TOML or the library"
 
@@ -181,6 +183,24 @@ ONE_SIDED: dict[str, str] = {
     "finetune.pretrained": _COHORT_ENCODER,
     "finetune.stem_init": _COHORT_ENCODER,
     "finetune.overwrite": "a cohort run's top-level 'overwrite' decides",
+    "pretrain.checkpoint_every": _PRETRAIN,
+    "pretrain.weight_decay": _PRETRAIN,
+    "pretrain.warmup": _PRETRAIN,
+    "pretrain.min_lr_ratio": _PRETRAIN,
+    "pretrain.brightness_contrast": _PRETRAIN,
+    "pretrain.blur": _PRETRAIN,
+    "pretrain.out_dim": _PRETRAIN,
+    "pretrain.teacher_temp": _PRETRAIN,
+    "pretrain.student_temp": _PRETRAIN,
+    "pretrain.center_momentum": _PRETRAIN,
+    "pretrain.ema": _PRETRAIN,
+    "pretrain.temperature": _PRETRAIN,
+    "pretrain.data": _COHORT_PRETRAIN,
+    "pretrain.out": _COHORT_PRETRAIN,
+    "pretrain.model": _COHORT_PRETRAIN,
+    "pretrain.stem": _COHORT_PRETRAIN,
+    "pretrain.init": _COHORT_PRETRAIN,
+    "pretrain.overwrite": "a cohort run's top-level 'overwrite' decides",
     "mil.*": _MIL,
     "cluster": "--scheduler selects the 'scheduler' kind; other kinds are chosen in the run TOML",
     "predict.heatmaps": _RUN,
@@ -211,6 +231,7 @@ def test_cli_options_and_run_config_keys_are_in_step() -> None:
     from wsi_convnext.encoders import EncoderConfig
     from wsi_convnext.finetune.config import FinetuneConfig
     from wsi_convnext.mil.config import TrainConfig
+    from wsi_convnext.pretrain.config import PretrainConfig
     from wsi_convnext.tiling.tiler import TileParams
     from wsi_convnext.tiling.tissue import TissueParams
 
@@ -218,6 +239,7 @@ def test_cli_options_and_run_config_keys_are_in_step() -> None:
     groups = [
         (TileParams, "tile", "tile"), (TissueParams, "tile.tissue", "tile"), (EmbedOptions, "embed", "embed"),
         (EncoderConfig, "embed", "embed"), (FinetuneConfig, "finetune", "finetune"), (TrainConfig, "mil", "train"),
+        (PretrainConfig, "pretrain", "pretrain"),
         (PredictConfig, "predict", "run"), (RunConfig, "", "run"),
         *[(k.section, k.name, "run") for k in CLUSTER_KINDS.values() if k.section is not None],
     ]  # fmt: skip
@@ -226,7 +248,7 @@ def test_cli_options_and_run_config_keys_are_in_step() -> None:
         flags = _cli_options(command)
         for f in dataclasses.fields(cls):
             key = f"{prefix}.{f.name}" if prefix else f.name
-            if f.name.startswith("_") or key in ("tile", "embed", "predict", "finetune", "mil"):
+            if f.name.startswith("_") or key in ("tile", "embed", "predict", "finetune", "mil", "pretrain"):
                 continue  # private, or a section (its keys are checked one by one)
             in_config = key in keys or (cls is TissueParams and "tile.tissue" in keys)  # the [tile.tissue] table
             in_cli = FLAG_FOR.get(key, f.name) in flags or (cls is TissueParams and "tissue" in flags)

@@ -34,6 +34,7 @@ from .driver import (
 )
 from .shards import select_shard, shard_of
 from .training import finetune_stage, mil_stage, training_dir  # registers the cohort-scope stages
+from .pretraining import pretrain_stage  # registers `pretrain` before `finetune`
 from .stages import (
     StageFn,
     StageSpec,
@@ -62,6 +63,7 @@ __all__ = [
     "dashboard_address",
     "embed_stage",
     "finetune_stage",
+    "pretrain_stage",
     "get_stage",
     "mil_stage",
     "noop_stages",

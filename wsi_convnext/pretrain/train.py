@@ -52,7 +52,10 @@ if TYPE_CHECKING:
     from ..data.labelled import LabelledTiles
     from ..encoders import Encoder
 
-__all__ = ["COLLAPSE_ENTROPY", "COLLAPSE_RANK", "COLLAPSE_UNIFORM", "CollapseError", "PretrainProgress", "pretrain_encoder"]
+__all__ = [
+    "COLLAPSE_ENTROPY", "COLLAPSE_RANK", "COLLAPSE_UNIFORM", "CollapseError", "PretrainProgress", "node_processes",
+    "pretrain_encoder", "pretrain_on_node",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ COLLAPSE_ENTROPY = 0.05
 #: Fraction of log(out_dim) above which DINO's teacher counts as collapsed to the uniform output.
 COLLAPSE_UNIFORM = 0.995
 _EVAL_TILES = 128
+#: How a rank started by :func:`pretrain_on_node` prints its one-line error.
+RANK_ERROR = "wsi-convnext pretrain rank error: "
 
 
 class CollapseError(WsiConvnextError, RuntimeError):
@@ -100,6 +105,52 @@ def pretrain_encoder(config: PretrainConfig, progress: ProgressFn | None = None)
         return _pretrain(config, progress, env)
     with path_lock(Path(config.out)):
         return _pretrain(config, progress, env)
+
+
+def node_processes(config: PretrainConfig) -> int:
+    """Ranks :func:`pretrain_on_node` starts: one per visible GPU for ``device`` ``auto``/``cuda``
+    (the most that divide the global batch), else 1."""
+    if config.device not in ("auto", "cuda"):
+        return 1
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return max(k for k in range(1, max(n, 1) + 1) if config.batch_size % k == 0)
+
+
+def pretrain_on_node(config: PretrainConfig, progress: ProgressFn | None = None, *, nproc: int | None = None) -> Path:
+    """Pretrain with every GPU of this node: ``nproc`` (default :func:`node_processes`) ranks under
+    ``torchrun --standalone``, each running :func:`pretrain_encoder`; one rank runs in this process.
+
+    The ranks are subprocesses (so this works inside a daemonic Dask worker); ``progress`` is only
+    reported by a run in this process. Returns the output folder.
+
+    Raises:
+        DistributedError: A rank failed (its last output lines are in the message).
+        See :func:`pretrain_encoder` for the rest.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    from ..errors import DistributedError
+
+    n = node_processes(config) if nproc is None else nproc
+    if n <= 1 or detect_env().distributed:
+        return pretrain_encoder(config, progress)
+    with tempfile.TemporaryDirectory(prefix="wsi-pretrain-") as tmp:
+        cfg_path = Path(tmp) / "config.json"
+        cfg_path.write_text(json.dumps(config.to_dict()))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "wsi_convnext.pretrain", str(cfg_path)]  # fmt: skip
+        logger.info("pretraining %s on %d ranks: %s", config.out, n, " ".join(cmd))
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+        lines = (run.stderr or run.stdout).strip().splitlines()
+        said = [ln.split(RANK_ERROR, 1)[1] for ln in lines if RANK_ERROR in ln]
+        why = said[0] if said else " | ".join(lines[-4:])
+        raise DistributedError(f"{config.out}: pretraining on {n} ranks failed (exit {run.returncode}): {why}")
+    return Path(config.out)
 
 
 def _device(config: PretrainConfig, env: DistEnv) -> torch.device:
