@@ -77,7 +77,7 @@ def test_pretrain_on_node_starts_the_ranks_and_says_why_one_failed(tmp_path: Pat
     assert json.loads((two / "config.json").read_text())["resolved"]["world_size"] == 2
     np.testing.assert_allclose([r["loss"] for r in m2["history"]], [r["loss"] for r in m1["history"]], rtol=0, atol=1e-4)
     with pytest.raises(DistributedError, match="fewer than one batch"):
-        pretrain_on_node(PretrainConfig(data=(str(data),), out=str(tmp_path / "big"), **{**kw, "batch_size": 16}), nproc=2)
+        pretrain_on_node(PretrainConfig(data=(str(data),), out=str(tmp_path / "big"), **{**kw, "batch_size": 512}), nproc=2)
     assert not (tmp_path / "big").exists()
 
 
