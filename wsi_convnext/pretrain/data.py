@@ -29,9 +29,9 @@ from ..data.labelled import (
     EpochSampler,
     LabelledTileDataset,
     LabelledTiles,
-    is_store_input,
     csv_tiles,
     image_folder_tiles,
+    is_store_input,
     store_tiles,
 )
 from ..errors import ConfigError, InputNotFoundError, listing

@@ -265,8 +265,6 @@ def run_probe(
         InputNotFoundError, LabelsError, CorruptTileError: Bad labelled tiles.
         ConfigError, WeightsError, EncoderError, DeviceError: See :func:`load_probe_encoder`.
     """
-    import torch
-
     from ..data.labelled import load_labelled_tiles
     from ..encoders import resolve_device, resolve_precision
 

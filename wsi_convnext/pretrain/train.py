@@ -108,13 +108,15 @@ def pretrain_encoder(config: PretrainConfig, progress: ProgressFn | None = None)
 
 
 def node_processes(config: PretrainConfig) -> int:
-    """Ranks :func:`pretrain_on_node` starts: one per visible GPU for ``device`` ``auto``/``cuda``
-    (the most that divide the global batch), else 1."""
-    if config.device not in ("auto", "cuda"):
-        return 1
+    """Ranks :func:`pretrain_on_node` starts: one per visible GPU when ``device`` resolves to CUDA
+    without naming one GPU (the most that divide the global batch), else 1."""
     import torch
 
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    from ..encoders import resolve_device
+
+    if resolve_device(config.device).type != "cuda" or ":" in config.device:
+        return 1
+    n = torch.cuda.device_count()
     return max(k for k in range(1, max(n, 1) + 1) if config.batch_size % k == 0)
 
 
