@@ -13,12 +13,13 @@ No labels are read, so MIL's held-out slides are seen by the encoder only as unl
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from .stages import Resources, StageSpec, register_stage
-from .training import training_dir
+from .stages import StageSpec, register_stage
+from .training import training_dir, training_resources
 
 if TYPE_CHECKING:
     from ..inputs import SlideSpec
@@ -59,14 +60,9 @@ def _pretrains(config: RunConfig) -> bool:
     return bool(config.pretrain.enabled and config.embed.model)
 
 
-def _pretrain_resources(config: RunConfig) -> Resources:
-    return "cpu" if (config.pretrain.device or config.embed.device or "auto") == "cpu" else "gpu"
-
-
+_DOC = "self-supervised pretraining of the encoder on every slide's tiles, no labels (before finetune and embed)"
 register_stage(
-    StageSpec(
-        "pretrain", pretrain_stage, resources=_pretrain_resources, scope="cohort", enabled=_pretrains,
-        doc="self-supervised pretraining of the encoder on every slide's tiles, no labels (before finetune and embed)",
-    ),  # fmt: skip
+    StageSpec("pretrain", pretrain_stage, resources=partial(training_resources, "pretrain"), scope="cohort",
+              enabled=_pretrains, doc=_DOC),
     before="finetune",
-)
+)  # fmt: skip

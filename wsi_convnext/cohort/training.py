@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+from functools import partial
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ from .stages import Resources, StageSpec, register_stage
 if TYPE_CHECKING:
     from ..inputs import SlideSpec
 
-__all__ = ["DEFAULT_HELD_OUT", "finetune_stage", "mil_stage", "training_dir"]
+__all__ = ["DEFAULT_HELD_OUT", "finetune_stage", "mil_stage", "training_dir", "training_resources"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,13 +162,15 @@ def _trains_mil(config: RunConfig) -> bool:
     return bool(config.labels is not None and config.embed.model)
 
 
-def _finetune_resources(config: RunConfig) -> Resources:
-    return "cpu" if (config.finetune.device or config.embed.device or "auto") == "cpu" else "gpu"
+def training_resources(section: str, config: RunConfig) -> Resources:
+    """``"cpu"`` when the ``[section]`` device (else ``[embed]``'s) is the CPU, else ``"gpu"``
+    (for a training stage's ``resources``, as ``functools.partial(training_resources, section)``)."""
+    return "cpu" if (getattr(config, section).device or config.embed.device or "auto") == "cpu" else "gpu"
 
 
 register_stage(
     StageSpec(
-        "finetune", finetune_stage, resources=_finetune_resources, scope="cohort", enabled=_finetunes,
+        "finetune", finetune_stage, resources=partial(training_resources, "finetune"), scope="cohort", enabled=_finetunes,
         doc="weak-label fine-tuning of the encoder on the encoder slides (before embed)",
     ),  # fmt: skip
     before="embed",
