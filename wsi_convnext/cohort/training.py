@@ -26,8 +26,8 @@ import contextlib
 import dataclasses
 import json
 import logging
-from functools import partial
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
