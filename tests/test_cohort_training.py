@@ -1,5 +1,5 @@
-"""The cohort-scope training stages: tile → finetune (weak labels, training slides) → embed → mil,
-from one run config, on a real Dask LocalCluster with a real (tiny) training run."""
+"""The cohort-scope training stages: tile → (pretrain, no labels) → finetune (weak labels, training
+slides) → embed → mil, from one run config, on a real Dask LocalCluster with real (tiny) training runs."""
 
 from __future__ import annotations
 
@@ -37,14 +37,15 @@ def client() -> Iterator[Any]:
 
 
 def _config(cohort: Path, out: Path, **extra: Any) -> Any:
-    return load_config(None, {
+    """The run config of these tests; an ``extra`` key set to None is left out."""
+    return load_config(None, {k: v for k, v in {
         "slides": str(cohort), "out": str(out), "report": False, "embed.model": "convnext_atto",
         "embed.stem": "overlap", "embed.device": "cpu", "embed.batch_size": 32, "tile.mpp": 0.5,
         "finetune.labels": str(cohort / "labels.csv"), "finetune.steps": 3, "finetune.batch_size": 8,
         "finetune.crop_size": 64, "finetune.eval_size": 64, "finetune.val_frac": 0.0, "finetune.threads": 1,
         "finetune.held_out": 0.5, "mil.aggregator": "mean", "mil.folds": 2, "mil.epochs": 3, "mil.min_epochs": 1,
         "mil.n_boot": 0, **extra,
-    })  # fmt: skip
+    }.items() if v is not None})  # fmt: skip
 
 
 def test_finetune_embed_mil_from_one_config(cohort: Path, tmp_path: Path, client: Any) -> None:
@@ -91,6 +92,46 @@ def test_finetune_embed_mil_from_one_config(cohort: Path, tmp_path: Path, client
     assert other.ok and (tdir / "mil" / "model.safetensors").stat().st_mtime_ns != model_mtime
 
 
+_PRETRAIN = {
+    "pretrain.enabled": True, "pretrain.steps": 2, "pretrain.batch_size": 8, "pretrain.global_size": 64,
+    "pretrain.local_size": 32, "pretrain.n_local": 2, "pretrain.out_dim": 64, "pretrain.threads": 1,
+    "pretrain.num_workers": 0,
+}  # fmt: skip
+
+
+def test_pretrain_before_embed_then_before_finetune(cohort: Path, tmp_path: Path, client: Any) -> None:
+    from wsi_convnext._io import file_sha256
+    from wsi_convnext.store import open_store
+
+    out = tmp_path / "out"
+    # Without labels: tile → pretrain (every slide, no labels) → embed with the pretrained encoder.
+    cfg = _config(cohort, out, **_PRETRAIN, **{"finetune.labels": None})
+    assert tuple(s.name for s in stage_plan(cfg)) == ("tile", "pretrain", "embed")
+    summary = run_cohort(cfg, client=client)
+    assert summary.ok, summary.failures
+    pre = summary.cohort["pretrain"]
+    assert pre.status == "done" and pre.data["pretrain_slides"] == 12 and pre.data["encoder_stem"] == "overlap"
+    weights = Path(pre.data["encoder_weights"])
+    assert weights == training_dir(cfg) / "pretrain" / "encoder.safetensors"
+    pre_cfg = json.loads((weights.parent / "config.json").read_text())
+    assert len(pre_cfg["config"]["data"]) == 12 and pre_cfg["resolved"]["total_steps"] == 2
+    store = open_store(sorted(out.glob("*.zarr"))[0])
+    (key,) = store.feature_keys
+    assert store.feature_attrs(key)["weights_sha256"] == file_sha256(weights)
+    assert store.feature_attrs(key)["stem"] == "overlap"
+
+    # With labels, in the same folder: the finished pretraining is found (not redone) and finetune
+    # starts from it; embed then uses the fine-tuned encoder.
+    mtime = weights.stat().st_mtime_ns
+    cfg2 = _config(cohort, out, **_PRETRAIN)
+    assert tuple(s.name for s in stage_plan(cfg2)) == ("tile", "pretrain", "finetune", "embed", "mil")
+    again = run_cohort(cfg2, client=client)
+    assert again.ok, again.failures
+    assert again.cohort["pretrain"].data == pre.data and weights.stat().st_mtime_ns == mtime
+    ft_start = json.loads((Path(again.cohort["finetune"].data["encoder_dir"]) / "config.json").read_text())["start"]
+    assert Path(ft_start["weights_path"]) == weights and ft_start["stem_converted"] is False
+
+
 def test_training_config_errors(cohort: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'finetune.lr' must be positive, got 0"):
         _config(cohort, tmp_path, **{"finetune.lr": 0})
@@ -102,3 +143,9 @@ def test_training_config_errors(cohort: Path, tmp_path: Path) -> None:
         _config(cohort, tmp_path, shard="0/2")
     with pytest.raises(ConfigError, match="need 'embed.model'"):
         load_config(None, {"slides": "a", "out": "o", "finetune.labels": "l.csv"})
+    with pytest.raises(ConfigError, match="'pretrain.enabled' needs 'embed.model'"):
+        load_config(None, {"slides": "a", "out": "o", "pretrain.enabled": True})
+    with pytest.raises(ConfigError, match="'pretrain.lr' must be positive, got 0"):
+        _config(cohort, tmp_path, **_PRETRAIN, **{"pretrain.lr": 0})
+    with pytest.raises(ConfigError, match=r"\[pretrain\] trains on the whole cohort"):
+        _config(cohort, tmp_path, **_PRETRAIN, **{"finetune.labels": None}, shard="0/2")

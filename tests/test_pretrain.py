@@ -399,23 +399,39 @@ def test_probe_random_needs_a_model(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pretraining_learns_on_real_he_tiles(tmp_path: Path) -> None:
-    """Probe on held-out lc25000 groups: a short DINO run beats its own starting point (the same
-    architecture's random init, same seed) under the same probe."""
+    """Probe on held-out lc25000 groups: on each of 3 seeds, a short SimCLR run (120 steps × 32, no
+    colour jitter, ~20 s each on 2 cores) beats its own starting point (the same architecture's
+    random init under that seed) under the same linear probe, and by 0.02 on average.
+
+    Measured (2026-12-05, this probe set): start → pretrained 0.782 → 0.826, 0.804 → 0.826,
+    0.765 → 0.826 (mean gain 0.042). The default DINO does not learn at this budget: 30 steps gave
+    +0.021, -0.110 and 0.000 on seeds 0-2, and 120 steps -0.122 on seed 1, so one 30-step DINO
+    seed (what this test did before) passed by chance; DINO's gain needs a GPU budget. Every SimCLR
+    seed lands on the same 0.826 (240 steps too), which looks like the first-order colour shortcut
+    of this data set (README) rather than morphology: the test shows that pretraining moves the
+    features towards what the probe can use, not that it learns structure.
+    """
     from wsi_convnext.encoders.weights import save_encoder_weights
     from wsi_convnext.pretrain.probe import run_probe
     from wsi_convnext.pretrain.train import _start_encoder
 
     train = lc25000_sample(tmp_path / "train.csv", 6)
     probe = lc25000_sample(tmp_path / "probe.csv", 8, offset=10)
-    cfg = PretrainConfig(
-        data=(str(train),), out=str(tmp_path / "enc"), model="convnext_atto", batch_size=32, steps=30, lr=1e-3,
-        global_size=64, local_size=32, n_local=2, hed_sigma=0.0, brightness_contrast=0.0, ema=0.9, threads=2,
-        num_workers=1, device="cpu",
-    )  # fmt: skip
-    start, _ = _start_encoder(cfg)
-    save_encoder_weights(start, tmp_path / "start.safetensors")
-    out = pretrain_encoder(cfg)
     kw = {"device": "cpu", "n_boot": 0, "seed": 0}
-    trained = run_probe(str(out), [str(probe)], out=tmp_path / "p1", **kw).doc
-    before = run_probe(str(tmp_path / "start.safetensors"), [str(probe)], out=tmp_path / "p0", **kw).doc
-    assert trained["linear"]["balanced_accuracy"] > before["linear"]["balanced_accuracy"], (trained, before)
+    gains = []
+    for seed in range(3):
+        cfg = PretrainConfig(
+            data=(str(train),), out=str(tmp_path / f"enc{seed}"), model="convnext_atto", method="simclr", batch_size=32,
+            steps=120, lr=1e-3, global_size=64, local_size=32, hed_sigma=0.0, brightness_contrast=0.0, threads=2,
+            num_workers=1, device="cpu", seed=seed,
+        )  # fmt: skip
+        start, _ = _start_encoder(cfg)
+        save_encoder_weights(start, tmp_path / f"start{seed}.safetensors")
+        out = pretrain_encoder(cfg)
+        after = run_probe(str(out), [str(probe)], out=tmp_path / f"p1-{seed}", **kw).doc["linear"]["balanced_accuracy"]
+        before = run_probe(str(tmp_path / f"start{seed}.safetensors"), [str(probe)], out=tmp_path / f"p0-{seed}", **kw).doc
+        before = before["linear"]["balanced_accuracy"]
+        print(f"seed {seed}: linear-probe balanced accuracy on held-out groups {before:.3f} -> {after:.3f}")
+        assert after > before, f"seed {seed}: pretrained {after:.3f} does not beat its start {before:.3f}"
+        gains.append(after - before)
+    assert np.mean(gains) >= 0.02, f"mean gain {np.mean(gains):.3f} < 0.02 (gains {gains})"

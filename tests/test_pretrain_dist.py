@@ -60,6 +60,27 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, method: str) -> None:
         np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), rtol=0, atol=1e-4, err_msg=k)
 
 
+def test_pretrain_on_node_starts_the_ranks_and_says_why_one_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the cohort's pretrain stage calls: N ranks under torchrun --standalone (here 2 gloo ranks)."""
+    from wsi_convnext.errors import DistributedError
+    from wsi_convnext.pretrain import PretrainConfig, pretrain_encoder, pretrain_on_node
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    data = colour_folder(tmp_path / "data", n=8, size=64)
+    kw = {"model": "convnext_atto", "batch_size": 8, "threads": 1, "num_workers": 0, "device": "cpu", "steps": 2,
+          "global_size": 48, "local_size": 32, "n_local": 2, "seed": 5}  # fmt: skip
+    one = pretrain_encoder(PretrainConfig(data=(str(data),), out=str(tmp_path / "one"), **kw))
+    two = pretrain_on_node(PretrainConfig(data=(str(data),), out=str(tmp_path / "two"), **kw), nproc=2)
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert json.loads((two / "config.json").read_text())["resolved"]["world_size"] == 2
+    np.testing.assert_allclose([r["loss"] for r in m2["history"]], [r["loss"] for r in m1["history"]], rtol=0, atol=1e-4)
+    with pytest.raises(DistributedError, match="fewer than one batch"):
+        pretrain_on_node(PretrainConfig(data=(str(data),), out=str(tmp_path / "big"), **{**kw, "batch_size": 512}), nproc=2)
+    assert not (tmp_path / "big").exists()
+
+
 _RANK = """
 import sys
 from wsi_convnext.pretrain import PretrainConfig, pretrain_encoder

@@ -47,12 +47,13 @@ def test_every_registry_is_one_and_follows_the_rule() -> None:
     from wsi_convnext.encoders import FAMILIES, STEMS
     from wsi_convnext.mil.config import AGGREGATORS
     from wsi_convnext.outputs.exports import FORMATS
+    from wsi_convnext.pretrain.methods import METHODS
     from wsi_convnext.slide.base import _BACKENDS
     from wsi_convnext.tiling.tissue import _METHODS
     from wsi_convnext.transforms import TRANSFORMS
 
-    registries = [_BACKENDS, FAMILIES, STEMS, AGGREGATORS, TRANSFORMS, STAGES, CLUSTER_KINDS, FORMATS, _METHODS]
-    assert all(isinstance(r, Registry) for r in registries) and len({r.kind for r in registries}) == 9
+    registries = [_BACKENDS, FAMILIES, STEMS, AGGREGATORS, METHODS, TRANSFORMS, STAGES, CLUSTER_KINDS, FORMATS, _METHODS]
+    assert all(isinstance(r, Registry) for r in registries) and len({r.kind for r in registries}) == 10
     for reg in registries:
         name = reg.names()[0]
         other = object()
@@ -74,13 +75,15 @@ def test_stage_lists_are_asked_when_called() -> None:
     assert "census-of-now" not in stage_functions()
 
 
-def test_aggregator_names_are_listed_without_torch() -> None:
-    code = (
-        "import sys; from wsi_convnext.mil.config import AGGREGATORS; "
-        "print(','.join(AGGREGATORS.names()), 'torch' in sys.modules)"
-    )
+@pytest.mark.parametrize(
+    ("module", "registry", "names"),
+    [("wsi_convnext.mil.config", "AGGREGATORS", "mean,maxpool,abmil,dsmil,clam_sb"),
+     ("wsi_convnext.pretrain.methods", "METHODS", "dino,simclr")],
+)  # fmt: skip
+def test_torch_built_ins_are_listed_without_torch(module: str, registry: str, names: str) -> None:
+    code = f"import sys; from {module} import {registry} as R; print(','.join(R.names()), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.split() == ["mean,maxpool,abmil,dsmil,clam_sb", "False"]
+    assert out.stdout.split() == [names, "False"]
 
 
 def _option_help(result_output: str) -> str:
@@ -155,6 +158,8 @@ _CLUSTER = "cluster settings belong in the run TOML's table of their kind; `run`
 _MIL = "finer MIL training settings: `train` has the common ones, the run TOML's [mil] all of them"
 _FINETUNE = "finer fine-tuning settings: the `finetune` flags have the common ones, the run TOML's [finetune] all"
 _COHORT_ENCODER = "in a cohort run the encoder is [embed]'s and the data the run's stores: not a [finetune] key"
+_PRETRAIN = "finer pretraining settings (schedule, augmentation, method hyperparameters): the `pretrain` flags have the common ones, the run TOML's [pretrain] all"
+_COHORT_PRETRAIN = "in a cohort run the encoder and its start are [embed]'s and the data the run's stores: not a [pretrain] key"
 _RUN = "cohort-run settings with defaults that fit: set in the run TOML"
 _TUNING = "throughput tuning with measured defaults: set in the run TOML or the library"
 
@@ -178,6 +183,24 @@ ONE_SIDED: dict[str, str] = {
     "finetune.pretrained": _COHORT_ENCODER,
     "finetune.stem_init": _COHORT_ENCODER,
     "finetune.overwrite": "a cohort run's top-level 'overwrite' decides",
+    "pretrain.checkpoint_every": _PRETRAIN,
+    "pretrain.weight_decay": _PRETRAIN,
+    "pretrain.warmup": _PRETRAIN,
+    "pretrain.min_lr_ratio": _PRETRAIN,
+    "pretrain.brightness_contrast": _PRETRAIN,
+    "pretrain.blur": _PRETRAIN,
+    "pretrain.out_dim": _PRETRAIN,
+    "pretrain.teacher_temp": _PRETRAIN,
+    "pretrain.student_temp": _PRETRAIN,
+    "pretrain.center_momentum": _PRETRAIN,
+    "pretrain.ema": _PRETRAIN,
+    "pretrain.temperature": _PRETRAIN,
+    "pretrain.data": _COHORT_PRETRAIN,
+    "pretrain.out": _COHORT_PRETRAIN,
+    "pretrain.model": _COHORT_PRETRAIN,
+    "pretrain.stem": _COHORT_PRETRAIN,
+    "pretrain.init": _COHORT_PRETRAIN,
+    "pretrain.overwrite": "a cohort run's top-level 'overwrite' decides",
     "mil.*": _MIL,
     "cluster": "--scheduler selects the 'scheduler' kind; other kinds are chosen in the run TOML",
     "predict.heatmaps": _RUN,
@@ -208,6 +231,7 @@ def test_cli_options_and_run_config_keys_are_in_step() -> None:
     from wsi_convnext.encoders import EncoderConfig
     from wsi_convnext.finetune.config import FinetuneConfig
     from wsi_convnext.mil.config import TrainConfig
+    from wsi_convnext.pretrain.config import PretrainConfig
     from wsi_convnext.tiling.tiler import TileParams
     from wsi_convnext.tiling.tissue import TissueParams
 
@@ -215,6 +239,7 @@ def test_cli_options_and_run_config_keys_are_in_step() -> None:
     groups = [
         (TileParams, "tile", "tile"), (TissueParams, "tile.tissue", "tile"), (EmbedOptions, "embed", "embed"),
         (EncoderConfig, "embed", "embed"), (FinetuneConfig, "finetune", "finetune"), (TrainConfig, "mil", "train"),
+        (PretrainConfig, "pretrain", "pretrain"),
         (PredictConfig, "predict", "run"), (RunConfig, "", "run"),
         *[(k.section, k.name, "run") for k in CLUSTER_KINDS.values() if k.section is not None],
     ]  # fmt: skip
@@ -223,7 +248,7 @@ def test_cli_options_and_run_config_keys_are_in_step() -> None:
         flags = _cli_options(command)
         for f in dataclasses.fields(cls):
             key = f"{prefix}.{f.name}" if prefix else f.name
-            if f.name.startswith("_") or key in ("tile", "embed", "predict", "finetune", "mil"):
+            if f.name.startswith("_") or key in ("tile", "embed", "predict", "finetune", "mil", "pretrain"):
                 continue  # private, or a section (its keys are checked one by one)
             in_config = key in keys or (cls is TissueParams and "tile.tissue" in keys)  # the [tile.tissue] table
             in_cli = FLAG_FOR.get(key, f.name) in flags or (cls is TissueParams and "tissue" in flags)

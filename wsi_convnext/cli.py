@@ -460,10 +460,10 @@ def predict_tiles(
 # --- self-supervised pretraining / probe -------------------------------------------------------
 
 
-def _methods() -> str:
-    from .pretrain.methods import METHODS
+def _method_names() -> tuple[str, ...]:
+    from .pretrain.methods import METHODS  # the built-ins are declared by name: no torch
 
-    return ", ".join(METHODS)
+    return METHODS.names()
 
 
 @app.command()
@@ -471,9 +471,9 @@ def pretrain(
     data: Annotated[list[Path], typer.Argument(help="Tile stores or folders of them, an image folder or a CSV (labels ignored).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (ENC_DIR): encoder.safetensors, config, metrics, curves.")],
     model: Annotated[str, typer.Option(help="timm ConvNeXt name (with a tag for --init pretrained, e.g. convnext_tiny.dinov3_lvd1689m).")] = "convnext_atto",
-    stem: Annotated[str, typer.Option(help=f"Stem: {', '.join(_stem_names())}.")] = "patch",
+    stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {', '.join(_stem_names())} (default: the stem recorded with --init weights, else the family's default).")] = None,
     init: Annotated[str, typer.Option(help="random, pretrained (the model's timm tag) or a weights file / finetune or pretrain ENC_DIR.")] = "random",
-    method: Annotated[str, typer.Option(help=f"Self-supervised method: {_methods()}.")] = "dino",
+    method: Annotated[str, typer.Option(help=f"Self-supervised method: {', '.join(_method_names())}.")] = "dino",
     steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default 200 unless --epochs).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the tiles (instead of --steps).")] = None,
     batch_size: Annotated[int, typer.Option(help="Global batch: tiles per step over all ranks.")] = 64,
@@ -487,7 +487,7 @@ def pretrain(
     on_collapse: Annotated[str, typer.Option(help="warn or stop when the features collapse.")] = "warn",
     dist_timeout: Annotated[float, typer.Option(help="Under torchrun/srun: seconds a rank waits for the others before failing.")] = 300.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps (under torchrun/srun: each rank's local GPU).")] = "auto",
+    device: Annotated[str, typer.Option(help=_device_help() + " Under torchrun/srun: each rank's local GPU.")] = "auto",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (CUDA).")] = False,
     num_workers: Annotated[Optional[int], typer.Option(help="Decoding/augmentation worker processes per rank.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads per process.")] = None,
@@ -523,12 +523,12 @@ def probe_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for probe.json and probe.md.")] = Path("probe"),
     test: Annotated[Optional[Path], typer.Option(help="Held-out labelled tiles (default: a group-disjoint split of DATA).")] = None,
     model: Annotated[Optional[str], typer.Option(help="timm model (default: from the weights' metadata).")] = None,
-    stem: Annotated[Optional[str], typer.Option(help=f"Stem: {', '.join(_stem_names())} (default: from the weights' metadata).")] = None,
+    stem: Annotated[Optional[str], typer.Option(help=f"Encoder stem: {', '.join(_stem_names())} (default: from the weights' metadata).")] = None,
     baseline: Annotated[bool, typer.Option("--baseline", help="Add the first-order pixel-statistics baseline (the data set's shortcut ceiling).")] = False,
     test_frac: Annotated[float, typer.Option(help="Share of groups held out when --test is absent.")] = 0.3,
     n_boot: Annotated[int, typer.Option(help="Group-bootstrap resamples for the 95% CIs.")] = 1000,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, typer.Option(help=_device_help())] = "auto",
     num_workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the split, the probe and the bootstrap.")] = 0,
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,

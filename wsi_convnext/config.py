@@ -56,6 +56,7 @@ __all__ = [
     "EmbedConfig",
     "FinetuneStageConfig",
     "MilStageConfig",
+    "PretrainStageConfig",
     "PredictConfig",
     "RunConfig",
     "TileConfig",
@@ -107,11 +108,12 @@ def _section(name: str, doc: str, sources: Sequence[type], *, exclude: Sequence[
     return dataclasses.make_dataclass(name, [*fields, *extra], namespace={"__doc__": doc, "__module__": __name__})
 
 
-def _library_sections() -> tuple[type, type, type, type]:
+def _library_sections() -> tuple[type, type, type, type, type]:
     from .embed import EmbedOptions
     from .encoders import EncoderConfig
     from .finetune.config import FinetuneConfig
     from .mil.config import TrainConfig
+    from .pretrain.config import PretrainConfig
     from .tiling.tiler import TileParams
 
     tile = _section(
@@ -149,10 +151,20 @@ def _library_sections() -> tuple[type, type, type, type]:
         [TrainConfig],
         extra=[("labels", Path | None, _opt(None, "labels CSV slide_id,label[,patient_id] (default: finetune.labels)"))],
     )
-    return tile, embed, finetune, mil
+    pretrain = _section(
+        "PretrainStageConfig",
+        """``[pretrain]``: self-supervised pretraining of the ``[embed]`` encoder on the tiles of every
+        slide of the cohort, without labels (the cohort-scope ``pretrain`` stage, before ``finetune``
+        and ``embed``, on every GPU of its node); the training fields of
+        :class:`wsi_convnext.pretrain.PretrainConfig`. Runs when ``enabled`` is true.""",
+        [PretrainConfig],
+        exclude=("data", "out", "model", "stem", "init", "overwrite"),
+        extra=[("enabled", bool | None, _opt(None, "run the cohort-scope pretrain stage (default false)"))],
+    )
+    return tile, embed, finetune, mil, pretrain
 
 
-TileConfig, EmbedConfig, FinetuneStageConfig, MilStageConfig = _library_sections()
+TileConfig, EmbedConfig, FinetuneStageConfig, MilStageConfig, PretrainStageConfig = _library_sections()
 
 
 @dataclass
@@ -223,6 +235,7 @@ class RunConfig:
     predict: PredictConfig = field(default_factory=PredictConfig)
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)  # type: ignore[valid-type]
     mil: MilStageConfig = field(default_factory=MilStageConfig)  # type: ignore[valid-type]
+    pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)  # type: ignore[valid-type]
     _sections: dict[str, Any] = field(default_factory=dict, repr=False)  # the cluster kinds' tables, by kind
 
     def section(self, kind: str) -> Any:
@@ -385,6 +398,10 @@ def _finish(cfg: RunConfig, source: str) -> RunConfig:
         raise ConfigError(f"{source}: 'finetune.labels' / 'mil.labels' need 'embed.model' (the encoder to train and embed with)")
     if cfg.finetune.labels and cfg.shard is not None:
         raise ConfigError(f"{source}: [finetune] trains on the whole cohort; run it without 'shard'")
+    if cfg.pretrain.enabled and not cfg.embed.model:
+        raise ConfigError(f"{source}: 'pretrain.enabled' needs 'embed.model' (the encoder to pretrain and embed with)")
+    if cfg.pretrain.enabled and cfg.shard is not None:
+        raise ConfigError(f"{source}: [pretrain] trains on the whole cohort; run it without 'shard'")
     checks = [("tile", cfg.tile_params), ("embed", cfg.embed_options), ("embed", lambda: cfg.encoder_config(check=True))]
     if cfg.labels is not None:  # TrainConfig checks its aggregator with torch: only when it trains
         checks.append(("mil", cfg.mil_config))

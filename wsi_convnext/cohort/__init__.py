@@ -34,6 +34,7 @@ from .driver import (
 )
 from .shards import select_shard, shard_of
 from .training import finetune_stage, mil_stage, training_dir  # registers the cohort-scope stages
+from .pretraining import pretrain_stage  # registers `pretrain` before `finetune` (after .training)
 from .stages import (
     StageFn,
     StageSpec,
@@ -65,6 +66,7 @@ __all__ = [
     "get_stage",
     "mil_stage",
     "noop_stages",
+    "pretrain_stage",
     "local_cluster_kwargs",
     "open_client",
     "predict_stage",

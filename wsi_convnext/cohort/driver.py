@@ -321,7 +321,8 @@ class _Driver:
         slot.token = os.urandom(16).hex()
         if slot.slide is None:
             subject: Any = [s for s in self.order if s.slide_id in self.alive]
-            state: Any = {s.slide_id: self.alive[s.slide_id].state for s in subject}
+            # with the outputs of the cohort stages before it (``pretrain`` → ``finetune``)
+            state: Any = {s.slide_id: {**self.alive[s.slide_id].state, **self.shared} for s in subject}
         else:
             subject, state = slot.slide, slot.state
             self.manifest.record(ManifestRow(slot.slide.slide_id, spec.name, "running", path=str(slot.slide.path)))

@@ -10,6 +10,7 @@ With ``[finetune] labels = "labels.csv"`` one run config does tile → ``finetun
   slides only, with their slide labels, into ``OUT/training/encoder/``
   (:func:`~wsi_convnext.finetune.finetune_encoder`; rerunning resumes or finds it finished).
   Its ``encoder_weights`` output makes the per-slide ``embed`` stage that follows use them.
+  After the ``pretrain`` stage (:mod:`.pretraining`) it starts from the pretrained encoder.
 * ``mil`` cross-validates ``[mil]`` on the held-out slides, which the encoder never saw, and
   saves the model in ``OUT/training/mil/`` (:func:`~wsi_convnext.mil.api.train`: metrics,
   ROC, out-of-fold predictions; a rerun with the same inputs keeps it). MIL is never trained
@@ -26,6 +27,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,7 @@ from .stages import Resources, StageSpec, register_stage
 if TYPE_CHECKING:
     from ..inputs import SlideSpec
 
-__all__ = ["DEFAULT_HELD_OUT", "finetune_stage", "mil_stage", "training_dir"]
+__all__ = ["DEFAULT_HELD_OUT", "finetune_stage", "mil_stage", "training_dir", "training_resources"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +99,13 @@ def finetune_stage(slides: Sequence[SlideSpec], config: RunConfig, states: Mappi
     stores = tuple(str(states[s]["store"]) for s in enc.slide_ids)
     options = {f: v for f, v in vars(config.finetune).items() if v is not None and f not in ("labels", "held_out")}
     options.setdefault("device", config.embed.device or "auto")
+    start = {"weights": spec.weights, "pretrained": spec.pretrained, "stem": spec.stem}
+    pretrained = states[enc.slide_ids[0]].get("encoder_weights")
+    if pretrained:  # the cohort's `pretrain` stage ran first: continue its encoder
+        start = {"weights": pretrained, "pretrained": False, "stem": states[enc.slide_ids[0]].get("encoder_stem")}
     ft = FinetuneConfig(
-        data=stores, labels=str(labels), out=str(out / "encoder"), model=spec.model, stem=spec.stem,
-        weights=spec.weights, pretrained=spec.pretrained, stem_init=spec.stem_init, overwrite=config.overwrite,
-        **options,
+        data=stores, labels=str(labels), out=str(out / "encoder"), model=spec.model, stem_init=spec.stem_init,
+        overwrite=config.overwrite, **start, **options,
     )  # fmt: skip
     enc_dir = finetune_encoder(ft)
     return {
@@ -157,13 +162,15 @@ def _trains_mil(config: RunConfig) -> bool:
     return bool(config.labels is not None and config.embed.model)
 
 
-def _finetune_resources(config: RunConfig) -> Resources:
-    return "cpu" if (config.finetune.device or config.embed.device or "auto") == "cpu" else "gpu"
+def training_resources(section: str, config: RunConfig) -> Resources:
+    """``"cpu"`` when the ``[section]`` device (else ``[embed]``'s) is the CPU, else ``"gpu"``
+    (for a training stage's ``resources``, as ``functools.partial(training_resources, section)``)."""
+    return "cpu" if (getattr(config, section).device or config.embed.device or "auto") == "cpu" else "gpu"
 
 
 register_stage(
     StageSpec(
-        "finetune", finetune_stage, resources=_finetune_resources, scope="cohort", enabled=_finetunes,
+        "finetune", finetune_stage, resources=partial(training_resources, "finetune"), scope="cohort", enabled=_finetunes,
         doc="weak-label fine-tuning of the encoder on the encoder slides (before embed)",
     ),  # fmt: skip
     before="embed",

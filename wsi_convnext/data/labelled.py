@@ -61,6 +61,7 @@ __all__ = [
     "csv_tiles",
     "grouped_split",
     "image_folder_tiles",
+    "is_store_input",
     "load_labelled_tiles",
     "store_tiles",
 ]
@@ -433,7 +434,8 @@ def store_tiles(
     )  # fmt: skip
 
 
-def _is_store_input(p: Path) -> bool:
+def is_store_input(p: Path) -> bool:
+    """Whether ``p`` is a tile store (``*.zarr``) or a folder holding some."""
     if p.suffix == ".zarr":
         return True
     return p.is_dir() and any(c.suffix == ".zarr" and c.is_dir() for c in p.iterdir())
@@ -463,7 +465,7 @@ def load_labelled_tiles(
     for it in items:
         if not it.exists():
             raise InputNotFoundError(f"{it}: does not exist; pass an image folder, a CSV or tile stores")
-    if all(_is_store_input(it) for it in items):
+    if all(is_store_input(it) for it in items):
         if labels is None and require_label:
             raise LabelsError(f"stores {listing([str(i) for i in items])} need --labels slide_id,label[,patient_id]")
         return store_tiles(items, labels, classes=classes, on_failure=on_failure)

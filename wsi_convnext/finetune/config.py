@@ -14,7 +14,7 @@ from ..encoders import EncoderConfig
 from ..encoders.device import DEVICE_FORMS, check_device
 from ..params import at_least, check_params, fraction, half_open, non_negative, one_of, param, positive
 
-__all__ = ["AUGMENTATIONS", "FinetuneConfig", "parse_freeze"]
+__all__ = ["AUGMENTATIONS", "RUNTIME_FIELDS", "FinetuneConfig", "TrainingRunConfig", "parse_freeze"]
 
 #: Augmentation recipes: geometric ones run in the loader workers, colour ones on the batch.
 AUGMENTATIONS = {
@@ -25,8 +25,8 @@ AUGMENTATIONS = {
 
 _FREEZE_RE = re.compile(r"^(none|stem|stages:(\d+))$")
 
-# Fields that do not change the result (where it runs, how fast, what is printed).
-_RUNTIME_FIELDS = frozenset({"out", "device", "num_workers", "threads", "overwrite", "compile", "checkpoint_every", "strict"})
+#: Fields of a training run that do not change the result (where it runs, how fast, what is printed).
+RUNTIME_FIELDS = frozenset({"out", "device", "num_workers", "threads", "overwrite", "compile", "checkpoint_every", "strict"})
 
 
 def _decay(v: Any) -> str | None:
@@ -58,8 +58,49 @@ def parse_freeze(value: str) -> tuple[str, int]:
     return m.group(1), 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainingRunConfig:
+    """What the frozen configurations of an encoder-training run over tiles share (finetune, pretrain):
+    the fields below (where and how it runs; ``seed`` decides the result), ``data`` and ``out``
+    normalised, ``--epochs``/``--steps`` exclusive, a JSON-able round trip."""
+
+    seed: int = param(0, doc="seed of initialisation, data order, augmentation (and finetune's split)")
+    device: str = param("auto", check=check_device, doc=f"training device: {DEVICE_FORMS}")
+    compile: bool = param(False, doc="torch.compile the model (CUDA only)")
+    num_workers: int | None = param(None, check=non_negative, doc="DataLoader worker processes (per rank)")
+    threads: int | None = param(None, check=at_least(1), doc="torch CPU threads of each training process")
+    strict: bool = param(False, doc="fail on an unreadable image instead of skipping it")
+    checkpoint_every: int | None = param(None, check=at_least(1), doc="also checkpoint every this many steps")
+    overwrite: bool = False
+
+    _command = "training"  # names the run in messages
+
+    def _check_data_and_length(self) -> None:
+        data = (self.data,) if isinstance(self.data, str) else tuple(str(d) for d in self.data)  # type: ignore[attr-defined]
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "out", str(self.out))  # type: ignore[attr-defined]
+        if not data:
+            raise ConfigError(f"no {self._command} data given; pass an image folder, a CSV or tile stores")
+        if self.epochs is not None and self.steps is not None:  # type: ignore[attr-defined]
+            raise ConfigError("pass either --epochs or --steps, not both")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        d = asdict(self)  # type: ignore[call-overload]
+        d["data"] = list(self.data)  # type: ignore[attr-defined]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})  # type: ignore[arg-type]
+        if unknown:
+            raise ConfigError(f"unknown {cls._command} config key(s) {unknown}")
+        return cls(**{**d, "data": tuple(d.get("data") or ())})
+
+
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(TrainingRunConfig):
     """Everything that defines a fine-tuning run (see ``wsi-convnext finetune --help``).
 
     Attributes:
@@ -133,27 +174,15 @@ class FinetuneConfig:
     val_frac: float = param(0.2, check=half_open(0, 1), doc="share of groups for validation")
     patience: int | None = param(None, check=at_least(1), doc="epochs without improvement before stopping")
     drop_path: float = param(0.0, check=half_open(0, 1), doc="stochastic depth rate")
-    seed: int = param(0, doc="seed of initialisation, data order, augmentation and split")
-    device: str = param("auto", check=check_device, doc=f"training device: {DEVICE_FORMS}")
-    compile: bool = param(False, doc="torch.compile the model (CUDA only)")
-    num_workers: int | None = param(None, check=non_negative, doc="DataLoader worker processes")
-    threads: int | None = param(None, check=at_least(1), doc="torch CPU threads of the training process")
-    strict: bool = param(False, doc="fail on an unreadable image instead of skipping it")
-    checkpoint_every: int | None = param(None, check=at_least(1), doc="also checkpoint every this many steps")
-    overwrite: bool = False
+
+    _command = "finetune"
 
     def __post_init__(self) -> None:
-        data = (self.data,) if isinstance(self.data, str) else tuple(str(d) for d in self.data)
-        object.__setattr__(self, "data", data)
-        object.__setattr__(self, "out", str(self.out))
+        self._check_data_and_length()
         if self.stem is None:  # the model's family default ("patch" for ConvNeXt; "none" without stems)
             from ..encoders import family_for
 
             object.__setattr__(self, "stem", family_for(self.model).default_stem)
-        if not data:
-            raise ConfigError("no training data given; pass an image folder, a CSV or tile stores")
-        if self.epochs is not None and self.steps is not None:
-            raise ConfigError("pass either --epochs or --steps, not both")
         if self.weights is not None and self.pretrained:
             raise ConfigError("pass either --weights or --pretrained, not both")
         check_params(self)
@@ -162,26 +191,9 @@ class FinetuneConfig:
         if self.epochs is None and self.steps is None:
             object.__setattr__(self, "epochs", 10)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        d = asdict(self)
-        d["data"] = list(self.data)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown finetune config key(s) {unknown}")
-        d = dict(d)
-        d["data"] = tuple(d.get("data") or ())
-        return cls(**d)
-
     def result_dict(self) -> dict[str, Any]:
         """The fields that decide the result (no output path, device, worker count...)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
     def training_fingerprint(self, data_fingerprint: str = "", start_sha256: str = "") -> str:
         """sha256 of the result-deciding fields, the data (tiles, labels, groups) and the starting weights."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from .config import FinetuneConfig
     from .train import StartPoint
 
-__all__ = ["FinetunedModel", "load_finetuned", "read_training_fingerprint", "write_outputs"]
+__all__ = ["FinetunedModel", "load_finetuned", "read_training_fingerprint", "save_curves", "write_outputs"]
 
 HEAD_FILE = "head.safetensors"
 METRICS_FILE = "metrics.json"
@@ -83,30 +84,47 @@ def _table(history: list[dict[str, Any]], best_epoch: int | None, best: dict[str
     return "\n".join(lines) + "\n"
 
 
-def _curves(history: list[dict[str, Any]], path: Path) -> None:
+#: One curve of :func:`save_curves`: (x, y, matplotlib format, legend label or None).
+Curve = tuple[Sequence[float], Sequence[float], str, "str | None"]
+
+
+def save_curves(path: Path, panels: Sequence[tuple[str, str, Sequence[Curve], bool]], width: float = 4.5) -> None:
+    """Save side-by-side line plots as a PNG (``curves.png`` of finetune and pretrain).
+
+    Args:
+        path: The PNG to write.
+        panels: Per panel (x label, y label, curves, y in [0, 1]); a legend where a curve has a label.
+        width: Inches per panel.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ep = [r["epoch"] for r in history]
-    fig = Figure(figsize=(9, 3.4))
+    fig = Figure(figsize=(width * len(panels), 3.4))
     FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
+    for ax, (xlabel, ylabel, curves, unit) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for x, y, fmt, label in curves:
+            ax.plot(x, y, fmt, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if unit:
+            ax.set_ylim(0, 1.02)
+        if any(c[3] for c in curves):
+            ax.legend(loc="lower right" if unit else "best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _curves(history: list[dict[str, Any]], path: Path) -> None:
+    ep = [r["epoch"] for r in history]
 
     def col(k: str) -> list[float]:
         return [np.nan if r.get(k) is None else r[k] for r in history]
 
-    ax1.plot(ep, col("train_loss"), "o-", label="train")
-    ax1.plot(ep, col("val_loss"), "s-", label="validation")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("cross-entropy")
-    ax1.legend()
-    ax2.plot(ep, col("val_balanced_accuracy"), "o-", label="val balanced accuracy")
-    ax2.plot(ep, col("val_auc"), "s-", label="val macro AUC")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylim(0, 1.02)
-    ax2.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_curves(path, [
+        ("epoch", "cross-entropy", [(ep, col("train_loss"), "o-", "train"), (ep, col("val_loss"), "s-", "validation")], False),
+        ("epoch", "", [(ep, col("val_balanced_accuracy"), "o-", "val balanced accuracy"),
+                       (ep, col("val_auc"), "s-", "val macro AUC")], True),
+    ])  # fmt: skip
 
 
 def write_outputs(

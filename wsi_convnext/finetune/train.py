@@ -48,7 +48,10 @@ if TYPE_CHECKING:
 
     from ..encoders import Encoder
 
-__all__ = ["FinetuneProgress", "StartPoint", "finetune_encoder", "prepare_model", "read_checkpoint", "work_dir"]
+__all__ = [
+    "FinetuneProgress", "StartPoint", "StepProgress", "default_workers", "finetune_encoder", "prepare_model",
+    "read_checkpoint", "state_dict_cpu", "warmup_cosine", "work_dir",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -56,27 +59,36 @@ CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class FinetuneProgress:
-    """One progress report.
+class StepProgress:
+    """One progress report of a training run (finetune, pretrain).
 
     Attributes:
-        event: ``start``, ``resume``, ``step``, ``epoch`` (after validation) or ``done``.
+        event: What happened (``start``, ``resume``, ``step``, ``done``; each run adds its own).
         step: Optimiser steps done.
         total_steps: Optimiser steps of the whole run.
-        epoch: Current epoch (0-based; after ``epoch`` events the finished one).
-        total_epochs: Epochs of the run.
-        loss: Mean training loss of the last step (``step``) or epoch (``epoch``).
-        lr: Learning rate of the head group.
-        val: Validation metrics of the last epoch (``loss``, ``accuracy``, ``balanced_accuracy``, ``auc``).
+        loss: Training loss of the last step (or epoch), if any.
+        lr: Learning rate (of the head group in finetune).
     """
 
     event: str
     step: int
     total_steps: int
-    epoch: int
-    total_epochs: int
     loss: float | None = None
     lr: float | None = None
+
+
+@dataclass(frozen=True)
+class FinetuneProgress(StepProgress):
+    """A finetune progress report (``event`` ``epoch``: after validation).
+
+    Attributes:
+        epoch: Current epoch (0-based; after ``epoch`` events the finished one).
+        total_epochs: Epochs of the run.
+        val: Validation metrics of the last epoch (``loss``, ``accuracy``, ``balanced_accuracy``, ``auc``).
+    """
+
+    epoch: int = 0
+    total_epochs: int = 0
     val: dict[str, float] | None = None
 
 
@@ -237,7 +249,9 @@ def _param_groups(
     return out, info
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """The learning-rate factor per step (for ``LambdaLR``): linear warm-up, then cosine to ``min_ratio``."""
+
     def f(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -250,7 +264,8 @@ def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callabl
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _default_workers(device_type: str) -> int:
+def default_workers(device_type: str) -> int:
+    """DataLoader worker processes by default: up to 4 (CPU) or 8 (accelerator), leaving one core."""
     n = cpu_count()
     return max(0, min(4 if device_type == "cpu" else 8, n - 1))
 
@@ -328,7 +343,8 @@ def _better(val: dict[str, float], best: dict[str, float] | None) -> bool:
     return math.isfinite(a) and abs(a - b) <= 1e-12 and val.get("loss", math.inf) < best.get("loss", math.inf)
 
 
-def _state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``module``'s state dict (safe to keep while training goes on)."""
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
@@ -440,7 +456,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None, on_fa
     for g in groups:
         g["lr"] = cfg.lr * g["lr_scale"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps, cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, cfg.min_lr_ratio))
 
     # ---- resume
     work = work_dir(out)
@@ -470,7 +486,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None, on_fa
     def save_checkpoint() -> None:
         payload = {
             "version": CHECKPOINT_VERSION, "fingerprint": fingerprint,
-            "model": _state_dict_cpu(encoder.model), "head": _state_dict_cpu(head),
+            "model": state_dict_cpu(encoder.model), "head": state_dict_cpu(head),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(), "state": json.dumps(state), "best_state": best_state,
             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
@@ -507,7 +523,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None, on_fa
 
     colour = _colour_jitter(cfg.hed_sigma) if cfg.augment == "histology" else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    workers = _default_workers(device.type) if cfg.num_workers is None else cfg.num_workers
+    workers = default_workers(device.type) if cfg.num_workers is None else cfg.num_workers
     loader_kw: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_tiles, "pin_memory": cuda}
     if workers:
         loader_kw.update(persistent_workers=True, prefetch_factor=2)
@@ -520,7 +536,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None, on_fa
     def report(event: str, loss: float | None = None, val: dict[str, float] | None = None) -> None:
         if progress is not None:
             lr = optimizer.param_groups[-1]["lr"]
-            progress(FinetuneProgress(event, state["step"], total_steps, state["epoch"], total_epochs, loss, lr, val))
+            progress(FinetuneProgress(event, state["step"], total_steps, loss, lr, epoch=state["epoch"], total_epochs=total_epochs, val=val))
 
     report("resume" if resumed else "start")
     stop = state["step"] >= total_steps
@@ -583,7 +599,7 @@ def _finetune_encoder(config: FinetuneConfig, progress: ProgressFn | None, on_fa
         if val_probs is None or _better(val_metrics, state["best"]):
             state["best"] = val_metrics
             state["best_epoch"] = epoch
-            best_state = {"model": _state_dict_cpu(encoder.model), "head": _state_dict_cpu(head)}
+            best_state = {"model": state_dict_cpu(encoder.model), "head": state_dict_cpu(head)}
             if val_probs is not None:
                 best_state["val_y"] = torch.from_numpy(val_probs[0])
                 best_state["val_probs"] = torch.from_numpy(val_probs[1])

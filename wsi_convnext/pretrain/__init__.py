@@ -20,7 +20,7 @@ __getattr__, __all__ = lazy_exports(
     {
         "config": ("INITS", "PretrainConfig"),
         "methods": ("DEFAULT_METHOD", "METHODS"),
-        "train": ("PretrainProgress", "pretrain_encoder"),
+        "train": ("PretrainProgress", "pretrain_encoder", "pretrain_on_node"),
         "probe": ("ProbeResult", "run_probe"),
     },
 )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from .._io import json_sha256
+from ..encoders import EncoderConfig
 from ..errors import ConfigError
+from ..finetune.config import RUNTIME_FIELDS, TrainingRunConfig
 from ..params import at_least, check_params, fraction, half_open, non_negative, one_of, param, positive
 
 __all__ = ["INITS", "PretrainConfig"]
@@ -18,29 +19,41 @@ INITS = {"random": "timm's ConvNeXt init under --seed", "pretrained": "timm's pr
 
 # Fields that do not change the result (where it runs, how fast, what is printed). ``probe_every``
 # does (with --probe the best probed step is kept); the probe set enters by its content.
-_RUNTIME_FIELDS = frozenset({"out", "device", "num_workers", "threads", "overwrite", "compile", "checkpoint_every",
-                             "strict", "dist_timeout", "on_collapse"})  # fmt: skip
+_RUNTIME_FIELDS = RUNTIME_FIELDS | {"dist_timeout", "on_collapse"}
 
 
-def _methods() -> list[str]:
-    from .methods import METHODS
+def _methods() -> tuple[str, ...]:
+    from .methods import METHODS  # the built-ins are declared by name: no torch
 
-    return list(METHODS)
+    return METHODS.names()
 
 
 def _crop(v: Any) -> str | None:
     return None if isinstance(v, numbers.Integral) and v >= 32 and v % 4 == 0 else "must be a multiple of 4 and >= 32 px"
 
 
+def _default_stem(model: str, init_path: str | None) -> str:
+    """The stem recorded with the ``init`` weights, else the model family's default."""
+    from ..encoders import family_for
+    from ..encoders.weights import META_STEM, read_weights_metadata, resolve_weights_path
+
+    if init_path is not None:
+        recorded = read_weights_metadata(resolve_weights_path(init_path)).get(META_STEM)
+        if recorded:
+            return recorded
+    return family_for(model).default_stem
+
+
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(TrainingRunConfig):
     """Everything that defines a self-supervised pretraining run (see ``wsi-convnext pretrain --help``).
 
     Attributes:
         data: Tile stores / folders of stores, an image folder or a CSV (labels ignored).
         out: Output folder (ENC_DIR, the layout of ``finetune``'s).
         model: timm ConvNeXt name (with a tag for ``init="pretrained"``).
-        stem: Stem name (``wsi_convnext.encoders.STEMS``).
+        stem: Stem name (``wsi_convnext.encoders.STEMS``); None: the stem recorded with the ``init``
+            weights, else the family's default.
         init: ``random``, ``pretrained`` or a path (weights file, finetune/pretrain ENC_DIR); a
             patch-stem checkpoint is converted exactly into an overlapping ``stem``.
         method: Name in :data:`wsi_convnext.pretrain.methods.METHODS`.
@@ -56,7 +69,7 @@ class PretrainConfig:
     data: tuple[str, ...]
     out: str
     model: str = "convnext_atto"
-    stem: str = "patch"
+    stem: str | None = None
     init: str = "random"
     method: str = param("dino", check=one_of(_methods), doc="self-supervised method")
     steps: int | None = param(None, check=at_least(1), doc="optimiser steps (default 200)")
@@ -78,28 +91,19 @@ class PretrainConfig:
     center_momentum: float = param(0.9, check=half_open(0, 1), doc="DINO centring momentum")
     ema: float = param(0.996, check=half_open(0, 1), doc="teacher EMA momentum at the start (cosine to 1)")
     temperature: float = param(0.2, check=positive, doc="SimCLR temperature")
-    seed: int = param(0, doc="seed of initialisation, data order and augmentation")
-    device: str = "auto"
-    compile: bool = param(False, doc="torch.compile the backbone (CUDA only)")
-    num_workers: int | None = param(None, check=non_negative, doc="DataLoader worker processes per rank")
-    threads: int | None = param(None, check=at_least(1), doc="torch CPU threads of each training process")
-    strict: bool = param(False, doc="fail on an unreadable image instead of skipping it")
-    checkpoint_every: int | None = param(None, check=at_least(1), doc="checkpoint every this many steps (default: ~20 per run)")
     probe: str | None = None
     probe_every: int | None = param(None, check=at_least(1), doc="probe every this many steps (default: 4 per run)")
     on_collapse: str = param("warn", check=one_of(("warn", "stop")), doc="warn or stop when the features collapse")
     dist_timeout: float = param(300.0, check=positive, doc="seconds a rank waits for the others before failing")
-    overwrite: bool = False
+
+    _command = "pretrain"
 
     def __post_init__(self) -> None:
-        data = (self.data,) if isinstance(self.data, str) else tuple(str(d) for d in self.data)
-        object.__setattr__(self, "data", data)
-        object.__setattr__(self, "out", str(self.out))
-        if not data:
-            raise ConfigError("no pretraining data given; pass tile stores, an image folder or a CSV")
-        if self.epochs is not None and self.steps is not None:
-            raise ConfigError("pass either --epochs or --steps, not both")
+        self._check_data_and_length()
+        if self.stem is None:
+            object.__setattr__(self, "stem", _default_stem(self.model, self.init_path))
         check_params(self)
+        EncoderConfig(model=self.model, stem=self.stem)  # the encoder's own checks
         if self.local_size > self.global_size:
             raise ConfigError(f"--local-size {self.local_size} is larger than --global-size {self.global_size}")
         if self.epochs is None and self.steps is None:
@@ -110,23 +114,8 @@ class PretrainConfig:
         """The weights path of ``init`` (None for ``random``/``pretrained``)."""
         return None if self.init in INITS else self.init
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        d = asdict(self)
-        d["data"] = list(self.data)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown pretrain config key(s) {unknown}")
-        return cls(**{**d, "data": tuple(d.get("data") or ())})
-
     def fingerprint(self, data_fingerprint: str, start_sha256: str) -> str:
         """sha256 of the result-deciding fields, the data and the starting weights (named by content)."""
         cfg = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS and k not in ("data", "init", "probe")}
         cfg["init_kind"] = self.init if self.init in INITS else "weights"
-        payload = json.dumps({"config": cfg, "data": data_fingerprint, "start": start_sha256}, sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()
+        return json_sha256({"config": cfg, "data": data_fingerprint, "start": start_sha256})

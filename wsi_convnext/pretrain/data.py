@@ -17,7 +17,6 @@ beyond one row of bookkeeping per tile).
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -30,14 +29,14 @@ from ..data.labelled import (
     EpochSampler,
     LabelledTileDataset,
     LabelledTiles,
-    _is_store_input,
     csv_tiles,
     image_folder_tiles,
+    is_store_input,
     store_tiles,
 )
 from ..errors import ConfigError, InputNotFoundError, listing
 
-__all__ = ["MultiCropDataset", "PretrainBatch", "ShardSampler", "collate_views", "data_fingerprint", "load_unlabelled_tiles", "tile_keys"]
+__all__ = ["MultiCropDataset", "PretrainBatch", "ShardSampler", "collate_views", "load_unlabelled_tiles", "tile_keys"]
 
 _UNLABELLED = ("unlabelled",)
 
@@ -54,7 +53,7 @@ def load_unlabelled_tiles(data: Sequence[str | os.PathLike[str]], *, strict: boo
     for it in items:
         if not it.exists():
             raise InputNotFoundError(f"{it}: does not exist; pass tile stores, an image folder or a CSV")
-    if items and all(_is_store_input(it) for it in items):
+    if items and all(is_store_input(it) for it in items):
         tiles = store_tiles(items, None, classes=_UNLABELLED)
     elif len(items) != 1:
         raise ConfigError(f"pass tile stores, or one image folder or CSV, not {len(items)} inputs ({listing([str(i) for i in items])})")
@@ -72,14 +71,6 @@ def tile_keys(tiles: LabelledTiles) -> set[str]:
     if tiles.kind == "stores":
         return {f"slide:{s}" for s in np.unique(tiles.slide_ids.astype(str))}
     return {str(Path(p).resolve()) for p in tiles.paths.tolist()}
-
-
-def data_fingerprint(tiles: LabelledTiles) -> str:
-    """sha256 over (ref, group) of every tile, in order (labels ignored)."""
-    h = hashlib.sha256()
-    for r, g in zip(tiles.refs.tolist(), tiles.groups.tolist()):
-        h.update(f"{r}\t{g}\n".encode())
-    return h.hexdigest()
 
 
 @dataclass

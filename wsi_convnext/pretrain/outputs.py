@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._io import atomic_dir, atomic_write_text
-from ..finetune.outputs import CONFIG_FILE, CURVES_FILE, ENCODER_FILE, METRICS_FILE, TABLE_FILE
+from ..encoders.weights import CONFIG_FILE, ENCODER_FILE, weights_metadata
+from ..finetune.outputs import CURVES_FILE, METRICS_FILE, TABLE_FILE, save_curves
 
 if TYPE_CHECKING:
     from ..data.labelled import LabelledTiles
@@ -50,29 +51,15 @@ def _table(evaluations: list[dict[str, Any]], selected: int | None) -> str:
 
 
 def _curves(state: dict[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 3.4))
-    FigureCanvasAgg(fig)
-    ax1, ax2, ax3 = fig.subplots(1, 3)
-    h = state["history"]
-    ax1.plot([r["step"] for r in h], [r["loss"] for r in h], "-")
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("loss")
-    ev = state["evaluations"]
-    ax2.plot([e["step"] for e in ev], [e["feature_rank"] for e in ev], "o-")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("feature effective rank")
-    for name in ("linear", "knn"):
-        ys = [np.nan if _probe_score(e, name) is None else _probe_score(e, name) for e in ev]
-        ax3.plot([e["step"] for e in ev], ys, "o-", label=f"probe {name}")
-    ax3.set_xlabel("step")
-    ax3.set_ylabel("probe balanced accuracy")
-    ax3.set_ylim(0, 1.02)
-    ax3.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    h, ev = state["history"], state["evaluations"]
+    steps = [e["step"] for e in ev]
+    probes = [(steps, [np.nan if _probe_score(e, n) is None else _probe_score(e, n) for e in ev], "o-", f"probe {n}")
+              for n in ("linear", "knn")]  # fmt: skip
+    save_curves(path, [
+        ("step", "loss", [([r["step"] for r in h], [r["loss"] for r in h], "-", None)], False),
+        ("step", "feature effective rank", [(steps, [e["feature_rank"] for e in ev], "o-", None)], False),
+        ("step", "probe balanced accuracy", probes, True),
+    ], width=10 / 3)  # fmt: skip
 
 
 def write_outputs(
@@ -89,11 +76,10 @@ def write_outputs(
     from ..labels.metrics import metrics_to_json
 
     selected = (state.get("best") or {}).get("step") or state["step"]
-    meta = {
-        "format": "pt", "wsi_convnext.kind": "pretrained_encoder", "wsi_convnext.model": config.model,
-        "wsi_convnext.stem": config.stem, "wsi_convnext.method": config.method, "wsi_convnext.fingerprint": fingerprint,
-        "wsi_convnext.data_fingerprint": data_fp, "wsi_convnext.version": __version__,
-    }  # fmt: skip
+    meta = weights_metadata(config.model, config.stem, {
+        "kind": "pretrained_encoder", "method": config.method, "fingerprint": fingerprint,
+        "data_fingerprint": data_fp, "version": __version__,
+    })  # fmt: skip
     secs = float(state.get("train_seconds") or 0.0)
     cfg_doc = {
         "kind": "wsi_convnext.pretrain", "config": config.to_dict(), "model": config.model, "stem": config.stem,

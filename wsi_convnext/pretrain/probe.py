@@ -265,10 +265,8 @@ def run_probe(
         InputNotFoundError, LabelsError, CorruptTileError: Bad labelled tiles.
         ConfigError, WeightsError, EncoderError, DeviceError: See :func:`load_probe_encoder`.
     """
-    import torch
-
     from ..data.labelled import load_labelled_tiles
-    from ..encoders import resolve_device
+    from ..encoders import resolve_device, resolve_precision
 
     dev = resolve_device(device)
     enc = load_probe_encoder(encoder, model=model, stem=stem)
@@ -283,7 +281,7 @@ def run_probe(
             logger.warning("probe: %d group(s) are in both the training data and --test (e.g. %s)", len(shared), shared[0])
 
     def autocast() -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+        return resolve_precision(dev).autocast(dev)
 
     res = fit_probes(enc.model, enc, tiles, test=test_tiles, device=dev, autocast=autocast, seed=seed, n_boot=n_boot,
                      test_frac=test_frac, baseline=baseline, batch_size=batch_size, num_workers=num_workers)  # fmt: skip

@@ -41,9 +41,9 @@ import numpy as np
 
 from .._io import atomic_path, path_lock
 from ..errors import ConfigError, CorruptTileError, DeviceError, StoreExistsError, WsiConvnextError
-from ..finetune.train import _default_workers, _lr_lambda, _state_dict_cpu, read_checkpoint, work_dir
+from ..finetune.train import StepProgress, default_workers, read_checkpoint, state_dict_cpu, warmup_cosine, work_dir
 from .config import PretrainConfig
-from .data import MultiCropDataset, ShardSampler, collate_views, data_fingerprint, load_unlabelled_tiles, tile_keys
+from .data import MultiCropDataset, ShardSampler, collate_views, load_unlabelled_tiles, tile_keys
 from .dist import DistEnv, detect_env, process_group
 
 if TYPE_CHECKING:
@@ -52,7 +52,10 @@ if TYPE_CHECKING:
     from ..data.labelled import LabelledTiles
     from ..encoders import Encoder
 
-__all__ = ["COLLAPSE_ENTROPY", "COLLAPSE_RANK", "COLLAPSE_UNIFORM", "CollapseError", "PretrainProgress", "pretrain_encoder"]
+__all__ = [
+    "COLLAPSE_ENTROPY", "COLLAPSE_RANK", "COLLAPSE_UNIFORM", "CollapseError", "PretrainProgress", "node_processes",
+    "pretrain_encoder", "pretrain_on_node",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ COLLAPSE_ENTROPY = 0.05
 #: Fraction of log(out_dim) above which DINO's teacher counts as collapsed to the uniform output.
 COLLAPSE_UNIFORM = 0.995
 _EVAL_TILES = 128
+#: How a rank started by :func:`pretrain_on_node` prints its one-line error.
+RANK_ERROR = "wsi-convnext pretrain rank error: "
 
 
 class CollapseError(WsiConvnextError, RuntimeError):
@@ -71,14 +76,9 @@ class CollapseError(WsiConvnextError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class PretrainProgress:
-    """One progress report: ``event`` is ``start``, ``resume``, ``step``, ``eval`` or ``done``."""
+class PretrainProgress(StepProgress):
+    """A pretrain progress report (``event`` ``eval``: after an evaluation, in ``evaluation``)."""
 
-    event: str
-    step: int
-    total_steps: int
-    loss: float | None = None
-    lr: float | None = None
     evaluation: dict[str, Any] | None = None
 
 
@@ -105,6 +105,54 @@ def pretrain_encoder(config: PretrainConfig, progress: ProgressFn | None = None)
         return _pretrain(config, progress, env)
     with path_lock(Path(config.out)):
         return _pretrain(config, progress, env)
+
+
+def node_processes(config: PretrainConfig) -> int:
+    """Ranks :func:`pretrain_on_node` starts: one per visible GPU when ``device`` resolves to CUDA
+    without naming one GPU (the most that divide the global batch), else 1."""
+    import torch
+
+    from ..encoders import resolve_device
+
+    if resolve_device(config.device).type != "cuda" or ":" in config.device:
+        return 1
+    n = torch.cuda.device_count()
+    return max(k for k in range(1, max(n, 1) + 1) if config.batch_size % k == 0)
+
+
+def pretrain_on_node(config: PretrainConfig, progress: ProgressFn | None = None, *, nproc: int | None = None) -> Path:
+    """Pretrain with every GPU of this node: ``nproc`` (default :func:`node_processes`) ranks under
+    ``torchrun --standalone``, each running :func:`pretrain_encoder`; one rank runs in this process.
+
+    The ranks are subprocesses (so this works inside a daemonic Dask worker); ``progress`` is only
+    reported by a run in this process. Returns the output folder.
+
+    Raises:
+        DistributedError: A rank failed (its last output lines are in the message).
+        See :func:`pretrain_encoder` for the rest.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    from ..errors import DistributedError
+
+    n = node_processes(config) if nproc is None else nproc
+    if n <= 1 or detect_env().distributed:
+        return pretrain_encoder(config, progress)
+    with tempfile.TemporaryDirectory(prefix="wsi-pretrain-") as tmp:
+        cfg_path = Path(tmp) / "config.json"
+        cfg_path.write_text(json.dumps(config.to_dict()))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "wsi_convnext.pretrain", str(cfg_path)]  # fmt: skip
+        logger.info("pretraining %s on %d ranks: %s", config.out, n, " ".join(cmd))
+        run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+        lines = (run.stderr or run.stdout).strip().splitlines()
+        said = [ln.split(RANK_ERROR, 1)[1] for ln in lines if RANK_ERROR in ln]
+        why = said[0] if said else " | ".join(lines[-4:])
+        raise DistributedError(f"{config.out}: pretraining on {n} ranks failed (exit {run.returncode}): {why}")
+    return Path(config.out)
 
 
 def _device(config: PretrainConfig, env: DistEnv) -> torch.device:
@@ -153,8 +201,8 @@ def _check_probe_set(cfg: PretrainConfig, tiles: LabelledTiles) -> LabelledTiles
 def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) -> Path:
     import torch
 
-    from ..finetune.outputs import read_fingerprint
-    from .methods import build_method
+    from ..finetune.outputs import read_training_fingerprint
+    from .methods import METHODS, build_method
     from .outputs import write_outputs
 
     out = Path(cfg.out)
@@ -171,15 +219,15 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
         raise ConfigError(f"{tiles.source}: {len(tiles)} readable tile(s) are fewer than one batch (--batch-size {cfg.batch_size}); add tiles or lower --batch-size")
     probe_tiles = _check_probe_set(cfg, tiles)
     dataset = MultiCropDataset(
-        tiles, global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local if cfg.method == "dino" else 0,
+        tiles, global_size=cfg.global_size, local_size=cfg.local_size, n_local=cfg.n_local if METHODS.lookup(cfg.method).multi_crop else 0,
         hed_sigma=cfg.hed_sigma, brightness_contrast=cfg.brightness_contrast, blur=cfg.blur,
     )  # fmt: skip
     encoder, start = _start_encoder(cfg)
-    data_fp = data_fingerprint(tiles)
-    probe_fp = "" if probe_tiles is None else probe_tiles.fingerprint()
+    data_fp = tiles.data_fingerprint()  # labels are one constant here
+    probe_fp = "" if probe_tiles is None else probe_tiles.data_fingerprint()
     fingerprint = cfg.fingerprint(data_fp, start.weights_sha256 + probe_fp)
     if out.exists():
-        if read_fingerprint(out) == fingerprint and not cfg.overwrite:
+        if read_training_fingerprint(out) == fingerprint and not cfg.overwrite:
             logger.info("%s: already pretrained with this configuration; nothing to do", out)
             return out
         if not cfg.overwrite:
@@ -203,7 +251,7 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
         {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup_steps, cfg.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, cfg.min_lr_ratio))
 
     # ---- resume
     work = work_dir(out)
@@ -232,7 +280,7 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
         if not env.is_main:
             return
         payload = {
-            "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "method": _state_dict_cpu(method),
+            "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "method": state_dict_cpu(method),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(), "state": json.dumps(state), "best_backbone": best_backbone,
         }  # fmt: skip
@@ -240,11 +288,16 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
             torch.save(payload, tmp)
 
     # ---- device, precision
+    from ..encoders import resolve_precision
+
     method.to(device)
     cuda = device.type == "cuda"
-    if cuda:
+    prec = resolve_precision(device)
+    scaler = prec.grad_scaler(device)
+    if prec.channels_last:
         method.to(memory_format=torch.channels_last)
         encoder.channels_last = True
+    if cuda:
         torch.backends.cudnn.benchmark = True
     for st in optimizer.state.values():
         for k, v in st.items():
@@ -252,15 +305,15 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
                 st[k] = v.to(device)
 
     def autocast() -> Any:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        return prec.autocast(device)
 
     if cfg.compile and cuda:
         method.student.compile()
 
-    workers = _default_workers(device.type) if cfg.num_workers is None else cfg.num_workers
+    workers = default_workers(device.type) if cfg.num_workers is None else cfg.num_workers
     from torch.utils.data import DataLoader
 
-    loader_kw: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_views, "pin_memory": cuda}
+    loader_kw: dict[str, Any] = {"num_workers": workers, "collate_fn": collate_views, "pin_memory": prec.pin_memory}
     if workers:
         loader_kw.update(persistent_workers=True, prefetch_factor=2, worker_init_fn=_worker_init)
     loader = DataLoader(dataset, batch_size=per_step // env.world_size, sampler=sampler, drop_last=False, **loader_kw)
@@ -320,8 +373,9 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
                 with autocast():
                     loss, stats = net(xg, xl)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 state["step"] += 1
                 state["pos"] += 1
@@ -344,7 +398,7 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
                     score = (ev.get("probe") or {}).get("linear", {}).get("balanced_accuracy")
                     if probe_tiles is not None and (state["best"] is None or (score or -1) > state["best"]["score"]):
                         state["best"] = {"step": state["step"], "score": score}
-                        best_backbone = _state_dict_cpu(method.export_backbone())
+                        best_backbone = state_dict_cpu(method.export_backbone())
                     report("eval", rec["loss"], ev)
                 if done:
                     break
@@ -364,7 +418,7 @@ def _pretrain(cfg: PretrainConfig, progress: ProgressFn | None, env: DistEnv) ->
                 state["bad"] = bad
                 save_checkpoint()
         state["bad"] = bad
-        final = best_backbone if best_backbone is not None else _state_dict_cpu(method.export_backbone())
+        final = best_backbone if best_backbone is not None else state_dict_cpu(method.export_backbone())
         if env.is_main:
             write_outputs(
                 out, config=cfg, encoder=encoder, backbone_state=final, state=state, tiles=tiles, start=start,

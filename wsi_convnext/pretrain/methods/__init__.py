@@ -1,17 +1,17 @@
-"""The registry of self-supervised methods: one module each, imported (with torch) when built.
+"""The registry of self-supervised methods: one module each, imported (with torch) when looked up.
 
-A method is an ``nn.Module`` (:class:`~.base.SslMethod`) holding the student backbone and its
-heads (and a teacher where it has one); ``forward(views)`` returns the loss and detached
-statistics. Adding a method is one module defining a subclass plus one :data:`METHODS` entry.
+A method is an ``nn.Module`` subclass of :class:`~.base.SslMethod` holding the student backbone
+and its heads (and a teacher where it has one); ``forward(views)`` returns the loss and detached
+statistics. Adding a method is one module that registers its class with
+``@register_method("name")`` (:mod:`.base`); a built-in is also declared by name in
+:data:`METHODS` and imported by :mod:`.builtin`, so listing names (``--help``) imports no torch.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ...errors import ConfigError
+from ..._registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -19,28 +19,10 @@ if TYPE_CHECKING:
     from ..config import PretrainConfig
     from .base import SslMethod
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "MethodSpec", "build_method"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "build_method"]
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered method: ``module`` (relative to this package) defines the class ``cls``."""
-
-    name: str
-    description: str
-    module: str
-    cls: str
-
-
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec("dino", "DINO self-distillation: student + EMA teacher, multi-crop, centring and sharpening",
-                   ".dino", "Dino"),
-        MethodSpec("simclr", "SimCLR: two global crops, NT-Xent contrastive loss over the global batch",
-                   ".simclr", "SimCLR"),
-    )
-}  # fmt: skip
+#: Registry: method name → :class:`~.base.SslMethod` subclass (whose ``description`` is its help line).
+METHODS: Registry[Any] = Registry("pretraining method", loader=f"{__name__}.builtin", declares=("dino", "simclr"))
 DEFAULT_METHOD = "dino"
 
 
@@ -52,10 +34,7 @@ def build_method(name: str, backbone: nn.Module, num_features: int, config: Pret
     """
     import torch
 
-    spec = METHODS.get(name)
-    if spec is None:
-        raise ConfigError(f"unknown pretraining method {name!r}: choose one of {', '.join(METHODS)}")
-    cls: Any = getattr(importlib.import_module(spec.module, __name__), spec.cls)
+    cls = METHODS.lookup(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 104729)
         return cls(backbone, num_features, config)

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
 
+from . import METHODS
+
 if TYPE_CHECKING:
     from ..config import PretrainConfig
 
-__all__ = ["SslMethod", "effective_rank", "mlp"]
+__all__ = ["SslMethod", "effective_rank", "mlp", "register_method"]
+
+M = TypeVar("M", bound="type[SslMethod]")
 
 
 class SslMethod(nn.Module):
     """A student backbone plus the method's heads; the projection heads are discarded at the end.
 
     Attributes:
+        description: One line for ``--method``'s help.
+        multi_crop: Whether the method takes local crops (``n_local`` per tile) besides the global ones.
         n_local: Local crops per tile the method uses (0: global crops only).
     """
 
+    description: str = ""
+    multi_crop: bool = False
     n_local: int = 0
 
     def __init__(self, backbone: nn.Module, num_features: int, config: PretrainConfig) -> None:
@@ -42,6 +51,17 @@ class SslMethod(nn.Module):
     def export_backbone(self) -> nn.Module:
         """The backbone the method hands out (the student, or a teacher)."""
         return self.student
+
+
+def register_method(name: str, *, replace: bool = False) -> Callable[[M], M]:
+    """Class decorator that adds an :class:`SslMethod` subclass to :data:`METHODS` under ``name``
+    (the :class:`~wsi_convnext._registry.Registry` rule)."""
+
+    def deco(cls: M) -> M:
+        METHODS.register(name, cls, replace=replace)
+        return cls
+
+    return deco
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2) -> nn.Sequential:

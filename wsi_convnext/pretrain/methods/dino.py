@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SslMethod, mlp
+from .base import SslMethod, mlp, register_method
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
@@ -39,8 +39,12 @@ class DinoHead(nn.Module):
         return F.linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.prototypes, dim=-1))
 
 
+@register_method("dino")
 class Dino(SslMethod):
     """See the module docstring."""
+
+    description = "DINO self-distillation: student + EMA teacher, multi-crop, centring and sharpening"
+    multi_crop = True
 
     def __init__(self, backbone: nn.Module, num_features: int, config: PretrainConfig) -> None:
         super().__init__(backbone, num_features, config)

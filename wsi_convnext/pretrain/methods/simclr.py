@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import SslMethod, mlp
+from .base import SslMethod, mlp, register_method
 
 if TYPE_CHECKING:
     from ..config import PretrainConfig
@@ -29,8 +29,11 @@ def _gather(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
+@register_method("simclr")
 class SimCLR(SslMethod):
     """See the module docstring."""
+
+    description = "SimCLR: two global crops, NT-Xent contrastive loss over the global batch"
 
     def __init__(self, backbone: nn.Module, num_features: int, config: PretrainConfig) -> None:
         super().__init__(backbone, num_features, config)
