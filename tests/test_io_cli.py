@@ -8,6 +8,7 @@ runs; as root (who may write anywhere) the commands run as user ``nobody``.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import stat
@@ -44,10 +45,44 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "HOME": "/tmp", "OMP_NUM_THREADS": "1"}
 
 
+_SETPRIV = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+#: Runs the CLI with the checkout and this venv's packages on sys.path, for an interpreter outside the venv.
+_BOOTSTRAP = "import sys; sys.path[:0] = {paths!r}; from wsi_convnext.cli import app; app(prog_name='wsi-convnext')"
+
+
+@functools.cache
+def _unprivileged_prefix() -> list[str] | None:
+    """How user ``nobody`` runs the CLI here, or None when it cannot.
+
+    The venv's interpreter may live under root's private home (a pyenv build), which ``nobody``
+    cannot enter; then the system Python of the same minor version runs the CLI with the
+    checkout and the venv's site-packages on its path.
+    """
+    if shutil.which("setpriv") is None:
+        return None
+    probe = ["--help"]
+    if subprocess.run([*_SETPRIV, str(EXE), *probe], capture_output=True, env=_env(), cwd="/tmp").returncode == 0:
+        return [*_SETPRIV, str(EXE)]
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system is None:
+        return None
+    same = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+    if same.stdout.strip() != str(tuple(sys.version_info[:2])):
+        return None
+    import site
+
+    prefix = [*_SETPRIV, system, "-c", _BOOTSTRAP.format(paths=[str(REPO), *site.getsitepackages()])]
+    ok = subprocess.run([*prefix, *probe], capture_output=True, env=_env(), cwd="/tmp").returncode == 0
+    return prefix if ok else None
+
+
 def _cli(args: list[str], *, unprivileged: bool = False) -> subprocess.CompletedProcess[str]:
     cmd = [str(EXE), *args]
     if unprivileged and os.geteuid() == 0:
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        prefix = _unprivileged_prefix()
+        if prefix is None:
+            pytest.skip("user nobody can run neither this venv's wsi-convnext nor a system Python of its version")
+        cmd = [*prefix, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd="/tmp")
 
 
