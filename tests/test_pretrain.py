@@ -435,3 +435,20 @@ def test_pretraining_learns_on_real_he_tiles(tmp_path: Path) -> None:
         assert after > before, f"seed {seed}: pretrained {after:.3f} does not beat its start {before:.3f}"
         gains.append(after - before)
     assert np.mean(gains) >= 0.02, f"mean gain {np.mean(gains):.3f} < 0.02 (gains {gains})"
+
+
+def test_a_flat_folder_of_unlabelled_tiles_is_data(tmp_path: Path) -> None:
+    """Pretraining takes a plain folder of tiles (no class sub-folders): its usual unlabelled input."""
+    from PIL import Image
+
+    from wsi_convnext.pretrain.data import load_unlabelled_tiles
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "tiles"
+    (folder / "more").mkdir(parents=True)
+    for name in ("a.png", "b.png", "more/c.png"):
+        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not a tile\n")
+    tiles = load_unlabelled_tiles([str(folder)])
+    assert sorted(Path(p).name for p in tiles.paths.tolist()) == ["a.png", "b.png", "c.png"]
+    assert tiles.classes == ("unlabelled",) and set(tiles.y.tolist()) == {0}

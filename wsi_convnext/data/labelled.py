@@ -220,8 +220,9 @@ def _class_index(labels: list[str], classes: Sequence[str] | None, source: str, 
 
 
 def image_folder_tiles(
-    root: str | os.PathLike[str], *, classes: Sequence[str] | None = None, strict: bool = False
-) -> LabelledTiles:
+    root: str | os.PathLike[str], *, classes: Sequence[str] | None = None, strict: bool = False,
+    loose_label: str | None = None,
+) -> LabelledTiles:  # fmt: skip
     """Tiles of an image folder with one sub-folder per class (files found recursively below it).
 
     Args:
@@ -229,6 +230,8 @@ def image_folder_tiles(
         classes: Expected class names (e.g. a trained model's); a sub-folder outside them is an
             error. Default: the sorted sub-folder names.
         strict: Fail on the first unreadable file instead of skipping it.
+        loose_label: Also take the images lying directly in ``root``, under this label (for
+            unlabelled uses such as pretraining, where a flat folder of tiles is the usual input).
 
     Raises:
         InputNotFoundError: No folder, or no image files in it.
@@ -240,6 +243,11 @@ def image_folder_tiles(
         raise InputNotFoundError(f"{base}: not a folder; pass a folder with one sub-folder per class, or a CSV")
     paths: list[Path] = []
     labels: list[str] = []
+    if loose_label is not None:
+        for f in sorted(base.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(f)
+                labels.append(loose_label)
     for sub in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in sorted(sub.rglob("*")):
             if f.is_file() and not f.name.startswith("."):

@@ -62,7 +62,7 @@ def load_unlabelled_tiles(data: Sequence[str | os.PathLike[str]], *, strict: boo
             header = [h.strip().lower() for h in next(csv.reader(fh), [])]
         tiles = csv_tiles(items[0], strict=strict, require_label=False, classes=None if "label" in header else _UNLABELLED)
     else:
-        tiles = image_folder_tiles(items[0], strict=strict)
+        tiles = image_folder_tiles(items[0], strict=strict, loose_label=_UNLABELLED[0])
     return replace(tiles, classes=_UNLABELLED, y=np.zeros(len(tiles), dtype=np.int64))
 
 
