@@ -104,8 +104,8 @@ def _cfg(out: Path, **overrides: Any) -> RunConfig:
 
 
 def test_builtin_stages_and_plans() -> None:
-    assert [s.name for s in registered_stages()][:5] == ["tile", "finetune", "embed", "predict", "mil"]
-    assert get_stage("finetune").scope == "cohort" and get_stage("mil").scope == "cohort"
+    assert [s.name for s in registered_stages()][:6] == ["tile", "pretrain", "finetune", "embed", "predict", "mil"]
+    assert {get_stage(n).scope for n in ("pretrain", "finetune", "mil")} == {"cohort"}
     assert get_stage("embed").resources_for(_cfg(Path("o"))) == "gpu"
     assert get_stage("embed").resources_for(_cfg(Path("o"), **{"embed.device": "cpu"})) == "cpu"
     assert get_stage("tile").resources_for(_cfg(Path("o"))) == "cpu"

@@ -31,9 +31,10 @@ def test_gpu_driver_dry_run_prints_one_table(capsys: pytest.CaptureFixture[str],
     assert gpu.main(["--dry-run", "--tiles", "8", "--batch-size", "4", "--repeats", "1", "--keep", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     table = [ln for ln in out.splitlines() if ln.startswith("| ")]
-    assert table[0].split("|")[1].strip() == "measure" and len(table) == 2 + 5
+    assert table[0].split("|")[1].strip() == "measure" and len(table) == 2 + 6  # header, rule, 6 measurements
     embed_row = table[2].split("|")
     assert embed_row[1].strip() == "convnext_atto" and float(embed_row[5]) > 0  # embed/bare ratio
     assert "skipped: needs CUDA" in out
+    assert any(row.split("|")[1].strip().startswith("pretraining") for row in table), table
     # The fine-tuning row's measurement itself, at tiny size (the row needs wsi_convnext.finetune).
     assert gpu.finetune_step_throughput("convnext_atto", torch.device("cpu"), 2, 1, amp=False) > 0
