@@ -466,22 +466,10 @@ def test_view_of_real_pipeline_and_run_outputs(tmp_path: Path, cmu_slide: Path) 
     attention = [name for name, col in ov["scores"].items() if col["kind"] == "attention"]
     assert len(attention) == 1 and len(ov["scores"][attention[0]]["values"]) == len(ov["coords"]) > 0
     cat.close()
-    server = ViewerServer(tiles, port=0)
-    base = server.start().rstrip("/")
-    browser = Browser(str(find_chromium()), tmp_path / "profile")
-    try:
-        _open_view(browser, base, "CMU-1")
-        assert browser.js("document.getElementById('heatmap').value") == attention[0]
-        assert browser.js("document.querySelectorAll('#layer-heat rect').length") == len(ov["coords"])
-        assert browser.js("document.getElementById('prediction').textContent").startswith("predicted ")
-        dz = [s for u, s in browser.responses if "/dzi/" in u and u.endswith(".jpeg")]
-        assert dz and set(dz) == {200}
-    finally:
-        browser.close()
-        server.stop()
+    _check_cmu_view(tiles, tmp_path / "profile", attention[0], len(ov["coords"]))
 
     # The same slides through `wsi-convnext run` (tile → embed → predict on a LocalCluster): the
-    # viewer reads the run folder (stores, manifest.csv, predictions.csv) and links the report.
+    # viewer reads the run folder (stores, manifest.csv, predictions.csv).
     run_out = tmp_path / "run"
     res = subprocess.run(
         [str(Path(sys.executable).parent / "wsi-convnext"), "run", "--slides", str(tmp_path / "slides"), "--slides", str(tmp_path / "CMU-1.svs"),
@@ -492,16 +480,22 @@ def test_view_of_real_pipeline_and_run_outputs(tmp_path: Path, cmu_slide: Path) 
     cat = build_catalog(run_out)
     assert cat.has_run and len(cat.slides) == 9 and all(s.status == "done" and s.prediction for s in cat.slides.values())
     cat.close()
-    server = ViewerServer(run_out, port=0)
+    _check_cmu_view(run_out, tmp_path / "profile-run", attention[0], len(open_store(run_out / "CMU-1.zarr")))
+
+
+def _check_cmu_view(root: Path, profile: Path, heatmap: str, n_tiles: int) -> None:
+    """The slide list links CMU-1, whose view shows its grid, outline, ``heatmap`` and prediction, tiles HTTP 200."""
+    server = ViewerServer(root, port=0)
     base = server.start().rstrip("/")
-    browser = Browser(str(find_chromium()), tmp_path / "profile-run")
+    browser = Browser(str(find_chromium()), profile)
     try:
         browser.goto(base + "/")
         assert browser.js("document.querySelector('a[href=\"/view/CMU-1\"]') !== null")
         _open_view(browser, base, "CMU-1")
-        assert browser.js("document.querySelectorAll('#layer-grid rect').length") == len(open_store(run_out / "CMU-1.zarr"))
+        assert browser.js("document.querySelectorAll('#layer-grid rect').length") == n_tiles
+        assert browser.js("document.querySelectorAll('#layer-heat rect').length") == n_tiles
         assert browser.js("document.querySelectorAll('#layer-outline path').length") >= 1
-        assert browser.js("document.getElementById('heatmap').value") == attention[0]
+        assert browser.js("document.getElementById('heatmap').value") == heatmap
         assert browser.js("document.getElementById('prediction').textContent").startswith("predicted ")
         dz = [s for u, s in browser.responses if "/dzi/" in u and u.endswith(".jpeg")]
         assert dz and set(dz) == {200}
