@@ -118,7 +118,7 @@ def test_user_registered_aggregator_and_transform_are_in_help_and_accepted(tmp_p
     try:
         train_help = _option_help(runner.invoke(app, ["train", "--help"], terminal_width=200).output)
         embed_help = _option_help(runner.invoke(app, ["embed", "--help"], terminal_width=200).output)
-        assert "clam_sb, userpool." in train_help and "none, macenko, reinhard, userstain" in embed_help
+        assert "clam_sb, userpool (default: dsmil)." in train_help and "none, macenko, reinhard, userstain" in embed_help
         assert TrainConfig.create(aggregator="userpool").aggregator == "userpool"  # what `train` builds
         # Accepted by the CLI: the run gets past option parsing to the (missing) stores.
         res = runner.invoke(app, ["embed", str(tmp_path / "none"), "--stain", "userstain"])

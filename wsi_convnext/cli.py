@@ -47,6 +47,14 @@ def _aggregator_names() -> tuple[str, ...]:
     return AGGREGATORS.names()
 
 
+def _default_aggregator() -> str:
+    from dataclasses import fields
+
+    from .mil.config import TrainConfig  # torch-free
+
+    return next(f.default for f in fields(TrainConfig) if f.name == "aggregator")
+
+
 def _stain_names() -> list[str]:
     from .transforms import stain_names
 
@@ -558,7 +566,7 @@ def train(
     stores: Annotated[list[Path], typer.Argument(help="Stores with embeddings, or folders of stores.")],
     labels: Annotated[Path, typer.Option(help="CSV: slide_id,label[,patient_id][,split|fold].")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")] = Path("model"),
-    aggregator: Annotated[str, typer.Option(help=f"MIL aggregator: {', '.join(_aggregator_names())}.")] = "dsmil",
+    aggregator: Annotated[Optional[str], typer.Option(help=f"MIL aggregator: {', '.join(_aggregator_names())} (default: {_default_aggregator()}).")] = None,
     folds: Annotated[int, typer.Option(help="Cross-validation folds (ignored with a split/fold column).")] = 5,
     features: Annotated[Optional[str], typer.Option(help="Feature key (needed when stores hold several).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs per fold.")] = None,
