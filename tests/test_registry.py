@@ -44,7 +44,7 @@ def test_one_rule_for_names() -> None:
 def test_every_registry_is_one_and_follows_the_rule() -> None:
     from wsi_convnext.config import CLUSTER_KINDS
     from wsi_convnext.cohort.stages import _REGISTRY as STAGES
-    from wsi_convnext.encoders import FAMILIES, STEMS
+    from wsi_convnext.encoders import FAMILIES, PRESETS, STEMS
     from wsi_convnext.mil.config import AGGREGATORS
     from wsi_convnext.outputs.exports import FORMATS
     from wsi_convnext.pretrain.methods import METHODS
@@ -52,8 +52,8 @@ def test_every_registry_is_one_and_follows_the_rule() -> None:
     from wsi_convnext.tiling.tissue import _METHODS
     from wsi_convnext.transforms import TRANSFORMS
 
-    registries = [_BACKENDS, FAMILIES, STEMS, AGGREGATORS, METHODS, TRANSFORMS, STAGES, CLUSTER_KINDS, FORMATS, _METHODS]
-    assert all(isinstance(r, Registry) for r in registries) and len({r.kind for r in registries}) == 10
+    registries = [_BACKENDS, FAMILIES, STEMS, PRESETS, AGGREGATORS, METHODS, TRANSFORMS, STAGES, CLUSTER_KINDS, FORMATS, _METHODS]
+    assert all(isinstance(r, Registry) for r in registries) and len({r.kind for r in registries}) == 11
     for reg in registries:
         name = reg.names()[0]
         other = object()

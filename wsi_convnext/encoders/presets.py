@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._registry import Registry
+from ..errors import EncoderError
 from .base import register_family
 from .timm_generic import TimmFamily
 
@@ -103,13 +105,12 @@ class Preset:
 
 
 #: Registry of presets by name. Extend with :func:`register_preset`.
-PRESETS: dict[str, Preset] = {}
+PRESETS: Registry[Preset] = Registry("encoder preset", error=EncoderError)
 
 
-def register_preset(preset: Preset) -> Preset:
-    """Add (or replace) ``preset`` in :data:`PRESETS`; returns it."""
-    PRESETS[preset.name] = preset
-    return preset
+def register_preset(preset: Preset, *, replace: bool = False) -> Preset:
+    """Add ``preset`` to :data:`PRESETS` (another preset under a taken name needs ``replace``); returns it."""
+    return PRESETS.register(preset.name, preset, replace=replace)
 
 
 # --------------------------------------------------------------------------------- recipes
