@@ -214,3 +214,15 @@ def test_slurm_without_its_commands_fails_in_one_line(tmp_path: Path, slide_fold
     err = res.stderr.strip()
     assert res.returncode == 2 and err.count("\n") == 0, res.stderr
     assert "sbatch" in err and "squeue" in err and "not on PATH" in err and "Traceback" not in res.stderr
+
+
+def test_a_kind_unregistered_after_the_config_was_checked_is_one_line(tmp_path: Path) -> None:
+    """open_client looks the kind up in the registry: an unknown one is a ConfigError naming the choices."""
+    from wsi_convnext.errors import ConfigError
+
+    cfg = _local(tmp_path)
+    cfg.cluster = "gone"  # as if its module had unregistered it since load_config
+    with pytest.raises(ConfigError, match=r"'gone'.*local") as info:
+        with open_client(cfg):
+            pass
+    assert "\n" not in str(info.value)

@@ -502,10 +502,7 @@ def open_client(config: RunConfig) -> Iterator[ClusterInfo]:
     import dask
     import distributed  # noqa: F401 - loads its config defaults before dask.config.set below
 
-    try:
-        opener = CLUSTER_KINDS[config.cluster].opener
-    except KeyError:
-        raise ConfigError(f"unknown cluster {config.cluster!r}; choose one of: {', '.join(_KINDS)}") from None
+    opener = CLUSTER_KINDS.lookup(config.cluster).opener  # an unknown kind: a one-line ConfigError
     settings = {
         # Clusters this run starts: a worker death fails its tasks at once and the client
         # retries them, blaming only the task that was running (see the driver).
